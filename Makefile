@@ -1,0 +1,31 @@
+# flipray: `make demo` and `make test` on a fresh machine (Python >= 3.11, Debian/Ubuntu for ffmpeg).
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEMO_DATA ?= data/demo
+DEMO_CLIPS ?= 400
+
+.PHONY: install demo test clean
+
+$(STAMP): pyproject.toml
+	@command -v ffmpeg >/dev/null || { echo "installing ffmpeg (apt)"; $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq ffmpeg >/dev/null; }
+	@python3 -c 'import sys; assert sys.version_info >= (3, 11), "flipray needs Python >= 3.11"'
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# Synthesize a small spatial audio-visual set, train the flip task on it, print the report.
+demo: $(STAMP)
+	@test -f $(DEMO_DATA)/manifest.jsonl || $(VENV)/bin/flipray synth --out $(DEMO_DATA) --clips $(DEMO_CLIPS) --seed 0
+	$(VENV)/bin/flipray train-pretext --config demo --set data.root=$(DEMO_DATA) --run-name demo-$$(date +%Y%m%d-%H%M%S)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) data runs

@@ -1,0 +1,34 @@
+"""The `flipray` command: one subcommand per job, each a module with its own `main(argv)`.
+
+    flipray synth --out data/synth --clips 400 --seed 0      # synthetic spatial audio-visual scenes
+    flipray train-pretext --config demo                      # the flip pretext task, plain PyTorch
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "synth": ("flipray.synth", "generate synthetic spatial audio-visual clips"),
+    "train-pretext": ("flipray.train", "train the flip pretext task locally (plain PyTorch)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        lines = [f"  {name:<{width}}  {help}" for name, (_, help) in COMMANDS.items()]
+        print("usage: flipray COMMAND [options]   (flipray COMMAND --help for its options)\n\ncommands:\n"
+              + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nflipray: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    result = module.main(argv[1:])
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

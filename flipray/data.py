@@ -1,0 +1,403 @@
+"""The clip contract in code: decode a window of a clip, augment it, turn audio into features, batch it.
+
+Everything here is plain PyTorch + torchcodec, so the library runs without DALI; `dali_pipelines/` produces the same
+batch dict from the same `SampleParams`. A batch is:
+    video  float (B, T, 3, H, W), ImageNet-normalised      audio  float (B, C, n_mels, S) log10-mel (+ extra channels)
+    label  float (B,), 1 = audio channels swapped           clip_id, start_s  to trace a sample back to its clip
+
+Conventions: audio channel 0 = left; a window starts on a video frame (start_s = start_frame / fps); every random
+choice comes from a generator seeded by (seed, epoch, clip index), so a resumed run or a second loader draws the
+same sample.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchaudio
+from torch.utils.data import Dataset, Sampler
+
+from .config import Config
+from .manifest import read_manifest
+from .store import Store, is_s3
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+GCC_BANDS_HZ = ((0, 1000), (1000, 4000), (4000, 8000))  # the three GCC-PHAT channels of the `gcc-phat` variant
+
+
+class ClipDecodeError(ValueError):
+    """A clip's video or audio file is unreadable, truncated or not in the expected format; names the file."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding (torchcodec)
+
+def decode_video(path: str | Path | bytes, indices: list[int] | None = None, size: int | None = None,
+                 expect_frames: int | None = None, name: str | None = None) -> torch.Tensor:
+    """uint8 frames (N, H, W, 3) of a video file, centre-cropped to a square and resized to `size` if given.
+
+    `indices` selects frames (all when None). `path` may also be the file's bytes (an object from the clip store),
+    which `name` then names in errors. Raises ClipDecodeError naming the file when it cannot be read or has
+    fewer frames than `expect_frames` (a truncated upload) or than the indices need.
+    """
+    from torchcodec.decoders import VideoDecoder
+    src, path = _decoder_source(path, name)
+    try:
+        dec = VideoDecoder(src, dimension_order="NHWC", seek_mode="approximate")
+        n = dec.metadata.num_frames
+        if n is None or n <= 0:
+            raise ClipDecodeError(f"{path}: video has no frames")
+        if expect_frames is not None and n < expect_frames:
+            raise ClipDecodeError(f"{path}: video has {n} frames, the manifest says {expect_frames} (truncated?)")
+        if indices is None:
+            frames = dec.get_frames_in_range(0, n).data
+        else:
+            if max(indices) >= n:
+                raise ClipDecodeError(f"{path}: frame {max(indices)} requested, the video has {n}")
+            frames = dec.get_frames_at(indices).data
+    except ClipDecodeError:
+        raise
+    except Exception as e:  # torchcodec raises RuntimeError/ValueError with FFmpeg's words
+        raise ClipDecodeError(f"{path}: cannot decode video ({_first_line(e)})") from None
+    if expect_frames is not None and indices is None and frames.shape[0] < expect_frames:
+        raise ClipDecodeError(f"{path}: decoded {frames.shape[0]} frames, the manifest says {expect_frames}")
+    return resize_square(frames, size)
+
+
+def _decoder_source(path, name: str | None):
+    """torchcodec decoders take a path string or the encoded bytes; errors name `name`, else the path."""
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        return bytes(path), name or f"<{len(path)} bytes>"
+    return str(path), name or path
+
+
+def _first_line(e: Exception) -> str:
+    """FFmpeg errors come with a C++ source location and a bug-report footer; keep the words that matter."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text.split(", ")[-1] if "SingleStreamDecoder" in text else text
+
+
+def resize_square(frames: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Centre-crop uint8 (N, H, W, 3) frames to a square, then resize (antialiased bilinear) to size x size."""
+    n, h, w, _ = frames.shape
+    s = min(h, w)
+    frames = frames[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    if size is None or size == s:
+        return frames.contiguous()
+    x = frames.permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def decode_audio(path: str | Path | bytes, sample_rate: int, channels: int | None = 2,
+                 expect_seconds: float | None = None, name: str | None = None) -> torch.Tensor:
+    """float32 waveform (C, S) of an audio file (a path, or its bytes named by `name`) at `sample_rate`; channel 0 =
+    left.
+
+    Raises ClipDecodeError naming the file when it is unreadable, has the wrong channel count, or is much shorter
+    than `expect_seconds` (a truncated upload).
+    """
+    from torchcodec.decoders import AudioDecoder
+    src, path = _decoder_source(path, name)
+    try:
+        dec = AudioDecoder(src, sample_rate=sample_rate)
+        wave = dec.get_all_samples().data
+    except Exception as e:
+        raise ClipDecodeError(f"{path}: cannot decode audio ({_first_line(e)})") from None
+    if channels is not None and wave.shape[0] != channels:
+        raise ClipDecodeError(f"{path}: audio has {wave.shape[0]} channel(s), expected {channels}")
+    if expect_seconds is not None and wave.shape[1] < 0.95 * expect_seconds * sample_rate:
+        raise ClipDecodeError(f"{path}: audio lasts {wave.shape[1] / sample_rate:.2f} s, the manifest says "
+                              f"{expect_seconds:.2f} s (truncated?)")
+    return wave.float()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sample parameters: every random choice of one sample, drawn in one place
+
+@dataclass
+class SampleParams:
+    start_frame: int        # first stored-video frame of the window
+    crop_x: int             # crop offset in the resized frame
+    crop_y: int
+    brightness: float       # colour jitter factors (1 = unchanged)
+    contrast: float
+    saturation: float
+    joint_flip: bool        # mirror frames AND swap channels (alignment unchanged)
+    swap: bool              # the flip task: swap channels only (label 1)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}:{index}".encode()).digest()[:8], "little") >> 1
+
+
+def draw_params(cfg: Config, clip_frames: int, seed: int, epoch: int, index: int, train: bool,
+                swap: bool | None = None) -> SampleParams:
+    """The augmentation and label of sample `index` in `epoch`.
+
+    Training draws everything at random. Evaluation is deterministic and unaugmented: centre crop, no jitter or
+    joint flip, a fixed random window per clip, and `swap` given by the caller (each clip is scored both ways).
+    """
+    d = cfg.data
+    g = torch.Generator().manual_seed(sample_seed(seed, epoch, index))
+    u = torch.rand(8, generator=g).tolist()  # fixed number of draws: adding a knob never shifts the others
+    last_start = clip_frames - cfg.window_frames
+    if last_start < 0:
+        raise ValueError(f"clip of {clip_frames} frames is shorter than the {cfg.window_frames}-frame window")
+    start = min(int(u[0] * (last_start + 1)), last_start)
+    if not train:
+        margin = (d.resize - d.crop) // 2
+        return SampleParams(start, margin, margin, 1.0, 1.0, 1.0, False, bool(u[7] < 0.5) if swap is None else swap)
+    j = d.color_jitter
+    return SampleParams(
+        start_frame=start,
+        crop_x=min(int(u[1] * (d.resize - d.crop + 1)), d.resize - d.crop),
+        crop_y=min(int(u[2] * (d.resize - d.crop + 1)), d.resize - d.crop),
+        brightness=1 + j * (2 * u[3] - 1), contrast=1 + j * (2 * u[4] - 1), saturation=1 + j * (2 * u[5] - 1),
+        joint_flip=u[6] < d.joint_flip_p,
+        swap=u[7] < 0.5 if swap is None else swap)
+
+
+def window_frame_indices(cfg: Config, start_frame: int) -> list[int]:
+    """Stored-frame indices the model sees: num_frames spread evenly over the window (all 18 for the paper)."""
+    n, span = cfg.data.num_frames, cfg.window_frames
+    return [start_frame + (i * span) // n for i in range(n)]
+
+
+def window_samples_range(cfg: Config, start_frame: int) -> tuple[int, int]:
+    start = round(start_frame / cfg.data.fps * cfg.data.sample_rate)
+    return start, start + cfg.window_samples
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Transforms
+
+def flip_channels(wave: torch.Tensor) -> torch.Tensor:
+    """The pretext transform: swap left and right (channel 0 <-> 1) of a (..., 2, S) waveform."""
+    if wave.shape[-2] != 2:
+        raise ValueError(f"flip_channels needs stereo audio (2 channels), got {wave.shape[-2]}")
+    return wave.flip(-2)
+
+
+def joint_flip(frames: torch.Tensor, wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror frames left-right AND swap the audio channels: the scene is mirrored, audio-visual alignment kept.
+
+    `frames` is (..., H, W, 3) uint8 or (..., 3, H, W) float; the width axis is found from the layout.
+    """
+    width_axis = -2 if frames.shape[-1] == 3 and frames.dtype == torch.uint8 else -1
+    return frames.flip(width_axis), flip_channels(wave)
+
+
+def augment_frames(frames: torch.Tensor, p: SampleParams, crop: int) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float (T, 3, crop, crop): crop, colour jitter, ImageNet normalisation."""
+    x = frames[:, p.crop_y:p.crop_y + crop, p.crop_x:p.crop_x + crop].permute(0, 3, 1, 2).float() / 255.0
+    if p.brightness != 1.0:
+        x = x * p.brightness
+    gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    if p.contrast != 1.0:
+        x = (x - gray.mean(dim=(2, 3), keepdim=True)) * p.contrast + gray.mean(dim=(2, 3), keepdim=True)
+    if p.saturation != 1.0:
+        x = (x - gray) * p.saturation + gray
+    x = x.clamp(0.0, 1.0)
+    return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+class AudioFeatures(torch.nn.Module):
+    """Waveform (C, S) at 16 kHz -> features (C', n_mels, T).
+
+    Channels: log10-mel of left and right (the paper's stacked input), then the mono mix for the `mono` variant,
+    or three band-limited GCC-PHAT maps (lags -n_mels/2..n_mels/2-1 samples, bands GCC_BANDS_HZ) for `gcc-phat`.
+    The mel filterbank is Slaney-scaled and -normalised so DALI's mel_filter_bank defaults reproduce it.
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        d = cfg.data
+        self.variant, self.n_mels, self.sr = cfg.model.variant, d.n_mels, d.sample_rate
+        self.n_fft, self.hop, self.win = d.n_fft, d.hop_length, d.win_length
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=d.sample_rate, n_fft=d.n_fft, win_length=d.win_length, hop_length=d.hop_length,
+            n_mels=d.n_mels, center=True, power=2.0, norm="slaney", mel_scale="slaney")
+
+    def log_mel(self, wave: torch.Tensor) -> torch.Tensor:
+        return torch.log10(self.mel(wave) + 1e-10)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        feats = [self.log_mel(wave)]
+        if self.variant == "mono":
+            feats.append(self.log_mel(wave.mean(dim=-2, keepdim=True)))
+        elif self.variant == "gcc-phat":
+            feats.append(self.gcc_phat(wave))
+        return torch.cat(feats, dim=-3)
+
+    def gcc_phat(self, wave: torch.Tensor) -> torch.Tensor:
+        window = torch.hann_window(self.win, device=wave.device)
+        spec = torch.stft(wave, self.n_fft, self.hop, self.win, window=window, center=True, return_complex=True)
+        cross = spec[..., 0, :, :] * spec[..., 1, :, :].conj()
+        cross = cross / cross.abs().clamp_min(1e-8)
+        freqs = torch.fft.rfftfreq(self.n_fft, 1 / self.sr, device=wave.device)
+        half = self.n_mels // 2
+        maps = []
+        for lo, hi in GCC_BANDS_HZ:
+            band = ((freqs >= lo) & (freqs < hi)).to(cross.dtype).unsqueeze(-1)
+            cc = torch.fft.irfft(cross * band, n=self.n_fft, dim=-2)  # (..., n_fft lags, T)
+            maps.append(torch.cat([cc[..., -half:, :], cc[..., :half, :]], dim=-2))
+        return torch.stack(maps, dim=-3)
+
+
+def peak_normalise(wave: torch.Tensor) -> torch.Tensor:
+    """Scale so the loudest sample of any channel is 1 (keeps the level difference between channels)."""
+    return wave / wave.abs().amax().clamp_min(1e-3)
+
+
+def make_sample(frames: torch.Tensor, wave: torch.Tensor, p: SampleParams, cfg: Config,
+                features: AudioFeatures) -> dict:
+    """Window frames (T, H, W, 3) uint8 at cfg.data.resize and window audio (2, S) -> one training sample."""
+    if p.joint_flip:
+        frames, wave = joint_flip(frames, wave)
+    if p.swap:
+        wave = flip_channels(wave)
+    return {"video": augment_frames(frames, p, cfg.data.crop),
+            "audio": features(peak_normalise(wave)),
+            "label": torch.tensor(float(p.swap))}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dataset
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index) pairs: this rank's shard of a per-epoch permutation, from position `start` on.
+
+    Carrying the epoch in the index keeps DataLoader workers deterministic without set_epoch plumbing, and
+    `start` lets a resumed run continue mid-epoch without repeating or skipping samples.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1,
+                 start: int = 0):
+        self.n, self.seed, self.epoch, self.shuffle = n, seed, epoch, shuffle
+        self.rank, self.world, self.start = rank, world, start
+
+    def order(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+            perm = torch.randperm(self.n, generator=g).tolist()
+        else:
+            perm = list(range(self.n))
+        per_rank = math.ceil(self.n / self.world)
+        perm = (perm + perm[:per_rank * self.world - self.n])  # pad so every rank gets the same count (DDP)
+        return perm[self.rank::self.world]
+
+    def __iter__(self):
+        for i in self.order()[self.start:]:
+            yield self.epoch, i
+
+    def __len__(self) -> int:
+        return max(len(self.order()) - self.start, 0)
+
+
+class ClipDataset(Dataset):
+    """One split of a dataset root (a folder, or s3://bucket/prefix through flipray.store), decoded with torchcodec.
+
+    Train mode: item (epoch, i) is a random window of clip i with random augmentation and label.
+    Eval mode: item (0, i) for i < 2 * clips is clip i // 2, unaugmented, swapped when i is odd, so accuracy is
+    measured on every clip both ways.
+    A clip that fails to decode is skipped and counted (`skipped`), never fatal.
+    """
+
+    def __init__(self, cfg: Config, split: str, train: bool, root: str | None = None, seed: int | None = None):
+        self.cfg, self.train = cfg, train
+        root = str(root or cfg.data.root)
+        self.store = Store(root) if is_s3(root) else None  # s3://: manifest and objects come through flipray.store
+        self.root = root if self.store else Path(root)
+        self.seed = cfg.train.seed if seed is None else seed
+        self.clips = self.store.read_manifest(split) if self.store else read_manifest(self.root, split)
+        if not self.clips:
+            raise ValueError(f"{self.root}: no clips in split {split!r}")
+        self.features = AudioFeatures(cfg)
+        self.skipped: dict[str, str] = {}
+        self.cache: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
+        if cfg.data.cache:
+            self._fill_cache()
+
+    def _decode(self, clip: dict, indices=None) -> tuple[torch.Tensor, torch.Tensor]:
+        (video, vname), (audio, aname) = self._file(clip, "video"), self._file(clip, "audio")
+        frames = decode_video(video, indices, self.cfg.data.resize, expect_frames=clip["num_frames"], name=vname)
+        wave = decode_audio(audio, self.cfg.data.sample_rate, channels=2, expect_seconds=clip["duration_s"],
+                            name=aname)
+        return frames, wave
+
+    def _file(self, clip: dict, field: str):
+        """(local path, None), or for an S3 root (object bytes, URL), checked against the manifest's sha256."""
+        if self.store is None:
+            return self.root / clip[field], None
+        try:
+            return self.store.get(clip[field], clip.get(f"{field}_sha256")), self.store.url(clip[field])
+        except (FileNotFoundError, ValueError) as e:  # missing or corrupt object: skip the clip like a bad decode
+            raise ClipDecodeError(str(e)) from None
+
+    def _fill_cache(self):
+        from tqdm import tqdm
+        self.cache = []
+        for clip in tqdm(self.clips, desc=f"decoding {len(self.clips)} clips into RAM", unit="clip", leave=False):
+            try:
+                self.cache.append(self._decode(clip))
+            except ClipDecodeError as e:
+                self._skip(clip, e)
+                self.cache.append(None)
+        keep = [i for i, c in enumerate(self.cache) if c is not None]
+        self.clips = [self.clips[i] for i in keep]
+        self.cache = [self.cache[i] for i in keep]
+        if not self.clips:
+            raise ValueError(f"{self.root}: every clip failed to decode: {self.skipped}")
+
+    def _skip(self, clip: dict, err: Exception):
+        self.skipped[clip["clip_id"]] = str(err)
+        log.warning("skipping clip %s: %s", clip["clip_id"], err)
+
+    def __len__(self) -> int:
+        return len(self.clips) * (1 if self.train else 2)
+
+    def __getitem__(self, item) -> dict | None:
+        epoch, i = item if isinstance(item, tuple) else (0, item)
+        ci, swap = (i, None) if self.train else (i // 2, bool(i % 2))
+        clip = self.clips[ci]
+        p = draw_params(self.cfg, clip["num_frames"], self.seed, epoch, ci, self.train, swap)
+        idx = window_frame_indices(self.cfg, p.start_frame)
+        s0, s1 = window_samples_range(self.cfg, p.start_frame)
+        try:
+            if self.cache is not None:
+                frames, wave = self.cache[ci]
+                frames = frames[idx]
+            else:
+                frames, wave = self._decode(clip, idx)
+        except ClipDecodeError as e:
+            self._skip(clip, e)
+            return None
+        wave = wave[:, s0:s1]
+        if wave.shape[1] < self.cfg.window_samples:  # a clip a few ms short: pad rather than drop
+            wave = F.pad(wave, (0, self.cfg.window_samples - wave.shape[1]))
+        sample = make_sample(frames, wave, p, self.cfg, self.features)
+        sample["clip_id"] = clip["clip_id"]
+        sample["start_s"] = p.start_frame / self.cfg.data.fps
+        return sample
+
+
+def collate(samples: list[dict | None]) -> dict:
+    """Stack samples; clips that failed to decode arrive as None and are counted in `skipped`."""
+    kept = [s for s in samples if s is not None]
+    batch = {"skipped": len(samples) - len(kept)}
+    if not kept:
+        return batch
+    for k in ("video", "audio", "label"):
+        batch[k] = torch.stack([s[k] for s in kept])
+    batch["clip_id"] = [s["clip_id"] for s in kept]
+    batch["start_s"] = torch.tensor([s["start_s"] for s in kept])
+    return batch

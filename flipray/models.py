@@ -1,0 +1,222 @@
+"""The Spatial Alignment Network (Yang, Russell & Salamon, CVPR 2020) and the ablations of its Table 2.
+
+    video (B, T, 3, H, W) -> ResNet-18 per frame -> 1x1 conv to 16 channels -> 16 x h x w map flattened per frame
+                                                                               -> visual (B, 16*h*w, T)
+    audio (B, C, n_mels, S) -> 4 squeeze-and-excitation residual blocks, stride 2 -> conv over all mel bands
+                                                                               -> audio (B, audio_dim, S/16)
+    fusion: visual resampled to the audio's time steps, concatenated on channels, two 1x1 convs,
+            average over time -> fused (B, fusion_dim) -> Linear -> one logit (channels swapped?)
+
+Flattening the visual map instead of pooling it keeps *where* things are, which the flip task needs; the
+`pooled-visual` variant pools anyway to show the difference. For the paper's shapes (18 x 3 x 224 x 224 video,
+2 x 128 x 288 log-mel) the map is 16 x 7 x 7 = 784 channels and both streams have 18 time steps.
+
+    python -c "from flipray.models import *; from flipray.config import load_config; \
+               print(count_parameters(SpatialAlignmentNet(load_config('paper'))))"
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models.resnet import BasicBlock
+from torchvision.models.video import mc3_18
+
+from .config import Config
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _init_weights(module: nn.Module):
+    for m in module.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Visual stream
+
+class ResNet18Trunk(nn.Module):
+    """torchvision's ResNet-18 up to layer4 (no pooling, no fc), with a configurable base width.
+
+    At width 64 the parameter names and shapes are torchvision's, so an ImageNet resnet18 state_dict loads as is;
+    narrower widths keep the same topology for CPU-sized presets.
+    """
+
+    def __init__(self, width: int = 64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        layers, inplanes = [], width
+        for i, planes in enumerate([width, 2 * width, 4 * width, 8 * width]):
+            stride = 1 if i == 0 else 2
+            down = None if stride == 1 and inplanes == planes else nn.Sequential(
+                nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+            layers.append(nn.Sequential(BasicBlock(inplanes, planes, stride, down), BasicBlock(planes, planes)))
+            inplanes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.out_channels = 8 * width
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def load_imagenet_trunk(trunk: ResNet18Trunk, path: str):
+    """Load a torchvision resnet18 state_dict file (e.g. resnet18-f37072fd.pth you downloaded) into the trunk."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = trunk.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: not a torchvision resnet18 state_dict (missing {missing[:3]}..., "
+                         f"unexpected {unexpected[:3]}...)")
+
+
+class VisualNet(nn.Module):
+    """Per-frame ResNet-18; 1x1 reduction; the spatial map flattened into channels (or pooled, for the ablation)."""
+
+    def __init__(self, cfg: Config, pooled: bool = False):
+        super().__init__()
+        m = cfg.model
+        self.pooled = pooled
+        self.trunk = ResNet18Trunk(m.visual_width)
+        if pooled:
+            self.out_dim = self.trunk.out_channels
+        else:
+            self.reduce = nn.Sequential(nn.Conv2d(self.trunk.out_channels, m.visual_reduce, 1, bias=False),
+                                        nn.BatchNorm2d(m.visual_reduce), nn.ReLU(inplace=True))
+            side = cfg.data.crop
+            for _ in range(5):  # conv1, maxpool, layer2..4 each halve the side (rounding up)
+                side = (side + 1) // 2
+            self.map_size = side
+            self.out_dim = m.visual_reduce * side * side
+
+    def feature_map(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, H, W) -> (B, T, C, h, w): the reduced spatial map (for attention maps / Grad-CAM)."""
+        b, t = video.shape[:2]
+        x = self.reduce(self.trunk(video.flatten(0, 1)))
+        return x.unflatten(0, (b, t))
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        b, t = video.shape[:2]
+        if self.pooled:
+            x = self.trunk(video.flatten(0, 1)).mean(dim=(2, 3))
+        else:
+            x = self.feature_map(video).flatten(2)
+        return x.reshape(b, t, -1).transpose(1, 2)  # (B, D, T)
+
+
+class MotionNet(nn.Module):
+    """The `motion` ablation: torchvision's mixed-convolution 3D ResNet (mc3_18) over the clip, map flattened."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        net = mc3_18(weights=None)
+        self.trunk = nn.Sequential(net.stem, net.layer1, net.layer2, net.layer3, net.layer4)
+        r = cfg.model.visual_reduce
+        self.reduce = nn.Sequential(nn.Conv3d(512, r, 1, bias=False), nn.BatchNorm3d(r), nn.ReLU(inplace=True))
+        side = cfg.data.crop
+        for _ in range(4):  # stem, layer2..4 halve space; time keeps its length
+            side = (side + 1) // 2
+        self.out_dim = r * side * side
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        x = self.reduce(self.trunk(video.transpose(1, 2)))  # (B, r, T, h, w)
+        return x.transpose(1, 2).flatten(2).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Audio stream
+
+class SEResBlock(nn.Module):
+    """conv3x3(stride)-BN-ReLU-conv3x3-BN, squeeze-and-excitation (reduction 16), 1x1 conv shortcut, ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 2, reduction: int = 16):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        hidden = max(cout // reduction, 4)
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cout, hidden), nn.ReLU(inplace=True),
+                                nn.Linear(hidden, cout), nn.Sigmoid())
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = self.body(x)
+        y = y * self.se(y)[:, :, None, None]
+        return F.relu(y + self.shortcut(x))
+
+
+class AudioNet(nn.Module):
+    """(B, C, n_mels, S) log-mel -> (B, out_dim, S/16): four SE blocks, then one conv spanning all mel bands."""
+
+    def __init__(self, in_channels: int, width: int, out_dim: int, n_mels: int):
+        super().__init__()
+        w = [width, 2 * width, 4 * width, 8 * width]
+        self.blocks = nn.Sequential(SEResBlock(in_channels, w[0]), SEResBlock(w[0], w[1]), SEResBlock(w[1], w[2]),
+                                    SEResBlock(w[2], w[3]))
+        self.collapse = nn.Sequential(nn.Conv2d(w[3], out_dim, kernel_size=(n_mels // 16, 1), bias=False),
+                                      nn.BatchNorm2d(out_dim), nn.ReLU(inplace=True))
+        self.out_dim = out_dim
+
+    def forward(self, x):
+        return self.collapse(self.blocks(x)).squeeze(2)
+
+
+def audio_in_channels(variant: str) -> int:
+    """Feature channels `flipray.data.AudioFeatures` produces for a variant: L, R (+ mono) (+ 3 GCC-PHAT bands)."""
+    return {"mono": 3, "gcc-phat": 5}.get(variant, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The two-stream network
+
+class SpatialAlignmentNet(nn.Module):
+    """Says whether the left/right audio channels of a clip were swapped (one logit, > 0 = swapped)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        m, variant = cfg.model, cfg.model.variant
+        self.variant = variant
+        self.visual = MotionNet(cfg) if variant == "motion" else VisualNet(cfg, pooled=variant == "pooled-visual")
+        stereo_in = 5 if variant == "gcc-phat" else 2
+        self.audio = AudioNet(stereo_in, m.audio_width, m.audio_dim, cfg.data.n_mels)
+        # The `mono` ablation: a third stream that hears only the mono mix (timbre, not direction).
+        self.mono_audio = AudioNet(1, m.audio_width, m.audio_dim, cfg.data.n_mels) if variant == "mono" else None
+        fused_in = self.visual.out_dim + m.audio_dim * (2 if self.mono_audio is not None else 1)
+        self.fusion = nn.Sequential(nn.Conv1d(fused_in, m.fusion_dim, 1), nn.ReLU(inplace=True),
+                                    nn.Conv1d(m.fusion_dim, m.fusion_dim, 1), nn.ReLU(inplace=True))
+        self.classifier = nn.Linear(m.fusion_dim, 1)
+        _init_weights(self)
+        if m.visual_init.startswith("imagenet:"):
+            load_imagenet_trunk(self.visual.trunk, m.visual_init.split(":", 1)[1])
+
+    def embed_visual(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, H, W) -> (B, visual_dim, T)."""
+        return self.visual(video)
+
+    def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """(B, C, n_mels, S) -> (B, audio_dim, S/16), the stereo stream (plus the mono stream for `mono`)."""
+        a = self.audio(audio[:, :2] if self.mono_audio is not None else audio)
+        if self.mono_audio is not None:
+            a = torch.cat([a, self.mono_audio(audio[:, 2:3])], dim=1)
+        return a
+
+    def features(self, video: torch.Tensor, audio: torch.Tensor) -> dict[str, torch.Tensor]:
+        v, a = self.embed_visual(video), self.embed_audio(audio)
+        if v.shape[-1] != a.shape[-1]:  # e.g. 6 demo frames against 18 audio steps
+            v = F.interpolate(v, size=a.shape[-1], mode="linear", align_corners=False)
+        fused = self.fusion(torch.cat([v, a], dim=1))
+        return {"visual": v, "audio": a, "fused": fused, "pooled": fused.mean(dim=-1)}
+
+    def forward(self, video: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(video, audio)["pooled"]).squeeze(-1)

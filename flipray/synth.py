@@ -1,0 +1,633 @@
+"""Synthetic spatial audio-visual scenes: training data for the flip task without downloading anything.
+
+    flipray synth --out data/synth --clips 1000 --seed 0            # 10-s clips, 6 fps, 256x256, all cores
+    python -m flipray.synth --out data/synth --clips 1000 --seed 0  # the same without the CLI dispatcher
+
+A scene is a procedural background plus a set of objects: one or two sounding objects (6 classes, each with its own
+look and its own sound family) and a few silent distractors (mostly silent-only classes, sometimes look-alikes of
+sounding classes, so that the network has to match the sound to the object). Each scene yields --clips-per-scene
+clips with new motion and sound draws; objects stand still or move left-right, up-down or diagonally, bouncing off
+the frame edges. The audio is what a listener at the camera hears: every sounding object's sound rendered with both
+interaural cues (Woodworth ITD, Brown-Duda head-shadow ILD) from where the camera sees it, block by block so moving
+sources move, plus optional room reverb, diffuse background noise and a lossy AAC round trip. Room, head radius,
+spectra, levels, SNR and field of view are randomised so that a model trained here has a chance on real recordings.
+
+Files (docs/clip-format.md): clips/<clip_id>.webm (VP9, keyframe every second), clips/<clip_id>.flac (16 kHz,
+16-bit, channel 0 = left), clips/<clip_id>.json (per-frame ground truth) and manifest.jsonl, written last.
+
+Geometry: the camera is a pinhole at the listener's head looking straight ahead, with a horizontal field of view hfov
+drawn per scene, so its focal length is f = (W/2) / tan(hfov/2) pixels. A pixel (x, y) is seen at
+    azimuth   = atan((x - W/2) / f) = atan((x - W/2)/(W/2) * tan(hfov/2))    positive = listener's right
+    elevation = atan((H/2 - y) / hypot(f, x - W/2))                          positive = up
+Video frame i shows time i / fps.
+
+Determinism: scene s draws from np.random.default_rng([seed, s]) and its clip k from default_rng([seed, s, k]), so
+one seed gives byte-identical FLACs and identical sidecars whatever --workers is (and, with this machine's ffmpeg,
+byte-identical webm files too: single-threaded encoding, bitexact muxing).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import multiprocessing
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from scipy.ndimage import zoom
+from scipy.signal import fftconvolve, lfilter
+from tqdm import tqdm
+
+from flipray.manifest import assign_splits, write_manifest
+
+
+@dataclass
+class SynthConfig:
+    """Every knob of the generator; (lo, hi) pairs are uniform ranges drawn per scene or per clip."""
+    # clip format (docs/clip-format.md)
+    duration_s: float = 10.0
+    fps: int = 6                       # the paper's frame rate; 30 also works
+    size: int = 256                    # square frames, pixels (even, for yuv420p)
+    sample_rate: int = 16000
+    clips_per_scene: int = 2           # clips sharing a background and object set; splits are by scene
+    # camera and objects
+    hfov_deg: tuple = (50.0, 100.0)    # horizontal field of view, per scene
+    two_source_prob: float = 0.25      # scenes with two sounding objects (of different classes) instead of one
+    max_distractors: int = 2           # silent objects per scene: 0..max, each count half as likely as the one before
+    lookalike_prob: float = 0.2        # a distractor looks like a sounding class (and stays silent)
+    object_px: tuple = (30, 70)        # object width at size 256, scaled with --size; height = width * 0.8-1.25
+    motion_probs: tuple = (0.4, 0.3, 0.1, 0.2)  # static, left-right, up-down, diagonal
+    crossing_time_s: tuple = (2.5, 8.0)  # a moving object travels one frame width in this time
+    min_offcentre_deg: float = 8.0     # static / up-down sounding objects keep |azimuth| >= this: left/right decidable
+    # sound
+    head_radius_m: tuple = (0.07, 0.10)  # per clip; 0.0875 m is the average adult head
+    source_level_db: tuple = (-10.0, 0.0)  # per sounding object, before peak normalisation
+    spectral_tilt_db_per_octave: tuple = (-3.0, 3.0)  # random brightness of each source around 1 kHz
+    reverb_prob: float = 0.7
+    rt60_s: tuple = (0.1, 0.6)         # low-frequency RT60; at 8 kHz it is 30-80% of this (absorption)
+    drr_db: tuple = (3.0, 15.0)        # direct-to-reverberant energy ratio: > 0 keeps the interaural cues audible
+    noise: bool = True                 # diffuse background noise
+    snr_db: tuple = (10.0, 35.0)
+    lossy_audio_prob: float = 0.0      # AAC round trip, as web video audio has been
+    aac_kbps: tuple = (48, 64, 96, 128)  # bitrates the round trip picks from
+    peak: tuple = (0.5, 0.95)          # final peak level: nothing clips, loudness varies
+
+    def __post_init__(self):
+        if self.duration_s < 1 or self.fps <= 0 or self.clips_per_scene < 1 or self.max_distractors < 0:
+            raise ValueError("duration_s must be >= 1 (sounds need room for a few events), fps positive, "
+                             "clips_per_scene >= 1, max_distractors >= 0")
+        if self.size < 64 or self.size % 2:
+            raise ValueError(f"size must be an even number of pixels >= 64 (yuv420p, objects of 30-70 px at 256), "
+                             f"got {self.size}")
+        for name in ("two_source_prob", "lookalike_prob", "reverb_prob", "lossy_audio_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a probability, got {getattr(self, name)}")
+
+
+# Sounding classes: class -> (sound family, look = (shape, RGB colour, pattern)). Silent classes have no family.
+SOUNDING_CLASSES = {
+    "bell":    ("tonal",   ("circle",   (235, 185, 35),  "rings")),
+    "shaker":  ("noise",   ("square",   (215, 45, 45),   "stripes")),
+    "tapper":  ("clicks",  ("diamond",  (40, 85, 225),   "checker")),
+    "talker":  ("speech",  ("circle",   (240, 170, 130), "face")),
+    "buzzer":  ("buzz",    ("triangle", (45, 185, 65),   "dots")),
+    "whistle": ("whistle", ("cross",    (185, 60, 215),  "solid")),
+}
+SILENT_CLASSES = {
+    "rock":  (None, ("circle", (125, 125, 125), "speckle")),
+    "crate": (None, ("square", (135, 95, 55),   "frame")),
+    "hoop":  (None, ("ring",   (40, 170, 170),  "solid")),
+}
+MOTIONS = ("static", "left-right", "up-down", "diagonal")
+
+# Shapes in box coordinates u, v in [-1, 1] (v points down) and patterns as brightness multipliers.
+SHAPES = {
+    "circle":   lambda u, v: u ** 2 + v ** 2 <= 1,
+    "square":   lambda u, v: np.maximum(abs(u), abs(v)) <= 0.92,
+    "diamond":  lambda u, v: abs(u) + abs(v) <= 1,
+    "triangle": lambda u, v: (v <= 0.9) & (abs(u) <= (v + 1) / 2),
+    "cross":    lambda u, v: (np.maximum(abs(u), abs(v)) <= 1) & (np.minimum(abs(u), abs(v)) <= 0.34),
+    "ring":     lambda u, v: (u ** 2 + v ** 2 <= 1) & (u ** 2 + v ** 2 >= 0.3),
+}
+PATTERNS = {
+    "solid":   lambda u, v, rng: np.ones_like(u),
+    "stripes": lambda u, v, rng: np.where(np.sin(3 * np.pi * (u + v)) > 0, 1.0, 0.55),
+    "checker": lambda u, v, rng: np.where((np.floor(2 * u + 2) + np.floor(2 * v + 2)) % 2 == 0, 1.0, 0.5),
+    "rings":   lambda u, v, rng: np.where(np.sin(3 * np.pi * np.hypot(u, v)) > 0, 1.0, 0.6),
+    "dots":    lambda u, v, rng: np.where(((2.5 * u) % 1 - 0.5) ** 2 + ((2.5 * v) % 1 - 0.5) ** 2 < 0.06, 1.6, 1.0),
+    "face":    lambda u, v, rng: np.where(((abs(u) - 0.35) ** 2 + (v + 0.25) ** 2 < 0.02)  # eyes
+                                          | ((abs(u) < 0.4) & (abs(v - 0.4) < 0.07)), 0.2, 1.0),  # mouth
+    "speckle": lambda u, v, rng: rng.uniform(0.7, 1.15, u.shape),
+    "frame":   lambda u, v, rng: np.where((np.maximum(abs(u), abs(v)) > 0.62) | (abs(v) % 0.4 < 0.06), 0.6, 1.0),
+}
+
+# Block processing for time-varying filters: Hann blocks of 32 ms every 16 ms, zero-padded to twice their length.
+BLOCK, HOP, NFFT = 512, 256, 1024
+WINDOW = np.hanning(BLOCK + 1)[:BLOCK]  # periodic Hann: shifted copies at 50% overlap sum to exactly one
+ALPHA_MIN, THETA_MIN_DEG = 0.1, 150.0  # Brown & Duda (1998) head-shadow constants
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Binaural rendering
+
+def filter_blockwise(x, H):
+    """Filter x (n,) with a frequency response that changes every HOP samples.
+
+    H: (..., n // HOP + 2, NFFT // 2 + 1) complex, block b centred on sample b * HOP; leading dims (e.g. ears) are kept.
+    Windowed blocks overlap-add back to x, and the zero padding keeps delays and short filter tails from wrapping
+    around, so a constant H is plain linear filtering and a changing one crossfades smoothly.
+    """
+    n = len(x)
+    nb = n // HOP + 2
+    padded = np.zeros((nb + 1) * HOP)
+    padded[HOP:HOP + n] = x
+    frames = np.lib.stride_tricks.sliding_window_view(padded, BLOCK)[::HOP] * WINDOW  # (nb, BLOCK)
+    Y = np.fft.irfft(np.fft.rfft(frames, NFFT) * H, NFFT)  # (..., nb, NFFT)
+    out = np.zeros(Y.shape[:-2] + (nb + NFFT // HOP - 1, HOP))
+    for k in range(NFFT // HOP):  # overlap-add, one HOP-long quarter of every block at a time
+        out[..., k:k + nb, :] += Y[..., k * HOP:(k + 1) * HOP]
+    return out.reshape(Y.shape[:-2] + (-1,))[..., HOP:HOP + n]
+
+
+def _per_block(values, n):
+    """Scalar, or values spaced evenly over n samples (value i at sample i * n / len), at the block centres."""
+    values = np.atleast_1d(np.asarray(values, dtype=float))
+    return np.interp(np.arange(n // HOP + 2) * HOP, np.arange(len(values)) * (n / len(values)), values)
+
+
+def render_binaural(mono, azimuth_deg, sr=16000, head_radius_m=0.0875, elevation_deg=0.0, speed_of_sound=343.0):
+    """Stereo (2, n), channel 0 = left, of `mono` heard by a spherical head from the given direction.
+
+    azimuth_deg (positive = listener's right) and elevation_deg: scalars, or arrays spread evenly over the signal
+    (one per sample, one per video frame, ...), followed block by block (16 ms), so moving sources move.
+    Both interaural cues, per block:
+      ITD: Woodworth, tau = r/c (theta + sin theta) with theta the lateral angle off the median plane; the far ear is
+           delayed by tau (a fractional delay, applied as a phase shift).
+      ILD: Brown-Duda head shadow per ear, H(w) = (1 + j alpha w / 2w0) / (1 + j w / 2w0), w0 = c / r, with
+           alpha = (1 + a_min/2) + (1 - a_min/2) cos(phi / 150 deg * 180 deg) for phi the angle between the source and
+           that ear: up to +6 dB at high frequencies for the near ear, down to -20 dB for the far one.
+    """
+    n = len(mono)
+    az, el = np.radians(_per_block(azimuth_deg, n)), np.radians(_per_block(elevation_deg, n))
+    lateral = np.arcsin(np.clip(np.sin(az) * np.cos(el), -1, 1))  # angle off the median plane, + = right
+    itd = head_radius_m / speed_of_sound * (np.abs(lateral) + np.sin(np.abs(lateral)))
+    ears = np.array([[-1.0], [1.0]])  # left ear axis at lateral -90 deg, right at +90
+    phi = np.degrees(np.pi / 2 - ears * lateral)  # (2, nb): 0 = source facing that ear
+    alpha = (1 + ALPHA_MIN / 2) + (1 - ALPHA_MIN / 2) * np.cos(np.radians(phi / THETA_MIN_DEG * 180))
+    delay = np.where(ears * lateral < 0, itd, 0.0)  # the far ear hears it later
+    w = 2 * np.pi * np.fft.rfftfreq(NFFT, 1 / sr)
+    x = w / (2 * speed_of_sound / head_radius_m)
+    H = (1 + 1j * alpha[..., None] * x) / (1 + 1j * x) * np.exp(-1j * w * delay[..., None])
+    return filter_blockwise(mono, H)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sound families: each draws a mono signal of n samples
+
+def _events(rng, n, sr, length_s, gap_s):
+    """(start, stop) samples of back-to-back events whose lengths and gaps are uniform in (lo, hi) seconds."""
+    events, pos = [], int(rng.uniform(0, gap_s[1]) * sr)
+    while pos < n:
+        stop = min(n, pos + int(rng.uniform(*length_s) * sr))
+        events.append((pos, stop))
+        pos = stop + int(rng.uniform(*gap_s) * sr)
+    return events
+
+
+def _envelope(length, sr, attack_s, decay_s, release_s=0.01):
+    """Linear attack, exponential decay and a short linear release at the end (no clicks)."""
+    t = np.arange(length) / sr
+    return np.minimum.reduce([t / attack_s, (length / sr - t) / release_s, np.ones(length)]) * np.exp(-t / decay_s)
+
+
+def _oscillator(freq, amps, rng, size=4096):
+    """Periodic wave with harmonic amplitudes amps (k = 1..K) at instantaneous frequency freq (cycles per sample),
+    read from a one-period table; amps must stop below Nyquist for the highest freq."""
+    k = np.arange(1, len(amps) + 1)[:, None]
+    u = np.arange(size) / size
+    table = (amps[:, None] * np.sin(2 * np.pi * k * u + rng.uniform(0, 2 * np.pi, (len(amps), 1)))).sum(0)
+    pos = np.cumsum(freq) % 1.0 * size
+    i = pos.astype(int)
+    frac = pos - i
+    return table[i] * (1 - frac) + table[(i + 1) % size] * frac
+
+
+def _smooth_noise(rng, n, sr, knot_s):
+    """A slowly wandering curve, N(0, 1) at knots every knot_s seconds, linear in between."""
+    knots = np.arange(0, n / sr + knot_s, knot_s)
+    return np.interp(np.arange(n) / sr, knots, rng.standard_normal(len(knots)))
+
+
+def _tonal(n, sr, rng):
+    """Instrument: notes from a major scale on harmonic partials (random roll-off), vibrato, plucked-to-bowed decay."""
+    base = 110 * 2 ** rng.uniform(0, 3)  # 110-880 Hz; notes go up to an octave above
+    attack, decay = rng.uniform(0.003, 0.06), rng.uniform(0.15, 2.0)
+    f0, env = np.full(n, base), np.zeros(n)
+    for a, b in _events(rng, n, sr, (0.15, 0.9), (0.0, 0.12)):
+        f0[a:b] = base * 2 ** (rng.choice([0, 2, 4, 5, 7, 9, 11, 12]) / 12)
+        env[a:b] = rng.uniform(0.5, 1.0) * _envelope(b - a, sr, attack, decay)
+    f0 *= 1 + rng.uniform(0, 0.012) * np.sin(2 * np.pi * rng.uniform(4, 7) * np.arange(n) / sr)
+    K = max(1, min(40, int(0.45 * sr / (2.05 * base))))
+    amps = np.arange(1, K + 1) ** -rng.uniform(0.5, 1.5) * rng.uniform(0.3, 1.0, K)
+    return _oscillator(f0 / sr, amps, rng) * env
+
+
+def _noise(n, sr, rng):
+    """Shaker / rustle / spray: noise in one random band (centre 0.6-5.5 kHz, 0.8-3 octaves), in decaying bursts."""
+    f = np.fft.rfftfreq(n, 1 / sr)
+    centre, octaves = 600 * 2 ** rng.uniform(0, 3.2), rng.uniform(0.8, 3.0)
+    band = np.exp(-0.5 * (np.log2(np.maximum(f, 1.0) / centre) / (octaves / 2)) ** 2)
+    x = np.fft.irfft(np.fft.rfft(rng.standard_normal(n)) * band, n)
+    env, decay = np.zeros(n), rng.uniform(0.02, 0.3)
+    for a, b in _events(rng, n, sr, (0.05, 0.5), (0.03, 0.4)):
+        env[a:b] = rng.uniform(0.4, 1.0) * _envelope(b - a, sr, 0.003, decay)
+    return x * env
+
+
+def _clicks(n, sr, rng):
+    """Tapping / crinkling: Poisson hits (3-48 per second, in spells) each ringing 1-3 resonant modes plus a crackle."""
+    rate = 3 * 2 ** rng.uniform(0, 4)
+    hits = (np.cumsum(rng.exponential(1 / rate, int(2 * rate * n / sr) + 10)) * sr).astype(int)
+    hits = hits[hits < n]
+    train = np.zeros(n)
+    train[hits] = rng.uniform(0.2, 1.0, len(hits))
+    spells = np.zeros(n)
+    for a, b in _events(rng, n, sr, (1.0, 4.0), (0.0, 0.6)):
+        spells[a:b] = 1.0
+    t = np.arange(int(0.1 * sr)) / sr
+    ir = rng.uniform(0, 0.6) * rng.standard_normal(len(t)) * np.exp(-t / 0.002)
+    for _ in range(rng.integers(1, 4)):  # resonant modes: 0.7-6 kHz, 3-30 ms decays
+        mode = np.sin(2 * np.pi * rng.uniform(700, 6000) * t) * np.exp(-t / rng.uniform(0.003, 0.03))
+        ir += rng.uniform(0.3, 1.0) * mode
+    return fftconvolve(train * spells, ir)[:n]
+
+
+def _speech(n, sr, rng):
+    """Formant babble: glottal pulses at an intonated f0 through three moving formants, syllable by syllable, with
+    pauses; a fifth of the syllables are unvoiced hiss, which also puts energy above 3 kHz."""
+    f0 = 90 * 2 ** rng.uniform(0, 1.4) * (1 + 0.08 * _smooth_noise(rng, n, sr, 0.3))  # 90-240 Hz
+    phase = np.cumsum(f0 / sr)
+    pulses = np.diff(np.floor(phase), prepend=0.0)  # one impulse per glottal cycle
+    syllables = _events(rng, n, sr, (0.08, 0.3), (0.0, 0.06))
+    centres = np.array([(a + b) / 2 for a, b in syllables])
+    formants = np.stack([rng.uniform(300, 850, len(syllables)), rng.uniform(850, 2400, len(syllables)),
+                         rng.uniform(2200, 3400, len(syllables))], 1)
+    voiced = rng.random(len(syllables)) < 0.8
+    blocks = np.arange(n // HOP + 2) * HOP
+    F = np.stack([np.interp(blocks, centres, formants[:, i]) for i in range(3)], 1)[:, :, None]  # (nb, 3, 1)
+    bandwidth = np.array([80.0, 120.0, 180.0])[:, None] * rng.uniform(0.7, 1.5)
+    f = np.fft.rfftfreq(NFFT, 1 / sr)
+    vocal_tract = (np.array([1.0, 0.6, 0.35])[:, None] / np.sqrt(1 + ((f - F) / (bandwidth / 2)) ** 2)).sum(1)
+    starts = np.array([a for a, _ in syllables])
+    is_voiced = voiced[np.maximum(np.searchsorted(starts, blocks, side="right") - 1, 0)][:, None]
+    voice = filter_blockwise(pulses, vocal_tract / np.sqrt(1 + (f / 200) ** 2) * is_voiced)  # glottal roll-off
+    hiss_band = np.exp(-0.5 * (np.log2(np.maximum(f, 1.0) / rng.uniform(3000, 6000)) / 0.6) ** 2)
+    hiss = filter_blockwise(rng.standard_normal(n), (0.3 * vocal_tract + hiss_band) * ~is_voiced)
+    env = np.zeros(n)
+    for (a, b), loud in zip(syllables, rng.uniform(0.3, 1.0, len(syllables)) * (rng.random(len(syllables)) > 0.12)):
+        env[a:b] = loud * np.sin(np.pi * np.arange(b - a) / (b - a)) ** 0.5  # 12% skipped: pauses between words
+    return (voice / (np.std(voice) + 1e-9) + 0.5 * hiss / (np.std(hiss) + 1e-9)) * env
+
+
+def _buzz(n, sr, rng):
+    """Buzzer / insect / razor: a bright sawtooth- or square-like wave at a low wobbling f0, amplitude-modulated,
+    switched on and off."""
+    base = 70 * 2 ** rng.uniform(0, 2.2)  # 70-320 Hz
+    f0 = base * (1 + 0.03 * _smooth_noise(rng, n, sr, 0.2))
+    K = min(60, int(0.45 * sr / (1.15 * base)))
+    k = np.arange(1, K + 1)
+    amps = np.where((k % 2 == 1) | (rng.random() < 0.5), 1.0 / k, 0.0)  # half the time odd harmonics only
+    t = np.arange(n) / sr
+    am = 1 - rng.uniform(0, 0.7) * (0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(8, 40) * t))
+    env = np.zeros(n)
+    for a, b in _events(rng, n, sr, (0.4, 3.0), (0.05, 0.6)):
+        env[a:b] = _envelope(b - a, sr, 0.01, 1e9)
+    return _oscillator(f0 / sr, amps, rng) * am * env
+
+
+def _whistle(n, sr, rng):
+    """Whistle / kettle / tuning fork: a nearly pure tone (0.7-3.5 kHz) gliding between notes, vibrato, breath."""
+    target, env = np.full(n, np.nan), np.zeros(n)
+    for a, b in _events(rng, n, sr, (0.2, 1.5), (0.02, 0.3)):
+        target[a:b] = 700 * 2 ** rng.uniform(0, 2.3)
+        env[a:b] = _envelope(b - a, sr, rng.uniform(0.01, 0.08), rng.uniform(0.5, 5.0), 0.03)
+    target = np.where(np.isnan(target), np.nanmean(target), target)
+    glide = math.exp(-1 / (rng.uniform(0.01, 0.06) * sr))
+    f = lfilter([1 - glide], [1, -glide], target, zi=[glide * target[0]])[0]  # one-pole glide between notes
+    f *= 1 + rng.uniform(0, 0.01) * np.sin(2 * np.pi * rng.uniform(4, 7) * np.arange(n) / sr)
+    tone = _oscillator(f / sr, np.array([1.0, rng.uniform(0, 0.2)]), rng)
+    breath = np.fft.irfft(np.fft.rfft(rng.standard_normal(n)) * (np.fft.rfftfreq(n, 1 / sr) > 1000), n)
+    return (tone + rng.uniform(0.05, 0.3) * breath) * env
+
+
+FAMILIES = {"tonal": _tonal, "noise": _noise, "clicks": _clicks, "speech": _speech, "buzz": _buzz,
+            "whistle": _whistle}
+
+
+def source_signal(family, n, sr, rng, tilt_db_per_octave=0.0):
+    """Mono sound of a family (a key of FAMILIES), n samples at sr, unit RMS, with a spectral tilt around 1 kHz and
+    nothing below 50 Hz."""
+    x = FAMILIES[family](n, sr, rng)
+    f = np.maximum(np.fft.rfftfreq(n, 1 / sr), 1.0)
+    x = np.fft.irfft(np.fft.rfft(x) * (f / 1000) ** (tilt_db_per_octave / 6.02) * (f > 50), n)
+    return x / (np.sqrt(np.mean(x ** 2)) + 1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Room, noise, codec
+
+def _room_tails(rng, sr, rt60, drr_db):
+    """Left and right reverberation (2, L) of a random room, to convolve with the dry mono sound: a pre-delay set by
+    the room size, a few early reflections, then a late tail of exponentially decaying noise whose high frequencies
+    die faster (absorption). Ears get independent noise (a diffuse field carries no interaural cue). Energy per ear is
+    10^(-drr/10) of the direct sound."""
+    room_m, hf_rt60_ratio = rng.uniform(3.0, 15.0), rng.uniform(0.3, 0.8)
+    predelay = int(room_m / 343.0 * sr)
+    tail_len = int(1.2 * rt60 * sr)
+    rt60_f = rt60 * (1 - (1 - hf_rt60_ratio) * np.fft.rfftfreq(NFFT, 1 / sr) / (sr / 2))
+    t_blocks = np.arange(tail_len // HOP + 2) * HOP / sr
+    decay = np.exp(-6.91 * t_blocks[:, None] / rt60_f)  # -60 dB at rt60, per frequency
+    tails = np.zeros((2, predelay + tail_len))
+    for ear in range(2):
+        tails[ear, predelay:] = filter_blockwise(rng.standard_normal(tail_len), decay)
+        taps = predelay + rng.integers(0, int(0.03 * sr), 6)  # early reflections, standing out from the tail
+        tails[ear, taps] += rng.choice([-1, 1], 6) * rng.uniform(1.0, 4.0, 6)
+    tails *= np.sqrt(10 ** (-drr_db / 10) / np.sum(tails ** 2, axis=1, keepdims=True))
+    return tails, room_m
+
+
+def _diffuse_noise(rng, n, sr):
+    """Background noise (2, n) of random colour (1/f^beta, beta 0-2), partly coherent between the ears (0-0.6)."""
+    beta, coherence = rng.uniform(0, 2), rng.uniform(0, 0.6)
+    f = np.maximum(np.fft.rfftfreq(n, 1 / sr), 20.0)
+    spectra = (rng.standard_normal((3, len(f))) + 1j * rng.standard_normal((3, len(f)))) * f ** (-beta / 2)
+    common, left, right = np.fft.irfft(spectra, n)
+    return math.sqrt(coherence) * common + math.sqrt(1 - coherence) * np.stack([left, right]), beta
+
+
+def _ffmpeg(args, stdin=None):
+    """Run ffmpeg with an argument list (never a shell string); stdout bytes, or an error carrying its stderr."""
+    proc = subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostats", "-y", *args],
+                          input=stdin, capture_output=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ffmpeg {' '.join(args)} failed: {proc.stderr.decode(errors='replace')[-2000:]}")
+    return proc.stdout
+
+
+def _aac_round_trip(audio, sr, kbps):
+    """Encode stereo float audio (2, n) to AAC in an .m4a (whose edit list trims the encoder delay) and decode it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        m4a = os.path.join(tmp, "a.m4a")
+        _ffmpeg(["-f", "f32le", "-ar", str(sr), "-ac", "2", "-i", "-", "-c:a", "aac", "-b:a", f"{kbps}k", m4a],
+                stdin=audio.T.astype("<f4").tobytes())
+        raw = _ffmpeg(["-i", m4a, "-f", "f32le", "-ar", str(sr), "-ac", "2", "-"])
+    decoded = np.frombuffer(raw, "<f4").reshape(-1, 2).T.astype(float)
+    out = np.zeros_like(audio)
+    out[:, :min(audio.shape[1], decoded.shape[1])] = decoded[:, :audio.shape[1]]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pictures
+
+def _background(rng, size):
+    """A muted backdrop (size, size, 3) uint8: smoothed colour noise, soft stripes or a gradient, plus faint grain."""
+    kind = rng.integers(3)
+    c1, c2 = rng.uniform(30, 225, (2, 3))
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    angle = rng.uniform(0, np.pi)
+    along = xx * np.cos(angle) + yy * np.sin(angle)
+    if kind == 0:
+        cells = rng.integers(3, 12)
+        img = zoom(rng.uniform(30, 225, (cells, cells, 3)), (size / cells, size / cells, 1), order=3, mode="nearest")
+    elif kind == 1:
+        stripes = 0.5 + 0.5 * np.tanh(3 * np.sin(2 * np.pi * along * rng.uniform(2, 12)))
+        img = c1 + (c2 - c1) * stripes[..., None]
+    else:
+        img = c1 + (c2 - c1) * ((along - along.min()) / (along.max() - along.min()))[..., None]
+    grain = zoom(rng.normal(0, 10, (size // 4, size // 4, 3)), (size / (size // 4), size / (size // 4), 1), order=1)
+    grey = img.mean(-1, keepdims=True)
+    img = 128 + 0.7 * (grey - 128) + 0.5 * (img - grey) + grain  # lower contrast and saturation than the objects
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _sprite(look, w, h, rng):
+    """One object instance: premultiplied RGB (h, w, 3) and coverage (h, w, 1) of the class's shape, colour and
+    pattern with a dark outline and a little colour jitter, antialiased by 3x3 supersampling."""
+    shape, colour, pattern = look
+    v, u = np.mgrid[0:3 * h, 0:3 * w]
+    u, v = (u + 0.5) / (3 * w) * 2 - 1, (v + 0.5) / (3 * h) * 2 - 1
+    outer, inner = SHAPES[shape](u, v), SHAPES[shape](u / 0.86, v / 0.86)
+    rgb = np.clip(np.array(colour) + rng.uniform(-25, 25, 3), 0, 255) * PATTERNS[pattern](u, v, rng)[..., None]
+    rgb = np.where((outer & ~inner)[..., None], 0.3 * rgb, rgb)
+    cover = outer[..., None].astype(float)
+    pool = lambda a: a.reshape(h, 3, w, 3, a.shape[-1]).mean((1, 3))
+    return np.clip(pool(rgb * cover), 0, 255), pool(cover)
+
+
+def _track(obj, t):
+    """Box centre (len(t), 2) of an object at times t (s): a straight line that bounces off the frame edges."""
+    span = obj["hi"] - obj["lo"]
+    u = (obj["start"] - obj["lo"] + np.outer(t, obj["velocity"])) % (2 * span)
+    return obj["lo"] + span - np.abs(u - span)
+
+
+def _direction(xy, size, focal):
+    """Azimuth and elevation (degrees) of pixel positions xy (..., 2) through the pinhole camera."""
+    dx, dy = xy[..., 0] - size / 2, size / 2 - xy[..., 1]
+    return np.degrees(np.arctan2(dx, focal)), np.degrees(np.arctan2(dy, np.hypot(focal, dx)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One clip
+
+def make_clip(out_dir, cfg: SynthConfig, seed: int, scene: int, k: int) -> dict:
+    """Write clip k of scene `scene` (webm, flac, json) under out_dir/clips/ and return its manifest row (no split)."""
+    size, sr, fps = cfg.size, cfg.sample_rate, cfg.fps
+    n, num_frames = round(cfg.duration_s * sr), round(cfg.duration_s * fps)
+    scene_id, clip_id = f"s{scene:06d}", f"s{scene:06d}_c{k}"
+
+    # The scene: camera, background and object set, the same for all its clips.
+    srng = np.random.default_rng([seed, scene])
+    hfov = srng.uniform(*cfg.hfov_deg)
+    focal = (size / 2) / math.tan(math.radians(hfov) / 2)
+    background = _background(srng, size)
+    n_sounding = 2 if srng.random() < cfg.two_source_prob else 1
+    classes = list(srng.choice(list(SOUNDING_CLASSES), n_sounding, replace=False))
+    weights = 0.5 ** np.arange(cfg.max_distractors + 1)
+    for _ in range(srng.choice(cfg.max_distractors + 1, p=weights / weights.sum())):
+        kinds = SOUNDING_CLASSES if srng.random() < cfg.lookalike_prob else SILENT_CLASSES
+        classes.append(srng.choice(list(kinds)))
+    objects = []
+    for i, cls in enumerate(classes):
+        family, look = {**SOUNDING_CLASSES, **SILENT_CLASSES}[cls]
+        w = int(srng.uniform(*cfg.object_px) * size / 256)
+        h = int(w * srng.uniform(0.8, 1.25))
+        rgb, cover = _sprite(look, w, h, srng)
+        objects.append(dict(id=i, cls=str(cls), family=family, sounding=i < n_sounding, w=w, h=h, rgb=rgb, cover=cover))
+
+    # The clip: motions, sounds and recording conditions.
+    rng = np.random.default_rng([seed, scene, k])
+    for obj in objects:
+        obj["lo"] = np.array([obj["w"] / 2, obj["h"] / 2])
+        obj["hi"] = size - obj["lo"]
+        obj["motion"] = str(rng.choice(MOTIONS, p=np.array(cfg.motion_probs) / sum(cfg.motion_probs)))
+        obj["start"] = rng.uniform(obj["lo"], obj["hi"])
+        if obj["sounding"] and obj["motion"] in ("static", "up-down"):  # never parked on the centre line
+            reach = obj["hi"][0] - size / 2
+            margin = min(focal * math.tan(math.radians(cfg.min_offcentre_deg)), reach)
+            obj["start"][0] = size / 2 + rng.choice([-1, 1]) * rng.uniform(margin, reach)
+        direction = {"static": (0, 0), "left-right": (rng.choice([-1, 1]), 0), "up-down": (0, rng.choice([-1, 1])),
+                     "diagonal": rng.choice([-1, 1], 2) / math.sqrt(2)}[obj["motion"]]
+        obj["velocity"] = np.array(direction, dtype=float) * size / rng.uniform(*cfg.crossing_time_s)
+
+    # Audio: each sounding object rendered binaurally along its track, then room, noise, level and codec.
+    head_radius = rng.uniform(*cfg.head_radius_m)
+    direct, dry = np.zeros((2, n)), np.zeros(n)
+    for obj in objects:
+        if obj["sounding"]:
+            obj["level_db"] = rng.uniform(*cfg.source_level_db)
+            mono = source_signal(obj["family"], n, sr, rng, rng.uniform(*cfg.spectral_tilt_db_per_octave))
+            mono *= 10 ** (obj["level_db"] / 20)
+            az, el = _direction(_track(obj, np.arange(n) / sr), size, focal)
+            direct += render_binaural(mono, az, sr, head_radius, el)
+            dry += mono
+    audio, render = direct, {"head_radius_m": round(head_radius, 4), "rt60_s": None, "snr_db": None,
+                             "lossy_audio": None}
+    if rng.random() < cfg.reverb_prob:
+        rt60, drr = rng.uniform(*cfg.rt60_s), rng.uniform(*cfg.drr_db)
+        tails, room_m = _room_tails(rng, sr, rt60, drr)
+        audio = audio + np.stack([fftconvolve(dry, tail)[:n] for tail in tails])
+        render.update(rt60_s=round(rt60, 3), drr_db=round(drr, 2), room_m=round(room_m, 2))
+    if cfg.noise:
+        snr = rng.uniform(*cfg.snr_db)
+        noise, beta = _diffuse_noise(rng, n, sr)
+        audio = audio + noise * math.sqrt(np.mean(audio ** 2) / np.mean(noise ** 2) * 10 ** (-snr / 10))
+        render.update(snr_db=round(snr, 2), noise_beta=round(beta, 2))
+    peak = rng.uniform(*cfg.peak)
+    audio *= peak / np.abs(audio).max()
+    if rng.random() < cfg.lossy_audio_prob:
+        kbps = int(rng.choice(cfg.aac_kbps))
+        audio = _aac_round_trip(audio, sr, kbps)
+        audio *= peak / np.abs(audio).max()  # the codec can overshoot
+        render["lossy_audio"] = f"aac-{kbps}k"
+    render["peak"] = round(peak, 3)
+
+    # Video: background, then objects from the last to the first, so distractors never hide a sounding object.
+    frames = np.repeat(background[None], num_frames, axis=0)
+    for obj in reversed(objects):
+        corners = np.round(_track(obj, np.arange(num_frames) / fps) - obj["lo"]).astype(int)
+        obj["boxes"] = [[int(x), int(y), int(x) + obj["w"], int(y) + obj["h"]] for x, y in corners]
+        for frame, (x, y) in zip(frames, corners):
+            region = frame[y:y + obj["h"], x:x + obj["w"]]
+            region[:] = np.clip(region * (1 - obj["cover"]) + obj["rgb"], 0, 255).astype(np.uint8)
+    clips_dir = Path(out_dir) / "clips"
+    _ffmpeg(["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{size}x{size}", "-r", str(fps), "-i", "-", "-an",
+             "-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-row-mt", "1", "-threads", "1",
+             "-crf", "30", "-b:v", "0", "-g", str(fps), "-keyint_min", str(fps), "-pix_fmt", "yuv420p",
+             "-fflags", "+bitexact", "-flags:v", "+bitexact",  # no random segment id or version strings
+             str(clips_dir / f"{clip_id}.webm")], stdin=frames.tobytes())
+    sf.write(clips_dir / f"{clip_id}.flac", audio.T, sr, subtype="PCM_16", format="FLAC")
+
+    sidecar_objects = []
+    for obj in objects:
+        centres = np.array(obj["boxes"], dtype=float).reshape(-1, 2, 2).mean(1)
+        az, el = _direction(centres, size, focal)
+        sidecar_objects.append({
+            "id": obj["id"], "class": obj["cls"], "family": obj["family"], "sounding": obj["sounding"],
+            "motion": obj["motion"], "boxes": obj["boxes"], "azimuth_deg": np.round(az, 2).tolist(),
+            "elevation_deg": np.round(el, 2).tolist(),
+            "level_db": round(obj["level_db"], 2) if obj["sounding"] else None})
+    sidecar = {
+        "clip_id": clip_id, "scene_id": scene_id, "source": "synthetic", "duration_s": cfg.duration_s, "fps": fps,
+        "num_frames": num_frames, "width": size, "height": size, "sample_rate": sr, "channels": 2,
+        "conventions": "azimuth deg, positive = listener's right, 0 = straight ahead; audio channel 0 = left; "
+                       "boxes [x0, y0, x1, y1] in pixels",
+        "camera": {"hfov_deg": round(hfov, 3)}, "render": render, "objects": sidecar_objects,
+        "generator": {"seed": seed, "scene": scene, "clip": k, "config": asdict(cfg)},
+    }
+    (clips_dir / f"{clip_id}.json").write_text(json.dumps(sidecar))
+    return {"clip_id": clip_id, "scene_id": scene_id, "duration_s": cfg.duration_s, "fps": fps,
+            "num_frames": num_frames, "sample_rate": sr, "channels": 2, "video": f"clips/{clip_id}.webm",
+            "audio": f"clips/{clip_id}.flac", "meta": f"clips/{clip_id}.json"}
+
+
+def _make_clip_task(task):
+    return make_clip(*task)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dataset
+
+def generate(out_dir, clips: int, seed: int = 0, workers: int | None = None, progress: bool = False,
+             **options) -> list[dict]:
+    """Write `clips` clips (scenes of cfg.clips_per_scene clips each) and then manifest.jsonl under out_dir; return
+    the manifest rows in clip_id order. options are SynthConfig fields; workers defaults to os.cpu_count()."""
+    cfg = SynthConfig(**options)
+    if clips < 1:
+        raise ValueError(f"clips must be >= 1, got {clips}")
+    (Path(out_dir) / "clips").mkdir(parents=True, exist_ok=True)
+    tasks = [(str(out_dir), cfg, seed, i // cfg.clips_per_scene, i % cfg.clips_per_scene) for i in range(clips)]
+    workers = max(1, min(workers or os.cpu_count() or 1, clips))
+    bar = dict(total=clips, unit="clip", disable=not progress, desc="synth")
+    if workers == 1:
+        rows = [make_clip(*task) for task in tqdm(tasks, **bar)]
+    else:  # spawn: fresh interpreters, no fork of a parent that may hold threads
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            rows = list(tqdm(pool.imap_unordered(_make_clip_task, tasks), **bar))
+    rows.sort(key=lambda row: row["clip_id"])
+    splits = assign_splits([row["scene_id"] for row in rows], seed=seed)
+    for row in rows:
+        row["split"] = splits[row["scene_id"]]
+    write_manifest(out_dir, rows)
+    return rows
+
+
+def main(argv=None):
+    defaults = SynthConfig()
+    p = argparse.ArgumentParser(prog="flipray synth", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="dataset root to write clips/ and manifest.jsonl into")
+    p.add_argument("--clips", type=int, required=True, help="number of clips")
+    p.add_argument("--seed", type=int, required=True, help="same seed, same dataset")
+    p.add_argument("--fps", type=int, choices=(6, 30), default=defaults.fps, help="video frame rate")
+    p.add_argument("--size", type=int, default=defaults.size, help="square frame side, pixels")
+    p.add_argument("--duration", type=float, default=defaults.duration_s, help="clip length, seconds")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes")
+    p.add_argument("--clips-per-scene", type=int, default=defaults.clips_per_scene,
+                   help="clips sharing a background and object set (splits are by scene)")
+    p.add_argument("--lossy-audio-prob", type=float, default=defaults.lossy_audio_prob,
+                   help="probability of an AAC round trip per clip")
+    p.add_argument("--reverb-prob", type=float, default=defaults.reverb_prob, help="probability of room reverb")
+    p.add_argument("--noise", action=argparse.BooleanOptionalAction, default=defaults.noise,
+                   help="diffuse background noise")
+    p.add_argument("--max-distractors", type=int, default=defaults.max_distractors, help="silent objects per scene")
+    p.add_argument("--two-source-prob", type=float, default=defaults.two_source_prob,
+                   help="probability of two sounding objects in a scene")
+    args = p.parse_args(argv)
+    options = dict(fps=args.fps, size=args.size, duration_s=args.duration, clips_per_scene=args.clips_per_scene,
+                   lossy_audio_prob=args.lossy_audio_prob, reverb_prob=args.reverb_prob, noise=args.noise,
+                   max_distractors=args.max_distractors, two_source_prob=args.two_source_prob)
+    try:
+        SynthConfig(**options)
+    except ValueError as e:
+        p.error(str(e))
+    if args.clips < 1:
+        p.error(f"--clips must be >= 1, got {args.clips}")
+    start = time.time()
+    rows = generate(args.out, args.clips, args.seed, workers=args.workers, progress=True, **options)
+    splits = collections.Counter(row["split"] for row in rows)
+    print(f"wrote {len(rows)} clips ({', '.join(f'{s} {splits[s]}' for s in ('train', 'val', 'test'))}) "
+          f"to {Path(args.out) / 'manifest.jsonl'} in {time.time() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

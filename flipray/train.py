@@ -1,0 +1,324 @@
+"""Pretext training in plain PyTorch: the one loop that every launcher (local, Ray Train) runs.
+
+    flipray synth --out data/synth --clips 400 --seed 0
+    flipray train-pretext --config demo --set data.root=data/synth
+    flipray train-pretext --config demo --run-name my-run --resume      # continue my-run from its checkpoint
+
+A run folder (`train.out_dir/<run name>/`) gets `config.yaml`, `checkpoint.pt` (model, optimizer, samples seen,
+position in the epoch, history), `curves.png` and, at the end, `report.json` (flip accuracy per split, samples
+seen, wall time). Training is counted in samples, as in the paper, so the learning-rate schedule does not depend
+on the batch size or the number of workers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.utils.data import DataLoader
+
+from .config import Config, apply_overrides, config_from_dict, load_config
+from .data import ClipDataset, EpochSampler, collate
+from .models import SpatialAlignmentNet, count_parameters
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+    return torch.device(name)
+
+
+def lr_at(samples_seen: int, cfg: Config) -> float:
+    """Learning rate after `samples_seen` samples: linear warmup, then constant or cosine to zero."""
+    t = cfg.train
+    if t.warmup_samples and samples_seen < t.warmup_samples:
+        return t.lr * (samples_seen + 1) / t.warmup_samples
+    if t.schedule == "cosine":
+        progress = min((samples_seen - t.warmup_samples) / max(t.total_samples - t.warmup_samples, 1), 1.0)
+        return t.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return t.lr
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    # No weight decay on norms and biases (standard for SGD on ResNets).
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.train.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.momentum, 0.999))
+    return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
+
+
+def make_loader(dataset, cfg: Config, sampler, batch_size: int) -> DataLoader:
+    workers = cfg.data.num_workers
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                      multiprocessing_context="spawn" if workers and torch.cuda.is_available() else None)
+
+
+def train_one_epoch(model, loader, optimizer, cfg: Config, device, state: dict, world_size: int = 1,
+                    on_step=None, stop_at: int | None = None) -> dict:
+    """One pass over `loader`. `state` (samples_seen, step, epoch_pos) is updated in place.
+
+    `samples_seen` counts samples over all workers (batch * world_size per step), which drives the learning rate.
+    `on_step(state, metrics)` runs after every optimizer step (checkpoints, fault hooks, MLflow). Training stops
+    early once `samples_seen` reaches `stop_at`.
+    """
+    model.train()
+    total_loss = total_correct = total_n = skipped = 0
+    wait = compute = 0.0
+    t_prev = time.perf_counter()
+    for batch in loader:
+        t_data = time.perf_counter()
+        skipped += batch["skipped"]
+        if "video" not in batch:  # every clip of the batch failed to decode
+            continue
+        video = batch["video"].to(device, non_blocking=True)
+        audio = batch["audio"].to(device, non_blocking=True)
+        label = batch["label"].to(device, non_blocking=True)
+        lr = lr_at(state["samples_seen"], cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        logits = model(video, audio)
+        loss = F.binary_cross_entropy_with_logits(logits, label)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        n = label.shape[0]
+        correct = ((logits.detach() > 0).float() == label).sum().item()
+        total_loss += loss.item() * n
+        total_correct += correct
+        total_n += n
+        state["step"] += 1
+        state["samples_seen"] += n * world_size
+        state["epoch_pos"] += n + batch["skipped"]
+        t_end = time.perf_counter()
+        wait += t_data - t_prev
+        compute += t_end - t_data
+        metrics = {"loss": loss.item(), "acc": correct / n, "lr": lr,
+                   "samples_per_s": n * world_size / max(t_end - t_prev, 1e-9)}
+        t_prev = t_end
+        if on_step is not None:
+            on_step(state, metrics)
+        if stop_at is not None and state["samples_seen"] >= stop_at:
+            break
+    return {"loss": total_loss / max(total_n, 1), "acc": total_correct / max(total_n, 1), "n": total_n,
+            "skipped": skipped, "data_wait_fraction": wait / max(wait + compute, 1e-9),
+            "samples_per_s": total_n * world_size / max(wait + compute, 1e-9)}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device) -> dict:
+    """Flip accuracy and BCE loss; with ClipDataset(train=False) every clip is scored unswapped and swapped."""
+    model.eval()
+    total_loss = total_correct = total_n = skipped = 0
+    for batch in loader:
+        skipped += batch["skipped"]
+        if "video" not in batch:
+            continue
+        logits = model(batch["video"].to(device), batch["audio"].to(device))
+        label = batch["label"].to(device)
+        total_loss += F.binary_cross_entropy_with_logits(logits, label, reduction="sum").item()
+        total_correct += ((logits > 0).float() == label).sum().item()
+        total_n += label.shape[0]
+    return {"loss": total_loss / max(total_n, 1), "acc": total_correct / max(total_n, 1), "n": total_n,
+            "skipped": skipped}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints and figures
+
+def save_checkpoint(path: Path, model, optimizer, state: dict, cfg: Config):
+    """Everything needed to resume: weights, optimizer, progress, history, config (atomic write)."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+               "config": cfg.to_dict(), "rng": torch.get_rng_state()}
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint written by save_checkpoint (tensors and plain types only: weights_only=True)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no checkpoint there") from None
+    except Exception as e:
+        raise ValueError(f"{path}: not a flipray checkpoint ({type(e).__name__}: {e})") from None
+
+
+def load_model(path: str | Path) -> tuple[SpatialAlignmentNet, Config]:
+    """A trained SpatialAlignmentNet (eval mode) and its config from a checkpoint file."""
+    ckpt = load_checkpoint(path)
+    cfg = config_from_dict(ckpt["config"])
+    model = SpatialAlignmentNet(cfg)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), cfg
+
+
+def plot_curves(history: list[dict], path: Path, title: str = "flip pretext task"):
+    """Loss and accuracy against samples seen: train (per step, smoothed) and validation (per evaluation)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    train = [h for h in history if h["kind"] == "train"]
+    val = [h for h in history if h["kind"] == "val"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if train:
+        xs = [h["samples_seen"] for h in train]
+        k = max(len(train) // 50, 1)
+        smooth = lambda v: [sum(v[max(0, i - k):i + 1]) / len(v[max(0, i - k):i + 1]) for i in range(len(v))]
+        ax1.plot(xs, smooth([h["loss"] for h in train]), label="train", color="tab:blue")
+        ax2.plot(xs, smooth([h["acc"] for h in train]), label="train", color="tab:blue")
+    if val:
+        xs = [h["samples_seen"] for h in val]
+        ax1.plot(xs, [h["loss"] for h in val], "o-", label="val", color="tab:orange")
+        ax2.plot(xs, [h["acc"] for h in val], "o-", label="val", color="tab:orange")
+    ax2.axhline(0.5, color="gray", ls=":", lw=1)
+    for ax, name in ((ax1, "BCE loss"), (ax2, "flip accuracy")):
+        ax.set_xlabel("samples seen")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax2.set_ylim(0.3, 1.02)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# main
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="flipray train-pretext", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="demo", help="preset (demo, small, paper) or YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=0.02")
+    p.add_argument("--run-name", default=None, help="run folder name (default: <preset>-<variant>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run folder's checkpoint.pt (its config, "
+                   "plus any --set)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    cfg = load_config(args.config, args.set)
+    run_name = args.run_name or f"{cfg.preset}-{cfg.model.variant}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.train.out_dir) / run_name
+    ckpt_path = run_dir / "checkpoint.pt"
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        # The run's own config wins over the preset; --set still applies (e.g. a larger train.total_samples).
+        cfg = apply_overrides(config_from_dict(ckpt["config"]), args.set)
+    elif ckpt_path.exists():
+        raise FileExistsError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or another "
+                              f"--run-name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return run(cfg, run_dir, ckpt if args.resume else None)
+
+
+def run(cfg: Config, run_dir: Path, ckpt: dict | None = None) -> dict:
+    """Train (or continue) one pretext run in `run_dir`; returns the report dict, also written to report.json."""
+    t0 = time.time()
+    torch.manual_seed(cfg.train.seed)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    if cfg.data.loader != "torchcodec":
+        raise ValueError("the local trainer reads with the torchcodec loader; data.loader=dali runs under "
+                         "jobs/pretext.py on Ray workers")
+
+    train_set = ClipDataset(cfg, "train", train=True)
+    val_set = ClipDataset(cfg, "val", train=False)
+    model = SpatialAlignmentNet(cfg).to(device)
+    optimizer = make_optimizer(model, cfg)
+    state = {"samples_seen": 0, "step": 0, "epoch": 0, "epoch_pos": 0, "history": [], "train_seconds": 0.0}
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = ckpt["state"]
+        torch.set_rng_state(ckpt["rng"])
+        log.info("resumed %s at %d samples (epoch %d, position %d)", run_dir, state["samples_seen"],
+                 state["epoch"], state["epoch_pos"])
+    log.info("model %s: %.2fM parameters; %d train / %d val clips; device %s", cfg.model.variant,
+             count_parameters(model) / 1e6, len(train_set.clips), len(val_set.clips), device)
+
+    bs, total = cfg.train.batch_size, cfg.train.total_samples
+    every_eval = cfg.train.eval_every_samples or len(train_set)
+    every_ckpt = cfg.train.checkpoint_every_samples or len(train_set)
+    marks = {"eval": state["samples_seen"] // every_eval, "ckpt": state["samples_seen"] // every_ckpt}
+    val_loader = make_loader(val_set, cfg, EpochSampler(len(val_set), cfg.train.seed, shuffle=False), bs)
+
+    def run_eval():
+        res = evaluate(model, val_loader, device)
+        state["history"].append({"kind": "val", "samples_seen": state["samples_seen"], **res})
+        log.info("samples %d: val loss %.4f, flip accuracy %.3f (%d samples)", state["samples_seen"], res["loss"],
+                 res["acc"], res["n"])
+        model.train()
+
+    def on_step(state, metrics):
+        state["history"].append({"kind": "train", "samples_seen": state["samples_seen"], "loss": metrics["loss"],
+                                 "acc": metrics["acc"]})
+        if state["step"] % cfg.train.log_every == 0:
+            log.info("step %d, samples %d/%d: loss %.4f, acc %.3f, lr %.4f", state["step"], state["samples_seen"],
+                     total, metrics["loss"], metrics["acc"], metrics["lr"])
+        if state["samples_seen"] // every_eval > marks["eval"]:
+            marks["eval"] = state["samples_seen"] // every_eval
+            run_eval()
+        state["train_seconds"] = seconds_before + time.time() - t_start
+        if state["samples_seen"] // every_ckpt > marks["ckpt"]:
+            marks["ckpt"] = state["samples_seen"] // every_ckpt
+            save_checkpoint(run_dir / "checkpoint.pt", model, optimizer, state, cfg)
+
+    t_start, seconds_before = time.time(), state["train_seconds"]
+    while state["samples_seen"] < total:
+        sampler = EpochSampler(len(train_set), cfg.train.seed, epoch=state["epoch"], start=state["epoch_pos"])
+        stats = train_one_epoch(model, make_loader(train_set, cfg, sampler, bs), optimizer, cfg, device, state,
+                                on_step=on_step, stop_at=total)
+        log.info("epoch %d: train loss %.4f, acc %.3f, %.1f samples/s, data wait %.0f%%, %d clips skipped",
+                 state["epoch"], stats["loss"], stats["acc"], stats["samples_per_s"],
+                 100 * stats["data_wait_fraction"], stats["skipped"])
+        if state["epoch_pos"] >= len(train_set):  # else training stopped mid-epoch at total_samples
+            state["epoch"] += 1
+            state["epoch_pos"] = 0
+    if not state["history"] or state["history"][-1]["kind"] != "val":
+        run_eval()
+    save_checkpoint(run_dir / "checkpoint.pt", model, optimizer, state, cfg)
+    plot_curves(state["history"], run_dir / "curves.png",
+                f"flip pretext, {cfg.preset} preset, {cfg.model.variant} model")
+
+    accuracy = {}
+    for split in ("val", "test"):
+        ds = ClipDataset(cfg, split, train=False)
+        res = evaluate(model, make_loader(ds, cfg, EpochSampler(len(ds), cfg.train.seed, shuffle=False), bs), device)
+        accuracy[split] = {"acc": res["acc"], "loss": res["loss"], "samples": res["n"],
+                           "clips_skipped": len(ds.skipped)}
+    report = {"run_dir": str(run_dir), "config": cfg.to_dict(), "flip_accuracy": accuracy,
+              "samples_seen": state["samples_seen"], "steps": state["step"], "epochs": state["epoch"],
+              "parameters": count_parameters(model), "train_seconds": round(state["train_seconds"], 1),
+              "wall_seconds": round(time.time() - t0, 1), "train_clips_skipped": train_set.skipped,
+              "device": str(device), "torch_threads": torch.get_num_threads()}
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    print(f"\nflip accuracy: test {accuracy['test']['acc']:.3f} ({accuracy['test']['samples']} samples), "
+          f"val {accuracy['val']['acc']:.3f}; {state['samples_seen']} samples seen in {report['train_seconds']:.0f} s "
+          f"of training ({report['wall_seconds']:.0f} s wall)")
+    print(f"report: {run_dir / 'report.json'}\ncurves: {run_dir / 'curves.png'}")
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

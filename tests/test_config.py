@@ -1,0 +1,46 @@
+import pytest
+
+from flipray.config import config_from_dict, load_config
+
+
+def test_presets_have_the_papers_window():
+    cfg = load_config("paper")
+    assert cfg.window_samples == 45_920            # 2.87 s at 16 kHz
+    assert cfg.mel_frames == 288                   # hop 160, centre=True
+    assert cfg.window_frames == 18                 # 6 Hz
+    assert (cfg.data.num_frames, cfg.data.crop, cfg.data.n_mels) == (18, 224, 128)
+    assert (cfg.train.lr, cfg.train.momentum) == (0.01, 0.9)
+    demo = load_config("demo")
+    assert demo.data.crop < cfg.data.crop and demo.train.total_samples < cfg.train.total_samples
+
+
+def test_overrides_are_typed_and_checked(tmp_path):
+    cfg = load_config("demo", ["train.lr=0.02", "data.cache=false", "model.variant=pooled-visual",
+                               "train.total_samples=100"])
+    assert cfg.train.lr == 0.02 and cfg.data.cache is False and cfg.model.variant == "pooled-visual"
+    assert isinstance(cfg.train.total_samples, int)
+    with pytest.raises(ValueError, match="unknown config key 'train.lrr'"):
+        load_config("demo", ["train.lrr=1"])
+    with pytest.raises(ValueError, match="train.lr must be a number"):
+        load_config("demo", ["train.lr=fast"])
+    with pytest.raises(ValueError, match="model.variant must be one of"):
+        load_config("demo", ["model.variant=transformer"])
+    with pytest.raises(ValueError, match="n_mels must be divisible by 16"):
+        load_config("demo", ["data.n_mels=70"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_config("huge")
+
+
+def test_yaml_file_and_round_trip(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: small\ntrain:\n  lr: 0.005\ndata:\n  root: s3://bucket/ds/\n")
+    cfg = load_config(str(path), ["train.seed=3"])
+    assert cfg.preset == "small" and cfg.train.lr == 0.005 and cfg.data.root == "s3://bucket/ds/"
+    assert cfg.train.seed == 3 and cfg.data.crop == 112  # the rest comes from the preset
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg
+    assert cfg.flat()["train.lr"] == 0.005
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: 3\n")
+    with pytest.raises(ValueError, match="section 'train' must be a mapping"):
+        load_config(str(bad))

@@ -1,0 +1,179 @@
+"""The clip contract on real rendered clips: flip and joint-flip semantics, features, sampling, bad files."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flipray.config import load_config
+from flipray.data import (AudioFeatures, ClipDataset, ClipDecodeError, EpochSampler, collate, decode_audio,
+                          decode_video, draw_params, flip_channels, joint_flip, make_sample, window_frame_indices,
+                          window_samples_range)
+from flipray.manifest import read_manifest
+
+
+def _sounding(meta):
+    return [o for o in meta["objects"] if o["sounding"]]
+
+
+def _side_window(root: Path, cfg, side: int):
+    """The (clip, start_frame) whose only sounding object stays furthest on one side (+1 right, -1 left) for a
+    whole window."""
+    best, best_az = None, 8.0  # at least 8 degrees off centre throughout the window
+    for row in read_manifest(root):
+        meta = json.loads((root / row["meta"]).read_text())
+        objs = _sounding(meta)
+        if len(objs) != 1:
+            continue
+        az = np.array(objs[0]["azimuth_deg"])
+        for start in range(row["num_frames"] - cfg.window_frames + 1):
+            worst = (side * az[start:start + cfg.window_frames]).min()
+            if worst > best_az:
+                best, best_az = (row, meta, objs[0], start), worst
+    assert best is not None, f"no single-source clip with a sounding object on side {side} in {root}"
+    return best
+
+
+def _energy(wave):
+    return (wave ** 2).mean(dim=-1)
+
+
+@pytest.mark.parametrize("side", [+1, -1])
+def test_flip_and_joint_flip_semantics_on_rendered_clips(synth_root, side):
+    cfg = load_config("paper")
+    row, meta, obj, start = _side_window(synth_root, cfg, side)
+    idx = window_frame_indices(cfg, start)
+    frames = decode_video(synth_root / row["video"], idx)
+    s0, s1 = window_samples_range(cfg, start)
+    wave = decode_audio(synth_root / row["audio"], 16000)[:, s0:s1]
+    near, far = (1, 0) if side > 0 else (0, 1)
+    e = _energy(wave)
+    assert e[near] > 1.2 * e[far], f"source on side {side}: the near channel should be louder, got {e.tolist()}"
+
+    # The pretext transform: channels swapped, the picture untouched -> the loud channel is now the wrong one.
+    flipped = flip_channels(wave)
+    assert torch.equal(flipped[0], wave[1]) and torch.equal(flipped[1], wave[0])
+    assert _energy(flipped)[far] > 1.2 * _energy(flipped)[near]
+
+    # The joint flip: mirror the picture AND swap the channels -> object and sound agree again, on the other side.
+    mframes, mwave = joint_flip(frames, wave)
+    W = frames.shape[2]
+    x0, y0, x1, y1 = obj["boxes"][idx[0]]
+    mx0, mx1 = W - x1, W - x0
+    assert torch.equal(mframes[0, y0:y1, mx0:mx1], frames[0, y0:y1, x0:x1].flip(1))
+    assert np.sign((mx0 + mx1) / 2 - W / 2) == -side          # the mirrored object is on the other side...
+    assert _energy(mwave)[far] > 1.2 * _energy(mwave)[near]   # ...and so is the louder channel
+
+
+def test_samples_carry_the_label_and_the_level_difference(synth_root):
+    cfg = load_config("paper")
+    row, meta, obj, start = _side_window(synth_root, cfg, +1)
+    frames = decode_video(synth_root / row["video"], window_frame_indices(cfg, start), cfg.data.resize)
+    s0, s1 = window_samples_range(cfg, start)
+    wave = decode_audio(synth_root / row["audio"], 16000)[:, s0:s1]
+    features = AudioFeatures(cfg)
+    base = draw_params(cfg, row["num_frames"], seed=0, epoch=0, index=0, train=False, swap=False)
+    base.start_frame = start
+    keep = make_sample(frames, wave, base, cfg, features)
+    assert keep["video"].shape == (18, 3, 224, 224) and keep["audio"].shape == (2, 128, 288)
+    assert keep["label"].item() == 0.0
+    # log-mel of the right channel is higher for a source on the right, most of all at high frequencies
+    hi = keep["audio"][:, 64:].mean(dim=(1, 2))
+    assert hi[1] > hi[0] + 0.1
+    base.swap = True
+    swapped = make_sample(frames, wave, base, cfg, features)
+    assert swapped["label"].item() == 1.0
+    assert torch.allclose(swapped["audio"], keep["audio"].flip(0))
+    assert torch.equal(swapped["video"], keep["video"])
+    base.swap, base.joint_flip = False, True
+    jf = make_sample(frames, wave, base, cfg, features)
+    assert jf["label"].item() == 0.0 and torch.allclose(jf["audio"], keep["audio"].flip(0))
+    assert torch.allclose(jf["video"], keep["video"].flip(-1))
+    # ImageNet normalisation: a uniform grey frame of value v maps to (v - mean) / std
+    assert keep["video"].mean().abs() < 3
+
+
+def test_params_are_deterministic_per_seed_epoch_index():
+    cfg = load_config("paper")
+    a = draw_params(cfg, 60, seed=0, epoch=3, index=7, train=True)
+    assert a == draw_params(cfg, 60, seed=0, epoch=3, index=7, train=True)
+    others = [draw_params(cfg, 60, seed=0, epoch=e, index=7, train=True) for e in range(4, 40)]
+    assert any(o != a for o in others)
+    assert 0.5 < np.mean([o.swap for o in others]) + 0.25 and 0 <= a.start_frame <= 60 - 18
+    assert {o.joint_flip for o in others} == {True, False}
+    assert all(0 <= o.crop_x <= 32 and 0 <= o.crop_y <= 32 for o in others)
+    ev = draw_params(cfg, 60, seed=0, epoch=0, index=7, train=False, swap=True)
+    assert (ev.crop_x, ev.crop_y, ev.brightness, ev.joint_flip, ev.swap) == (16, 16, 1.0, False, True)
+    with pytest.raises(ValueError, match="shorter than the 18-frame window"):
+        draw_params(cfg, 10, 0, 0, 0, True)
+
+
+def test_epoch_sampler_shards_are_disjoint_cover_and_resume():
+    full = [i for _, i in EpochSampler(10, seed=1, epoch=2)]
+    assert sorted(full) == list(range(10)) and full != list(range(10))
+    assert full != [i for _, i in EpochSampler(10, seed=1, epoch=3)]
+    r0 = [i for _, i in EpochSampler(10, seed=1, epoch=2, rank=0, world=2)]
+    r1 = [i for _, i in EpochSampler(10, seed=1, epoch=2, rank=1, world=2)]
+    assert len(r0) == len(r1) == 5 and not set(r0) & set(r1) and set(r0) | set(r1) == set(range(10))
+    uneven = [EpochSampler(10, seed=1, rank=r, world=3) for r in range(3)]
+    assert [len(s) for s in uneven] == [4, 4, 4]  # padded so DDP ranks step together
+    assert {i for s in uneven for _, i in s} == set(range(10))
+    resumed = [i for _, i in EpochSampler(10, seed=1, epoch=2, start=6)]
+    assert resumed == full[6:]
+    assert all(e == 2 for e, _ in EpochSampler(10, seed=1, epoch=2))
+
+
+def test_bad_files_raise_errors_that_name_the_file(synth_root, tmp_path):
+    row = read_manifest(synth_root)[0]
+    flac = synth_root / row["audio"]
+    truncated = tmp_path / "truncated.flac"
+    truncated.write_bytes(flac.read_bytes()[: flac.stat().st_size // 3])
+    with pytest.raises(ClipDecodeError, match="truncated.flac.*(truncated|cannot decode)"):
+        decode_audio(truncated, 16000, expect_seconds=row["duration_s"])
+    garbage = tmp_path / "garbage.webm"
+    garbage.write_bytes(b"\x1a\x45\xdf\xa3" + b"not a video" * 100)
+    with pytest.raises(ClipDecodeError, match="garbage.webm: cannot decode video"):
+        decode_video(garbage)
+    video = synth_root / row["video"]
+    cut = tmp_path / "cut.webm"
+    cut.write_bytes(video.read_bytes()[: video.stat().st_size // 3])
+    with pytest.raises(ClipDecodeError, match="cut.webm"):
+        decode_video(cut, expect_frames=row["num_frames"])
+    with pytest.raises(ClipDecodeError, match=r"truncated.flac.*|audio has 1 channel"):
+        mono = tmp_path / "mono.flac"
+        import soundfile
+        soundfile.write(mono, np.zeros(16000, dtype=np.float32), 16000)
+        decode_audio(mono, 16000, channels=2)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_dataset_skips_and_counts_a_corrupt_clip(synth_root, tmp_path, cache):
+    root = tmp_path / "ds"
+    shutil.copytree(synth_root, root)
+    rows = read_manifest(root, "train")
+    bad = rows[0]
+    (root / bad["video"]).write_bytes(b"garbage")
+    cfg = load_config("demo", [f"data.root={root}", f"data.cache={str(cache).lower()}"])
+    ds = ClipDataset(cfg, "train", train=True)
+    samples = [ds[(0, i)] for i in range(len(ds))]
+    batch = collate(samples)
+    good = len(rows) - 1
+    assert batch["video"].shape == (good, 6, 3, 64, 64)
+    assert batch["audio"].shape == (good, 2, 64, 288)
+    assert set(batch["label"].tolist()) <= {0.0, 1.0}
+    assert batch["skipped"] == (0 if cache else 1)    # the cache drops it up front, lazy decoding on the fly
+    assert list(ds.skipped) == [bad["clip_id"]] and "garbage" not in ds.skipped[bad["clip_id"]]
+    assert bad["video"].split("/")[-1] in ds.skipped[bad["clip_id"]]
+    assert bad["clip_id"] not in batch["clip_id"]
+
+
+def test_eval_dataset_scores_every_clip_both_ways(synth_root):
+    cfg = load_config("demo", [f"data.root={synth_root}", "data.cache=false"])
+    ds = ClipDataset(cfg, "train", train=False)
+    assert len(ds) == 2 * len(ds.clips)
+    a, b = ds[0], ds[1]
+    assert a["clip_id"] == b["clip_id"] and (a["label"].item(), b["label"].item()) == (0.0, 1.0)
+    assert torch.equal(a["video"], b["video"]) and torch.allclose(a["audio"], b["audio"].flip(0))
+    assert torch.equal(ds[0]["audio"], a["audio"])  # deterministic

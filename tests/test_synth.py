@@ -1,0 +1,208 @@
+"""The synthetic scene generator (flipray/synth.py): interaural cues of every sounding class, the clip files and their
+ground truth against docs/clip-format.md, determinism across worker counts, the manifest and its splits."""
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from flipray import synth
+from flipray.manifest import REQUIRED_FIELDS, SPLITS, read_manifest
+
+SR = 16000
+SMALL = dict(duration_s=3.0, size=128)  # short, small clips keep the file fast
+
+
+def gcc_phat_lag(left, right, max_lag, upsample=16):
+    """Samples (to 1/upsample) by which `left` trails `right`: the GCC-PHAT peak within +-max_lag."""
+    n = len(left) + len(right)
+    cross = np.fft.rfft(left, n) * np.conj(np.fft.rfft(right, n))
+    cc = np.fft.irfft(cross / (np.abs(cross) + 1e-12), n * upsample)
+    m = int(max_lag * upsample)
+    return (np.argmax(np.concatenate([cc[-m:], cc[:m + 1]])) - m) / upsample
+
+
+def ild_db(stereo, lo_hz, hi_hz):
+    """Right-over-left energy (dB) in a frequency band."""
+    power = np.abs(np.fft.rfft(stereo)) ** 2
+    f = np.fft.rfftfreq(stereo.shape[-1], 1 / SR)
+    band = (f >= lo_hz) & (f < hi_hz)
+    return 10 * np.log10(power[1, band].sum() / power[0, band].sum())
+
+
+def ffprobe(path, *entries):
+    out = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-show_entries", ":".join(entries), "-of", "json",
+                          str(path)], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def test_blockwise_filter_is_exact_for_constant_responses():
+    x = np.random.default_rng(0).standard_normal(SR + 123)
+    shape = (len(x) // synth.HOP + 2, synth.NFFT // 2 + 1)
+    assert np.allclose(synth.filter_blockwise(x, np.ones(shape)), x)
+    w = 2 * np.pi * np.fft.rfftfreq(synth.NFFT, 1 / SR)
+    delayed = synth.filter_blockwise(x, np.broadcast_to(np.exp(-1j * w * 2.5 / SR), shape))  # 2.5 samples
+    assert gcc_phat_lag(delayed, x, 8) == pytest.approx(2.5, abs=0.07)
+
+
+@pytest.mark.parametrize("cls", sorted(synth.SOUNDING_CLASSES))
+def test_binaural_cues_for_every_sounding_class(cls):
+    family = synth.SOUNDING_CLASSES[cls][0]
+    mono = synth.source_signal(family, 2 * SR, SR, np.random.default_rng(7))
+    head_radius = 0.0875
+    theta = np.radians(30)
+    woodworth = head_radius / 343.0 * (theta + np.sin(theta)) * SR  # 4.2 samples
+    right, left = (synth.render_binaural(mono, az, SR, head_radius) for az in (30.0, -30.0))
+    assert np.allclose(left, right[::-1]), "a mirrored source must give mirrored channels"
+    for stereo, side in ((right, 1), (left, -1)):
+        lag = gcc_phat_lag(stereo[0], stereo[1], max_lag=12)
+        assert side * lag > 0, "the far ear must lag"
+        # Woodworth's delay, plus a little low-frequency phase lag from the head-shadow filter
+        assert 0.9 * woodworth < abs(lag) < 1.3 * woodworth, (lag, woodworth)
+        high, low = side * ild_db(stereo, 2000, 8000), side * ild_db(stereo, 100, 1000)
+        assert side * (np.sum(stereo[1] ** 2) - np.sum(stereo[0] ** 2)) > 0, "the near ear is louder"
+        assert high > 4.0, f"ILD {high:.1f} dB in 2-8 kHz: the head shadow must be several dB at 30 deg"
+        assert -0.5 < low < high - 2.0, f"ILD {low:.1f} dB below 1 kHz must be small and below the high-band one"
+
+
+def test_moving_source_moves_in_the_audio():
+    mono = synth.source_signal("noise", 4 * SR, SR, np.random.default_rng(1))
+    stereo = synth.render_binaural(mono, np.linspace(-60, 60, 4 * SR), SR, 0.08)
+    first, last = stereo[:, :SR], stereo[:, -SR:]
+    assert ild_db(first, 2000, 8000) < -4 and ild_db(last, 2000, 8000) > 4
+    assert gcc_phat_lag(first[0], first[1], 12) < -3 and gcc_phat_lag(last[0], last[1], 12) > 3
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Six default-style clips (3 scenes), a third of them through the AAC round trip."""
+    root = tmp_path_factory.mktemp("synth")
+    return root, synth.generate(root, 6, seed=11, workers=1, lossy_audio_prob=0.5, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def clean_dataset(tmp_path_factory):
+    """Single-source clips without noise or reverb, where the louder channel must follow the object."""
+    root = tmp_path_factory.mktemp("synth_clean")
+    return root, synth.generate(root, 8, seed=5, workers=1, noise=False, reverb_prob=0.0, two_source_prob=0.0,
+                                **SMALL)
+
+
+def sidecars(root, rows):
+    return [json.loads((root / row["meta"]).read_text()) for row in rows]
+
+
+def test_clip_files_follow_the_contract(dataset):
+    root, rows = dataset
+    assert [row["clip_id"] for row in rows] == ["s000000_c0", "s000000_c1", "s000001_c0", "s000001_c1",
+                                                "s000002_c0", "s000002_c1"]
+    for row, meta in zip(rows, sidecars(root, rows)):
+        probe = ffprobe(root / row["video"], "stream=codec_type,codec_name,width,height,r_frame_rate,nb_read_frames,"
+                                             "pix_fmt", "frame=key_frame")
+        assert [s["codec_type"] for s in probe["streams"]] == ["video"], "no audio stream in the webm"
+        video = probe["streams"][0]
+        assert (video["codec_name"], video["width"], video["height"], video["pix_fmt"]) == ("vp9", 128, 128, "yuv420p")
+        assert video["r_frame_rate"] == "6/1" and int(video["nb_read_frames"]) == row["num_frames"] == 18
+        keyframes = [i for i, frame in enumerate(probe["frames"]) if frame["key_frame"]]
+        assert keyframes == [0, 6, 12], "one keyframe per second"
+        info = sf.info(root / row["audio"])
+        assert (info.samplerate, info.channels, info.frames, info.subtype) == (SR, 2, 3 * SR, "PCM_16")
+        audio, _ = sf.read(root / row["audio"])
+        assert 0.1 < np.abs(audio).max() < 1.0, "peak-normalised, never clipping"
+
+        assert {k: meta[k] for k in ("clip_id", "scene_id", "duration_s", "fps", "num_frames", "sample_rate",
+                                     "channels")} == {k: row[k] for k in ("clip_id", "scene_id", "duration_s", "fps",
+                                                                          "num_frames", "sample_rate", "channels")}
+        assert meta["source"] == "synthetic" and (meta["width"], meta["height"]) == (128, 128)
+        assert 50 <= meta["camera"]["hfov_deg"] <= 100
+        assert 0.07 <= meta["render"]["head_radius_m"] <= 0.10
+        assert {"rt60_s", "snr_db", "lossy_audio"} <= meta["render"].keys()
+        assert 1 <= sum(o["sounding"] for o in meta["objects"]) <= 2
+        for obj in meta["objects"]:
+            assert obj["class"] in synth.SOUNDING_CLASSES or (obj["class"] in synth.SILENT_CLASSES
+                                                             and not obj["sounding"])
+            assert obj["motion"] in synth.MOTIONS
+            assert len(obj["boxes"]) == len(obj["azimuth_deg"]) == len(obj["elevation_deg"]) == meta["num_frames"]
+            boxes = np.array(obj["boxes"])
+            assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 128).all() and (boxes[:, 2:] > boxes[:, :2]).all()
+    assert any(meta["render"]["lossy_audio"] for meta in sidecars(root, rows))
+
+
+def test_manifest_and_splits(dataset):
+    root, rows = dataset
+    assert read_manifest(root) == rows
+    for row in rows:
+        assert set(REQUIRED_FIELDS) <= row.keys() and row["split"] in SPLITS
+        assert row["scene_id"] == row["clip_id"].split("_")[0]
+        assert all((root / row[k]).is_file() for k in ("video", "audio", "meta"))
+    scenes = {split: {r["scene_id"] for r in rows if r["split"] == split} for split in SPLITS}
+    assert sum(len(s) for s in scenes.values()) == len({r["scene_id"] for r in rows}) == 3, "no scene in two splits"
+
+
+def test_box_side_azimuth_and_louder_channel_agree(clean_dataset):
+    root, rows = clean_dataset
+    checked = agreed = 0
+    for row, meta in zip(rows, sidecars(root, rows)):
+        audio, _ = sf.read(root / row["audio"])
+        (source,) = [o for o in meta["objects"] if o["sounding"]]
+        hfov = np.radians(meta["camera"]["hfov_deg"])
+        for obj in meta["objects"]:
+            boxes = np.array(obj["boxes"], dtype=float)
+            dx = (boxes[:, 0] + boxes[:, 2]) / 2 - 64
+            dy = 64 - (boxes[:, 1] + boxes[:, 3]) / 2
+            az, el = np.array(obj["azimuth_deg"]), np.array(obj["elevation_deg"])
+            assert np.allclose(az, np.degrees(np.arctan(dx / 64 * np.tan(hfov / 2))), atol=0.01), "pinhole model"
+            assert (np.sign(az) == np.sign(dx)).all() and (np.sign(el) == np.sign(dy)).all()
+        if source["motion"] in ("static", "up-down"):
+            assert np.abs(source["azimuth_deg"]).min() >= synth.SynthConfig().min_offcentre_deg - 0.5
+        for i, az in enumerate(source["azimuth_deg"]):  # the channel on the object's side is louder, frame by frame
+            window = audio[max(0, int((i / 6 - 0.25) * SR)):int((i / 6 + 0.25) * SR)].T
+            if abs(az) >= 8 and np.mean(window ** 2) > 1e-5:
+                checked += 1
+                agreed += np.sign(ild_db(window, 2000, 8000)) == np.sign(az)
+    assert checked >= 40 and agreed / checked >= 0.9, (agreed, checked)
+
+
+def test_moving_objects_move_and_static_ones_do_not(dataset, clean_dataset):
+    motions = set()
+    for root, rows in (dataset, clean_dataset):
+        for meta in sidecars(root, rows):
+            for obj in meta["objects"]:
+                boxes = np.array(obj["boxes"], dtype=float)
+                centre_range = np.ptp((boxes[:, :2] + boxes[:, 2:]) / 2, axis=0)  # (x, y) over the clip
+                motions.add(obj["motion"])
+                if obj["motion"] == "static":
+                    assert (centre_range == 0).all()
+                else:
+                    axes = {"left-right": [0], "up-down": [1], "diagonal": [0, 1]}[obj["motion"]]
+                    assert (centre_range[axes] > 10).all(), (obj["motion"], centre_range)
+                    if obj["motion"] != "diagonal":
+                        assert centre_range[1 - axes[0]] == 0
+    assert {"static", "left-right"} <= motions, "the fixtures should cover static and moving objects"
+
+
+def test_same_seed_same_dataset_whatever_the_workers(dataset, tmp_path):
+    root, rows = dataset
+    synth.main(["--out", str(tmp_path), "--clips", "6", "--seed", "11", "--duration", "3", "--size", "128",
+                "--lossy-audio-prob", "0.5", "--workers", "2"])
+    assert read_manifest(tmp_path) == rows
+    for row in rows:
+        assert sf.read(tmp_path / row["audio"])[0].tobytes() == sf.read(root / row["audio"])[0].tobytes()
+        for key in ("audio", "meta", "video"):
+            assert (tmp_path / row[key]).read_bytes() == (root / row[key]).read_bytes(), (row["clip_id"], key)
+    other = synth.generate(tmp_path / "other", 1, seed=12, workers=1, **SMALL)
+    assert sf.read(tmp_path / "other" / other[0]["audio"])[0].tobytes() != sf.read(root / rows[0]["audio"])[0].tobytes()
+
+
+def test_thirty_fps_and_config_checks(tmp_path):
+    (row,) = synth.generate(tmp_path, 1, seed=0, workers=1, fps=30, duration_s=1.0, size=64)
+    probe = ffprobe(tmp_path / row["video"], "stream=r_frame_rate,nb_read_frames", "frame=key_frame")
+    assert probe["streams"][0]["r_frame_rate"] == "30/1" and int(probe["streams"][0]["nb_read_frames"]) == 30
+    assert [i for i, frame in enumerate(probe["frames"]) if frame["key_frame"]] == [0]
+    meta = json.loads((tmp_path / row["meta"]).read_text())
+    assert row["num_frames"] == 30 and all(len(obj["boxes"]) == 30 for obj in meta["objects"])
+    with pytest.raises(ValueError):
+        synth.SynthConfig(size=255)
+    with pytest.raises(ValueError):
+        synth.SynthConfig(reverb_prob=1.5)
