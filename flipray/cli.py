@@ -2,6 +2,7 @@
 
     flipray synth --out data/synth --clips 400 --seed 0      # synthetic spatial audio-visual scenes
     flipray train-pretext --config demo                      # the flip pretext task, plain PyTorch
+    flipray ingest --videos ~/videos --out s3://bucket/ds/   # real videos into the clip store
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 COMMANDS = {
     "synth": ("flipray.synth", "generate synthetic spatial audio-visual clips"),
     "train-pretext": ("flipray.train", "train the flip pretext task locally (plain PyTorch)"),
+    "ingest": ("jobs.ingest", "cut videos into 10-s clips and upload them to the clip store (a Ray job)"),
 }
 
 

@@ -3,6 +3,7 @@
     flipray train-pretext --config demo --set train.lr=0.02 --set data.root=data/synth
 
 `--config` takes a preset name (`demo`, `small`, `paper`) or a YAML file whose keys mirror the dataclasses below
+(sections data, model, train, cluster)
 (a YAML file may name a `preset:` to start from). The resolved config is saved beside every checkpoint and logged
 to MLflow, so a run can always be reproduced from its own folder.
 """
@@ -50,7 +51,8 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     task: str = "flip"                # pretext task: flip (label 1 = left/right audio channels swapped)
-    batch_size: int = 32              # global batch size
+    batch_size: int = 32              # global batch size (all workers together)
+    micro_batch_size: int = 0         # per-worker forward pass; 0 = batch_size / workers; smaller = accumulate
     optimizer: str = "sgd"            # sgd (the paper: momentum 0.9, lr 0.01) | adamw
     lr: float = 0.01
     momentum: float = 0.9             # SGD momentum (AdamW: beta1)
@@ -62,9 +64,24 @@ class TrainConfig:
     checkpoint_every_samples: int = 0 # 0 = once per epoch
     seed: int = 0
     device: str = "auto"              # auto | cpu | cuda
+    amp: bool = True                  # bfloat16 autocast on CUDA (no effect on CPU)
+    channels_last: bool = True        # NHWC convolutions on CUDA (no effect on CPU)
     threads: int = 0                  # torch CPU threads; 0 = torch's default
     out_dir: str = "runs"             # run folders land in out_dir/<run_name>/
     log_every: int = 20               # steps between progress lines
+
+
+@dataclass
+class ClusterConfig:
+    """How jobs/pretext.py runs the loop on Ray Train (ignored by the local trainer)."""
+    workers: int = 2                  # Ray Train workers = DDP ranks; the global batch stays train.batch_size
+    use_gpu: bool = False             # one GPU per worker (DALI decodes on it when data.loader=dali)
+    cpus_per_worker: float = 1.0
+    storage_path: str = "runs/ray"    # Ray RunConfig storage: a folder or s3://bucket/prefix (AWS_ENDPOINT_URL honoured)
+    max_failures: int = 2             # worker-group restarts from the last checkpoint before the run fails
+    keep_checkpoints: int = 2         # newest checkpoints kept in storage
+    experiment: str = "flipray-pretext"   # MLflow experiment
+    register_as: str = "flipray-pretext"  # registered model name; "" = do not register
 
 
 @dataclass
@@ -73,6 +90,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
     def window_samples(self) -> int:
@@ -112,6 +130,8 @@ class Config:
             raise ValueError(f"train.schedule must be 'constant' or 'cosine', got {t.schedule!r}")
         if t.batch_size < 1 or t.total_samples < 1:
             raise ValueError("train.batch_size and train.total_samples must be positive")
+        if self.cluster.workers < 1 or self.cluster.max_failures < -1 or self.cluster.keep_checkpoints < 1:
+            raise ValueError("cluster.workers and cluster.keep_checkpoints must be >= 1, cluster.max_failures >= -1")
         return self
 
     def to_dict(self) -> dict:
@@ -154,7 +174,8 @@ def _set(cfg: Config, dotted: str, value) -> None:
     section, _, key = dotted.partition(".")
     sub = getattr(cfg, section, None)
     if sub is None or not dataclasses.is_dataclass(sub) or not key:
-        raise ValueError(f"unknown config key {dotted!r}; keys look like data.root, model.variant, train.lr")
+        raise ValueError(f"unknown config key {dotted!r}; keys look like data.root, model.variant, train.lr, "
+                         f"cluster.workers")
     fields = {f.name: f for f in dataclasses.fields(sub)}
     if key not in fields:
         raise ValueError(f"unknown config key {dotted!r}; {section} has {sorted(fields)}")
@@ -203,5 +224,5 @@ def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
 def config_from_dict(d: dict) -> Config:
     """Rebuild a Config saved with `to_dict()` (checkpoints, MLflow)."""
     cfg = Config(preset=d.get("preset", "paper"), data=DataConfig(**d["data"]), model=ModelConfig(**d["model"]),
-                 train=TrainConfig(**d["train"]))
+                 train=TrainConfig(**d["train"]), cluster=ClusterConfig(**d.get("cluster", {})))
     return cfg.validate()

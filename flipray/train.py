@@ -12,6 +12,7 @@ on the batch size or the number of workers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -68,56 +69,104 @@ def make_loader(dataset, cfg: Config, sampler, batch_size: int) -> DataLoader:
                       multiprocessing_context="spawn" if workers and torch.cuda.is_available() else None)
 
 
-def train_one_epoch(model, loader, optimizer, cfg: Config, device, state: dict, world_size: int = 1,
-                    on_step=None, stop_at: int | None = None) -> dict:
-    """One pass over `loader`. `state` (samples_seen, step, epoch_pos) is updated in place.
+def split_batch(batch_size: int, world_size: int, micro_batch_size: int = 0) -> tuple[int, int]:
+    """(per-worker micro-batch, accumulation steps) that keep the global batch at `batch_size` for any world size.
 
-    `samples_seen` counts samples over all workers (batch * world_size per step), which drives the learning rate.
-    `on_step(state, metrics)` runs after every optimizer step (checkpoints, fault hooks, MLflow). Training stops
-    early once `samples_seen` reaches `stop_at`.
+    With micro_batch_size 0 each worker takes batch_size / world_size in one pass; a smaller micro-batch (GPU memory)
+    accumulates gradients over several passes.
+    """
+    if batch_size % world_size:
+        raise ValueError(f"train.batch_size {batch_size} is not divisible by {world_size} workers")
+    per_worker = batch_size // world_size
+    micro = micro_batch_size or per_worker
+    if per_worker % micro:
+        raise ValueError(f"train.micro_batch_size {micro} does not divide the per-worker batch {per_worker} "
+                         f"(batch_size {batch_size} / {world_size} workers)")
+    return micro, per_worker // micro
+
+
+def train_one_epoch(model, loader, optimizer, cfg: Config, device, state: dict, world_size: int = 1,
+                    accum_steps: int = 1, on_step=None, stop_at: int | None = None) -> dict:
+    """One pass over `loader`; `state` (samples_seen, step, epoch_pos) is updated in place.
+
+    An optimizer step takes `accum_steps` micro-batches (DDP syncs gradients on the last one only). `samples_seen`
+    counts the samples drawn on all workers, skipped ones included, so it advances identically on every rank and the
+    learning rate (`lr_at`) and checkpoint times agree everywhere. `on_step(state, metrics)` runs after every
+    optimizer step (logging, evaluation, checkpoints, fault hooks). Stops once samples_seen reaches `stop_at`.
+    On CUDA, `train.amp` runs the forward pass in bfloat16 autocast.
     """
     model.train()
-    total_loss = total_correct = total_n = skipped = 0
+    device = torch.device(device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and device.type == "cuda")
+    totals = {"loss": 0.0, "correct": 0, "n": 0, "skipped": 0}
     wait = compute = 0.0
-    t_prev = time.perf_counter()
+    micro = 0
+    step_loss = step_correct = step_n = 0.0
+    last_inputs = None
+    t_prev = t_step = time.perf_counter()
     for batch in loader:
         t_data = time.perf_counter()
-        skipped += batch["skipped"]
-        if "video" not in batch:  # every clip of the batch failed to decode
-            continue
-        video = batch["video"].to(device, non_blocking=True)
-        audio = batch["audio"].to(device, non_blocking=True)
-        label = batch["label"].to(device, non_blocking=True)
-        lr = lr_at(state["samples_seen"], cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        logits = model(video, audio)
-        loss = F.binary_cross_entropy_with_logits(logits, label)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-        n = label.shape[0]
-        correct = ((logits.detach() > 0).float() == label).sum().item()
-        total_loss += loss.item() * n
-        total_correct += correct
-        total_n += n
-        state["step"] += 1
-        state["samples_seen"] += n * world_size
-        state["epoch_pos"] += n + batch["skipped"]
+        totals["skipped"] += batch["skipped"]
+        drawn = batch["skipped"] + (batch["label"].shape[0] if "label" in batch else 0)
+        if "video" in batch:
+            inputs = (batch["video"].to(device, non_blocking=True), batch["audio"].to(device, non_blocking=True),
+                      batch["label"].to(device, non_blocking=True))
+            weight = 1.0
+            last_inputs = inputs
+        elif world_size > 1 and last_inputs is not None:
+            # Every clip of this micro-batch failed to decode: DDP still needs this rank in the all-reduce, so it
+            # contributes a zero-weighted pass over its previous batch.
+            inputs, weight = last_inputs, 0.0
+        else:
+            inputs = None
+        if micro == 0:
+            lr = lr_at(state["samples_seen"], cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        micro += 1
+        final = micro == accum_steps
+        if inputs is not None:
+            video, audio, label = inputs
+            sync = final or not hasattr(model, "no_sync")
+            with (contextlib.nullcontext() if sync else model.no_sync()), amp:
+                logits = model(video, audio).float()
+                loss = F.binary_cross_entropy_with_logits(logits, label)
+            (loss * weight / accum_steps).backward()
+            if weight:
+                n = label.shape[0]
+                step_loss += loss.item() * n
+                step_correct += ((logits.detach() > 0).float() == label).sum().item()
+                step_n += n
+        state["samples_seen"] += drawn * world_size
+        state["epoch_pos"] += drawn
         t_end = time.perf_counter()
         wait += t_data - t_prev
         compute += t_end - t_data
-        metrics = {"loss": loss.item(), "acc": correct / n, "lr": lr,
-                   "samples_per_s": n * world_size / max(t_end - t_prev, 1e-9)}
         t_prev = t_end
-        if on_step is not None:
-            on_step(state, metrics)
-        if stop_at is not None and state["samples_seen"] >= stop_at:
-            break
-    return {"loss": total_loss / max(total_n, 1), "acc": total_correct / max(total_n, 1), "n": total_n,
-            "skipped": skipped, "data_wait_fraction": wait / max(wait + compute, 1e-9),
-            "samples_per_s": total_n * world_size / max(wait + compute, 1e-9)}
+        if final:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            micro = 0
+            totals["loss"] += step_loss
+            totals["correct"] += step_correct
+            totals["n"] += step_n
+            metrics = {"loss": step_loss / max(step_n, 1), "acc": step_correct / max(step_n, 1), "lr": lr,
+                       "samples_per_s": step_n * world_size / max(t_end - t_step, 1e-9)}
+            step_loss = step_correct = step_n = 0.0
+            t_step = t_end
+            if on_step is not None:
+                on_step(state, metrics)
+            if stop_at is not None and state["samples_seen"] >= stop_at:
+                break
+    if micro:  # an epoch that does not divide into whole steps: use the gradients of its tail
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+    n = max(totals["n"], 1)
+    return {"loss": totals["loss"] / n, "acc": totals["correct"] / n, "n": int(totals["n"]),
+            "skipped": totals["skipped"], "data_wait_fraction": wait / max(wait + compute, 1e-9),
+            "samples_per_s": totals["n"] * world_size / max(wait + compute, 1e-9)}
 
 
 @torch.no_grad()
@@ -231,6 +280,80 @@ def main(argv: list[str] | None = None) -> dict:
     return run(cfg, run_dir, ckpt if args.resume else None)
 
 
+def new_state() -> dict:
+    return {"samples_seen": 0, "step": 0, "epoch": 0, "epoch_pos": 0, "history": [], "train_seconds": 0.0}
+
+
+def fit(cfg: Config, model, optimizer, device, state: dict, epoch_clips: int, train_loader, validate, save,
+        world_size: int = 1, accum_steps: int = 1, on_metrics=None) -> None:
+    """The epoch loop every launcher runs: locally (`run` below) and on Ray Train workers (jobs/pretext.py).
+
+    train_loader(epoch, start) -> this worker's batches of `epoch` from position `start` of its shard
+    validate() -> val metrics dict, or None on workers that do not evaluate
+    save(state) -> persist a checkpoint; called on every worker at the same steps (Ray needs that)
+    on_metrics(kind, state, metrics) -> an extra sink ("train" per step, "val", "epoch"), e.g. MLflow on rank 0
+    Evaluation and checkpoints fall every train.eval_every_samples / checkpoint_every_samples (default: an epoch).
+    """
+    total = cfg.train.total_samples
+    every_eval = cfg.train.eval_every_samples or epoch_clips
+    every_ckpt = cfg.train.checkpoint_every_samples or epoch_clips
+    per_worker_epoch = math.ceil(epoch_clips / world_size)
+    marks = {"eval": state["samples_seen"] // every_eval, "ckpt": state["samples_seen"] // every_ckpt}
+    t_start, seconds_before = time.time(), state["train_seconds"]
+    emit = on_metrics or (lambda kind, state, metrics: None)
+
+    def run_validation():
+        res = validate()
+        if res is not None:
+            state["history"].append({"kind": "val", "samples_seen": state["samples_seen"], **res})
+            log.info("samples %d: val loss %.4f, flip accuracy %.3f (%d samples)", state["samples_seen"],
+                     res["loss"], res["acc"], res["n"])
+            emit("val", state, res)
+        model.train()
+
+    def on_step(state, metrics):
+        state["history"].append({"kind": "train", "samples_seen": state["samples_seen"], "loss": metrics["loss"],
+                                 "acc": metrics["acc"]})
+        emit("train", state, metrics)
+        if state["step"] % cfg.train.log_every == 0:
+            log.info("step %d, samples %d/%d: loss %.4f, acc %.3f, lr %.5f, %.0f samples/s", state["step"],
+                     state["samples_seen"], total, metrics["loss"], metrics["acc"], metrics["lr"],
+                     metrics["samples_per_s"])
+        state["train_seconds"] = seconds_before + time.time() - t_start
+        if state["samples_seen"] // every_eval > marks["eval"]:
+            marks["eval"] = state["samples_seen"] // every_eval
+            run_validation()
+        if state["samples_seen"] // every_ckpt > marks["ckpt"]:
+            marks["ckpt"] = state["samples_seen"] // every_ckpt
+            save(state)
+
+    while state["samples_seen"] < total:
+        stats = train_one_epoch(model, train_loader(state["epoch"], state["epoch_pos"]), optimizer, cfg, device,
+                                state, world_size=world_size, accum_steps=accum_steps, on_step=on_step,
+                                stop_at=total)
+        log.info("epoch %d: train loss %.4f, acc %.3f, %.1f samples/s, data wait %.0f%%, %d clips skipped",
+                 state["epoch"], stats["loss"], stats["acc"], stats["samples_per_s"],
+                 100 * stats["data_wait_fraction"], stats["skipped"])
+        emit("epoch", state, stats)
+        if state["epoch_pos"] >= per_worker_epoch:  # else training stopped mid-epoch at total_samples
+            state["epoch"] += 1
+            state["epoch_pos"] = 0
+    state["train_seconds"] = seconds_before + time.time() - t_start
+    if not state["history"] or state["history"][-1]["kind"] != "val":
+        run_validation()
+
+
+def evaluate_splits(model, cfg: Config, device, splits=("val", "test")) -> dict:
+    """Flip accuracy per split, every clip scored as recorded and swapped."""
+    out = {}
+    for split in splits:
+        ds = ClipDataset(cfg, split, train=False)
+        loader = make_loader(ds, cfg, EpochSampler(len(ds), cfg.train.seed, shuffle=False), cfg.train.batch_size)
+        res = evaluate(model, loader, device)
+        out[split] = {"acc": res["acc"], "loss": res["loss"], "samples": res["n"], "clips_skipped": len(ds.skipped)}
+    return out
+
+
 def run(cfg: Config, run_dir: Path, ckpt: dict | None = None) -> dict:
     """Train (or continue) one pretext run in `run_dir`; returns the report dict, also written to report.json."""
     t0 = time.time()
@@ -246,7 +369,7 @@ def run(cfg: Config, run_dir: Path, ckpt: dict | None = None) -> dict:
     val_set = ClipDataset(cfg, "val", train=False)
     model = SpatialAlignmentNet(cfg).to(device)
     optimizer = make_optimizer(model, cfg)
-    state = {"samples_seen": 0, "step": 0, "epoch": 0, "epoch_pos": 0, "history": [], "train_seconds": 0.0}
+    state = new_state()
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -257,67 +380,37 @@ def run(cfg: Config, run_dir: Path, ckpt: dict | None = None) -> dict:
     log.info("model %s: %.2fM parameters; %d train / %d val clips; device %s", cfg.model.variant,
              count_parameters(model) / 1e6, len(train_set.clips), len(val_set.clips), device)
 
-    bs, total = cfg.train.batch_size, cfg.train.total_samples
-    every_eval = cfg.train.eval_every_samples or len(train_set)
-    every_ckpt = cfg.train.checkpoint_every_samples or len(train_set)
-    marks = {"eval": state["samples_seen"] // every_eval, "ckpt": state["samples_seen"] // every_ckpt}
+    bs = cfg.train.batch_size
     val_loader = make_loader(val_set, cfg, EpochSampler(len(val_set), cfg.train.seed, shuffle=False), bs)
-
-    def run_eval():
-        res = evaluate(model, val_loader, device)
-        state["history"].append({"kind": "val", "samples_seen": state["samples_seen"], **res})
-        log.info("samples %d: val loss %.4f, flip accuracy %.3f (%d samples)", state["samples_seen"], res["loss"],
-                 res["acc"], res["n"])
-        model.train()
-
-    def on_step(state, metrics):
-        state["history"].append({"kind": "train", "samples_seen": state["samples_seen"], "loss": metrics["loss"],
-                                 "acc": metrics["acc"]})
-        if state["step"] % cfg.train.log_every == 0:
-            log.info("step %d, samples %d/%d: loss %.4f, acc %.3f, lr %.4f", state["step"], state["samples_seen"],
-                     total, metrics["loss"], metrics["acc"], metrics["lr"])
-        if state["samples_seen"] // every_eval > marks["eval"]:
-            marks["eval"] = state["samples_seen"] // every_eval
-            run_eval()
-        state["train_seconds"] = seconds_before + time.time() - t_start
-        if state["samples_seen"] // every_ckpt > marks["ckpt"]:
-            marks["ckpt"] = state["samples_seen"] // every_ckpt
-            save_checkpoint(run_dir / "checkpoint.pt", model, optimizer, state, cfg)
-
-    t_start, seconds_before = time.time(), state["train_seconds"]
-    while state["samples_seen"] < total:
-        sampler = EpochSampler(len(train_set), cfg.train.seed, epoch=state["epoch"], start=state["epoch_pos"])
-        stats = train_one_epoch(model, make_loader(train_set, cfg, sampler, bs), optimizer, cfg, device, state,
-                                on_step=on_step, stop_at=total)
-        log.info("epoch %d: train loss %.4f, acc %.3f, %.1f samples/s, data wait %.0f%%, %d clips skipped",
-                 state["epoch"], stats["loss"], stats["acc"], stats["samples_per_s"],
-                 100 * stats["data_wait_fraction"], stats["skipped"])
-        if state["epoch_pos"] >= len(train_set):  # else training stopped mid-epoch at total_samples
-            state["epoch"] += 1
-            state["epoch_pos"] = 0
-    if not state["history"] or state["history"][-1]["kind"] != "val":
-        run_eval()
+    fit(cfg, model, optimizer, device, state, epoch_clips=len(train_set),
+        train_loader=lambda epoch, start: make_loader(
+            train_set, cfg, EpochSampler(len(train_set), cfg.train.seed, epoch=epoch, start=start), bs),
+        validate=lambda: evaluate(model, val_loader, device),
+        save=lambda state: save_checkpoint(run_dir / "checkpoint.pt", model, optimizer, state, cfg))
     save_checkpoint(run_dir / "checkpoint.pt", model, optimizer, state, cfg)
     plot_curves(state["history"], run_dir / "curves.png",
                 f"flip pretext, {cfg.preset} preset, {cfg.model.variant} model")
-
-    accuracy = {}
-    for split in ("val", "test"):
-        ds = ClipDataset(cfg, split, train=False)
-        res = evaluate(model, make_loader(ds, cfg, EpochSampler(len(ds), cfg.train.seed, shuffle=False), bs), device)
-        accuracy[split] = {"acc": res["acc"], "loss": res["loss"], "samples": res["n"],
-                           "clips_skipped": len(ds.skipped)}
-    report = {"run_dir": str(run_dir), "config": cfg.to_dict(), "flip_accuracy": accuracy,
-              "samples_seen": state["samples_seen"], "steps": state["step"], "epochs": state["epoch"],
-              "parameters": count_parameters(model), "train_seconds": round(state["train_seconds"], 1),
-              "wall_seconds": round(time.time() - t0, 1), "train_clips_skipped": train_set.skipped,
-              "device": str(device), "torch_threads": torch.get_num_threads()}
+    accuracy = evaluate_splits(model, cfg, device)
+    report = make_report(cfg, run_dir, state, model, accuracy, t0, device, train_set.skipped)
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    print(f"\nflip accuracy: test {accuracy['test']['acc']:.3f} ({accuracy['test']['samples']} samples), "
-          f"val {accuracy['val']['acc']:.3f}; {state['samples_seen']} samples seen in {report['train_seconds']:.0f} s "
+    print_summary(report)
+    return report
+
+
+def make_report(cfg: Config, run_dir, state: dict, model, accuracy: dict, t0: float, device, skipped: dict) -> dict:
+    return {"run_dir": str(run_dir), "config": cfg.to_dict(), "flip_accuracy": accuracy,
+            "samples_seen": state["samples_seen"], "steps": state["step"], "epochs": state["epoch"],
+            "parameters": count_parameters(model), "train_seconds": round(state["train_seconds"], 1),
+            "wall_seconds": round(time.time() - t0, 1), "train_clips_skipped": skipped, "device": str(device),
+            "torch_threads": torch.get_num_threads()}
+
+
+def print_summary(report: dict):
+    acc, run_dir = report["flip_accuracy"], Path(report["run_dir"])
+    print(f"\nflip accuracy: test {acc['test']['acc']:.3f} ({acc['test']['samples']} samples), "
+          f"val {acc['val']['acc']:.3f}; {report['samples_seen']} samples seen in {report['train_seconds']:.0f} s "
           f"of training ({report['wall_seconds']:.0f} s wall)")
     print(f"report: {run_dir / 'report.json'}\ncurves: {run_dir / 'curves.png'}")
-    return report
 
 
 if __name__ == "__main__":

@@ -1,0 +1,2 @@
+"""DALI pipelines that yield flipray's batch dict: `pretext.DaliClipLoader` (training), `bench` (decode throughput),
+`gpu_check` (device="gpu" on a GPU node). Imported on demand, so flipray runs without DALI installed."""

@@ -1,0 +1,150 @@
+"""Shared fixtures: a real S3 endpoint (moto's server), a local Ray instance, and real encoded source videos.
+
+    .venv/bin/python -m pytest tests/test_store.py tests/test_ingest.py tests/test_dali.py -x -q
+
+Services are started by the fixtures that need them, each in its own process group, and stopped by PID; nothing is
+left running. The AWS variables set here are moto's dummies, not credentials.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 at a free port; sets AWS_ENDPOINT_URL & co. for the session; yields the URL."""
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("moto") / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"moto server did not start on {endpoint}: {log_path.read_text()[-2000:]}")
+                time.sleep(0.2)
+        env = pytest.MonkeyPatch()
+        for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                           "AWS_REGION": "us-east-1"}.items():
+            env.setenv(key, value)
+        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            env.delenv(key, raising=False)
+        yield endpoint
+        env.undo()
+    finally:
+        proc.send_signal(signal.SIGTERM)  # by PID: this process only
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def bucket(moto_server):
+    """A fresh, empty bucket on the moto server; yields its name."""
+    import boto3
+    name = f"flipray-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    yield name
+
+
+@pytest.fixture(scope="session")
+def ray_local(moto_server):
+    """A local Ray instance with 2 CPUs for the session (started after moto so its workers see AWS_ENDPOINT_URL)."""
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _ffmpeg(*args: str) -> None:
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args], check=True)
+
+
+# Left channel: a 440 Hz tone; right channel: near silence. After ingest, channel 0 must still be the loud one.
+_STEREO = "aevalsrc=0.5*sin(2*PI*440*t)|0.01*sin(2*PI*3000*t):s=44100:d={d}"
+
+
+def make_source_videos(folder: Path, long_s: float = 20.5) -> dict[str, str]:
+    """Real encoded videos in `folder`; returns {file name: what ingest must do with it}.
+
+    Four usable sources (H.264+AAC mp4 at two sizes, H.264+AAC mkv, VP9+Opus webm portrait), each giving two 10-s
+    clips, and one of each failure: mono, no audio, corrupt bytes, an empty file, a 3-s video.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    d = long_s
+    h264 = ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "64k"]
+    _ffmpeg("-f", "lavfi", "-i", f"testsrc2=s=320x240:r=25:d={d}", "-f", "lavfi", "-i", _STEREO.format(d=d),
+            *h264, "-shortest", str(folder / "cam_a.mp4"))
+    _ffmpeg("-f", "lavfi", "-i", f"testsrc=s=480x270:r=30:d={d}", "-f", "lavfi", "-i", _STEREO.format(d=d),
+            *h264, "-shortest", str(folder / "street b.mp4"))  # a space: the scene id gets sanitised
+    _ffmpeg("-f", "lavfi", "-i", f"smptebars=s=320x240:r=24:d={d}", "-f", "lavfi", "-i", _STEREO.format(d=d),
+            *h264, "-shortest", str(folder / "bars.mkv"))
+    _ffmpeg("-f", "lavfi", "-i", f"testsrc2=s=180x320:r=12:d={d}", "-f", "lavfi", "-i", _STEREO.format(d=d),
+            "-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-b:v", "300k", "-c:a", "libopus",
+            "-shortest", str(folder / "portrait.webm"))
+    _ffmpeg("-f", "lavfi", "-i", "testsrc2=s=320x240:r=25:d=11", "-f", "lavfi", "-i",
+            "sine=f=440:r=44100:d=11", *h264, "-shortest", str(folder / "mono.mp4"))
+    _ffmpeg("-f", "lavfi", "-i", "testsrc2=s=320x240:r=25:d=11", "-c:v", "libx264", "-preset", "ultrafast",
+            "-pix_fmt", "yuv420p", str(folder / "silent.mp4"))
+    (folder / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + os.urandom(20000))
+    (folder / "empty.mkv").write_bytes(b"")
+    _ffmpeg("-f", "lavfi", "-i", "testsrc2=s=320x240:r=25:d=3", "-f", "lavfi", "-i", _STEREO.format(d=3),
+            *h264, "-shortest", str(folder / "short.mp4"))
+    (folder / "notes.txt").write_text("not a video: ignored")
+    return {"cam_a.mp4": "2 clips", "street b.mp4": "2 clips", "bars.mkv": "2 clips", "portrait.webm": "2 clips",
+            "mono.mp4": "mono audio", "silent.mp4": "no audio stream", "corrupt.mp4": "unreadable",
+            "empty.mkv": "empty file", "short.mp4": "too short"}
+
+
+@pytest.fixture(scope="session")
+def source_videos(tmp_path_factory):
+    """(folder, expectations) of real encoded source videos, made once per session."""
+    folder = tmp_path_factory.mktemp("sources")
+    return folder, make_source_videos(folder)
+
+
+@pytest.fixture(scope="session")
+def ingested(source_videos, ray_local, tmp_path_factory):
+    """The source videos ingested once into an S3 dataset: (s3 root, report). Shared by the store, ingest and DALI
+    tests, which only read it."""
+    import boto3
+    from jobs.ingest import run_ingest
+    name = f"flipray-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    root = f"s3://{name}/videos-v1"
+    report = run_ingest(root, videos=str(source_videos[0]), progress=False)
+    return root, report
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """A small rendered synthetic dataset (16 clips of 4 s, 8 scenes) shared by the library tests. Read-only."""
+    from flipray.synth import generate
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, clips=16, seed=3, workers=2, duration_s=4.0, two_source_prob=0.0, max_distractors=1)
+    return root

@@ -1,0 +1,151 @@
+"""The ingest job (jobs/ingest.py) on real encoded videos, into a real S3 endpoint (moto) through Ray tasks: the clips
+that land and their format, the skip counts and reasons, re-runs that resume without re-transcoding, and the
+YouTube-ASMR CSV mode.
+
+    .venv/bin/python -m pytest tests/test_ingest.py -x -q
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import boto3
+import numpy as np
+import soundfile as sf
+
+from flipray.manifest import MANIFEST_NAME, REQUIRED_FIELDS
+from flipray.store import Store, sha256
+from jobs.ingest import Options, folder_sources, main, run_ingest
+
+SKIPPED = {"mono audio": "mono.mp4", "no audio stream": "silent.mp4", "unreadable": "corrupt.mp4",
+           "empty file": "empty.mkv", "too short": "short.mp4"}
+
+
+def ffprobe_json(path, *args):
+    out = subprocess.run(["ffprobe", "-v", "error", *args, "-of", "json", str(path)], capture_output=True,
+                         check=True).stdout
+    return json.loads(out)
+
+
+def test_counts_and_reasons(ingested, source_videos):
+    _, report = ingested
+    assert report["sources"] == 9  # notes.txt is not a video
+    assert report["clips_ingested"] == 8 and report["clips_existing"] == 0 and report["clips_skipped"] == {}
+    assert report["sources_skipped"] == {reason: 1 for reason in SKIPPED}
+    assert {s["reason"]: s["source"] for s in report["skipped"]} == SKIPPED
+    assert sum(report["splits"].values()) == 8
+
+
+def test_clips_land_in_the_training_format(ingested, tmp_path):
+    root, report = ingested
+    store = Store(root)
+    rows = store.read_manifest()
+    assert report["manifest"] == store.url(MANIFEST_NAME)
+    assert sorted(r["scene_id"] for r in rows) == sorted(["bars"] * 2 + ["cam_a"] * 2 + ["portrait"] * 2 +
+                                                         [rows[-1]["scene_id"]] * 2)
+    assert any(r["scene_id"].startswith("street-b-") for r in rows)  # "street b.mp4": sanitised + hashed
+    assert sorted(store.list()) == sorted([MANIFEST_NAME] + [r[k] for r in rows for k in ("video", "audio", "meta")])
+    scenes_by_split = {}
+    for r in rows:
+        scenes_by_split.setdefault(r["scene_id"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in scenes_by_split.values())  # no source video in two splits
+
+    for row in rows[:3] + rows[-1:]:
+        assert all(k in row for k in REQUIRED_FIELDS) and row["source"].startswith("ingest:")
+        assert (row["num_frames"], row["fps"], row["sample_rate"], row["channels"]) == (60, 6, 16000, 2)
+        video, audio = store.get(row["video"]), store.get(row["audio"])
+        assert sha256(video) == row["video_sha256"] and sha256(audio) == row["audio_sha256"]
+        (tmp_path / "v.webm").write_bytes(video)
+        (tmp_path / "a.flac").write_bytes(audio)
+        info = ffprobe_json(tmp_path / "v.webm", "-show_streams")["streams"]
+        assert [(s["codec_name"], s["width"], s["height"], s["r_frame_rate"]) for s in info] == \
+            [("vp9", 256, 256, "6/1")]  # one stream: no audio in the video file
+        flags = [p["flags"] for p in ffprobe_json(tmp_path / "v.webm", "-show_packets")["packets"]]
+        assert len(flags) == 60 and [i for i, f in enumerate(flags) if "K" in f] == list(range(0, 60, 6))
+        wave, sr = sf.read(tmp_path / "a.flac", dtype="float32")
+        assert sr == 16000 and wave.shape[1] == 2 and wave.shape[0] >= 0.95 * 160000
+        assert abs(row["duration_s"] - wave.shape[0] / sr) < 1e-3
+        rms = np.sqrt((wave ** 2).mean(axis=0))
+        assert rms[0] > 10 * rms[1]  # the fixture's loud tone is on the left: channel 0 stays left
+        sidecar = json.loads(store.get(row["meta"]))
+        assert sidecar["objects"] == [] and sidecar["width"] == 256 and sidecar["ingest"]["file"] in \
+            row["source"]
+
+
+def test_rerun_resumes_without_transcoding_or_duplicates(ingested, source_videos):
+    root, _ = ingested
+    store = Store(root)
+    before = store.read_manifest()
+    bucket, prefix = root[5:].split("/", 1)
+    stamps = {o["Key"]: o["LastModified"] for o in
+              boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
+    report = run_ingest(root, videos=str(source_videos[0]), progress=False)
+    assert report["clips_ingested"] == 0 and report["clips_existing"] == 8
+    assert store.read_manifest() == before
+    after = {o["Key"]: o["LastModified"] for o in
+             boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
+    assert after.keys() == stamps.keys()
+    assert all(after[k] == stamps[k] for k in stamps if not k.endswith(MANIFEST_NAME))  # no clip re-uploaded
+
+
+def test_scene_ids_are_unique_and_clean(tmp_path):
+    for name in ("a.mp4", "a.mkv", "b c.webm", "sub/d.mov", "e.txt"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    ids = {s.name: s.scene_id for s in folder_sources(tmp_path)}
+    assert set(ids) == {"a.mp4", "a.mkv", "b c.webm", "sub/d.mov"}
+    assert len(set(ids.values())) == 4
+    assert all(i.replace("-", "").replace("_", "").isalnum() for i in ids.values())
+    assert ids["a.mp4"].startswith("a-") and ids["b c.webm"].startswith("b-c-")
+
+
+def test_youtube_asmr_csv_into_a_folder_and_resume_after_a_lost_sidecar(source_videos, ray_local, tmp_path,
+                                                                          capsys):
+    src, _ = source_videos
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    # A whole 20.5-s video downloaded for a 5-16 s row (cut there), and a 20.5-s file that is the segment itself.
+    shutil.copy(src / "cam_a.mp4", downloads / "AAAAAAAAAAA_5000_16000.mp4")
+    shutil.copy(src / "bars.mkv", downloads / "B-BBBBBBBBB_100000_125000.mkv")
+    (tmp_path / "list.csv").write_text("# YouTube-ASMR style list\n"
+                                       "ytid, ts_start, ts_end\n"
+                                       "AAAAAAAAAAA, 5.0, 16.0\n"
+                                       "# a comment between rows\n"
+                                       "B-BBBBBBBBB, 100, 125\n"
+                                       "CCCCCCCCCCC, 0, 30\n"
+                                       "DDDDDDDDDDD, soon, 30\n")
+    out = tmp_path / "asmr"
+    args = ["--csv", str(tmp_path / "list.csv"), "--videos", str(downloads), "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(printed.strip().splitlines()[-1])
+    assert report["clips_ingested"] == 3
+    assert report["sources_skipped"] == {"not downloaded": 1, "bad CSV row": 1}
+    assert "skipped CCCCCCCCCCC_0_30000: not downloaded" in printed and "list.csv:7: bad CSV row" in printed
+    rows = Store(out).read_manifest()
+    assert [r["clip_id"] for r in rows] == ["AAAAAAAAAAA_0005000", "B-BBBBBBBBB_0100000", "B-BBBBBBBBB_0110000"]
+    assert {r["scene_id"] for r in rows} == {"AAAAAAAAAAA", "B-BBBBBBBBB"}
+    meta = json.loads((out / rows[0]["meta"]).read_text())
+    assert meta["ingest"]["start_s"] == 5.0 and meta["ingest"]["ytid"] == "AAAAAAAAAAA"
+    assert json.loads((out / rows[1]["meta"]).read_text())["ingest"]["start_s"] == 0.0  # the file is the segment
+
+    # A run killed after a clip's video went up but before its sidecar: only that clip is made again.
+    (out / rows[2]["meta"]).unlink()
+    (out / MANIFEST_NAME).unlink()
+    report = run_ingest(str(out), videos=str(downloads), csv_path=str(tmp_path / "list.csv"),
+                        opts=Options(), progress=False)
+    assert (report["clips_ingested"], report["clips_existing"]) == (1, 2)
+    assert [r["clip_id"] for r in Store(out).read_manifest()] == [r["clip_id"] for r in rows]
+
+
+def test_synthetic_dataset_goes_through_the_same_upload(bucket, tmp_path, capsys):
+    from flipray import synth
+    synth.generate(tmp_path / "synth", 2, seed=1, workers=1, duration_s=3.0, size=64)
+    out = f"s3://{bucket}/synth"
+    for ingested, existing in ((2, 0), (0, 2)):  # the second run finds every object in place
+        assert main(["--dataset", str(tmp_path / "synth"), "--out", out]) == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert (report["clips_ingested"], report["clips_existing"]) == (ingested, existing)
+    rows = Store(out).read_manifest()
+    assert [r["source"] for r in rows] == ["synthetic"] * 2 and all(r["video_sha256"] for r in rows)
