@@ -6,7 +6,7 @@ SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_DATA ?= data/demo
 DEMO_CLIPS ?= 400
 
-.PHONY: install demo test clean
+.PHONY: install demo demo-local test clean
 
 $(STAMP): pyproject.toml
 	@command -v ffmpeg >/dev/null || { echo "installing ffmpeg (apt)"; $(SUDO) apt-get update -qq && \
@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Synthesize a small spatial audio-visual set, train the flip task on it, print the report.
+# The whole path on the embedded default: synthesize -> S3 (moto) -> Ray job (2 workers) -> MLflow -> report.
 demo: $(STAMP)
+	$(PY) -m cluster.demo --data $(DEMO_DATA) --clips $(DEMO_CLIPS)
+
+# The same set, trained in one process without Ray (the library alone).
+demo-local: $(STAMP)
 	@test -f $(DEMO_DATA)/manifest.jsonl || $(VENV)/bin/flipray synth --out $(DEMO_DATA) --clips $(DEMO_CLIPS) --seed 0
 	$(VENV)/bin/flipray train-pretext --config demo --set data.root=$(DEMO_DATA) --run-name demo-$$(date +%Y%m%d-%H%M%S)
 

@@ -1,0 +1,249 @@
+"""Distributed pretext training on Ray Train, tracked in MLflow, registered as `flipray-pretext`.
+
+    python -m cluster.local up && eval "$(python -m cluster.local env)"
+    ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
+        python -m jobs.pretext --config demo --set data.root=s3://flipray/demo/ --set cluster.workers=2
+
+Every Ray Train worker runs `flipray.train.fit`, the loop `flipray train-pretext` runs locally, on its shard of each
+epoch (DDP over gloo on CPU, NCCL on GPU), reading with the loader `data.loader` names (DALI's GPU decoder on GPU
+workers). The global batch stays `train.batch_size` whatever the worker count (gradient accumulation when
+`train.micro_batch_size` is smaller), and the learning rate follows samples seen. Checkpoints go to
+`cluster.storage_path/<run name>` (a folder or s3://) every `train.checkpoint_every_samples`; a failed worker group
+restarts from the newest one (`cluster.max_failures`), and running the same command with the same `--run-name`
+continues a stopped run. Rank 0 logs params, metrics, the learning curve and the final model to MLflow.
+
+Fault drill (what the tests do): FLIPRAY_FAULT_AT_STEP=K FLIPRAY_FAULT_RANK=1 makes rank 1 exit at step K of the
+first attempt.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import yaml
+
+from flipray.config import config_from_dict, load_config
+from flipray.data import ClipDataset, EpochSampler
+from flipray.models import SpatialAlignmentNet, count_parameters
+from flipray.train import (evaluate, evaluate_splits, fit, load_checkpoint, make_loader, make_optimizer, new_state,
+                           plot_curves, save_checkpoint, split_batch)
+from jobs import tracking
+
+log = logging.getLogger("jobs.pretext")
+
+# Non-secret environment the workers need; credentials come from the nodes' own environment (k8s Secret, IAM role).
+FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "FLIPRAY_FAULT_AT_STEP", "FLIPRAY_FAULT_RANK")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# On each Ray Train worker
+
+def train_worker(config: dict):
+    import ray.train
+    import ray.train.torch
+    from mlflow import MlflowClient
+
+    os.environ.update(config["env"])
+    cfg = config_from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed)
+    micro, accum = split_batch(cfg.train.batch_size, world, cfg.train.micro_batch_size)
+
+    model = SpatialAlignmentNet(cfg)
+    if device.type == "cuda" and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)  # DDP, on this worker's device
+    module = getattr(model, "module", model)
+    optimizer = make_optimizer(model, cfg)
+    state, restored = new_state(), ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            payload = load_checkpoint(Path(d) / "checkpoint.pt")
+        module.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        state = payload["state"]
+        torch.set_rng_state(payload["rng"])
+        log.info("rank %d resumed at step %d, %d samples (epoch %d, position %d)", rank, state["step"],
+                 state["samples_seen"], state["epoch"], state["epoch_pos"])
+
+    epoch_clips, train_loader = _train_loader(cfg, rank, world, micro, device)
+    val = None
+    if rank == 0:
+        val_set = ClipDataset(cfg, "val", train=False)
+        val = make_loader(val_set, cfg, EpochSampler(len(val_set), cfg.train.seed, shuffle=False), micro)
+        log.info("%d workers x micro-batch %d x %d accumulation = batch %d; %.2fM parameters; %d train clips",
+                 world, micro, accum, cfg.train.batch_size, count_parameters(module) / 1e6, epoch_clips)
+
+    mlflow = MlflowClient(config["tracking_uri"]) if rank == 0 else None
+    fault_step = int(os.environ.get("FLIPRAY_FAULT_AT_STEP", "0"))
+    fault_rank = int(os.environ.get("FLIPRAY_FAULT_RANK", "1"))
+
+    def on_metrics(kind, state, m):
+        if kind == "train" and fault_step and restored is None and rank == fault_rank and state["step"] == fault_step:
+            log.error("fault drill: rank %d exits at step %d", rank, state["step"])
+            os._exit(1)
+        if mlflow is None:
+            return
+        step = state["step"]
+        if kind == "train" and step % cfg.train.log_every == 0:
+            _log(mlflow, config["run_id"], step, loss=m["loss"], flip_acc=m["acc"], lr=m["lr"],
+                 samples_per_s=m["samples_per_s"], samples_seen=state["samples_seen"])
+        elif kind == "val":
+            _log(mlflow, config["run_id"], step, val_loss=m["loss"], val_flip_acc=m["acc"])
+        elif kind == "epoch":
+            _log(mlflow, config["run_id"], step, epoch_loss=m["loss"], epoch_flip_acc=m["acc"],
+                 epoch_samples_per_s=m["samples_per_s"], data_wait_fraction=m["data_wait_fraction"],
+                 epoch=state["epoch"], clips_skipped=m["skipped"])
+
+    def save(state, final_metrics: dict | None = None):
+        """Every rank reports (Ray Train's barrier); rank 0 attaches the checkpoint."""
+        metrics = {"samples_seen": state["samples_seen"], "step": state["step"], **(final_metrics or {})}
+        val_hist = [h for h in state["history"] if h["kind"] == "val"]
+        if val_hist:
+            metrics["val_flip_acc"] = val_hist[-1]["acc"]
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                save_checkpoint(Path(tmp) / "checkpoint.pt", module, optimizer, state, cfg)
+                (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    fit(cfg, model, optimizer, device, state, epoch_clips, train_loader,
+        validate=lambda: evaluate(module, val, device) if rank == 0 else None,
+        save=save, world_size=world, accum_steps=accum, on_metrics=on_metrics)
+
+    final = {}
+    if rank == 0:
+        accuracy = evaluate_splits(module, cfg, device)
+        final = {f"{split}_flip_acc": r["acc"] for split, r in accuracy.items()}
+        _log(mlflow, config["run_id"], state["step"], **{f"final_{k}": v for k, v in final.items()})
+        with tempfile.TemporaryDirectory() as tmp:
+            plot_curves(state["history"], Path(tmp) / "curves.png",
+                        f"flip pretext on {world} Ray workers, {cfg.preset} preset")
+            mlflow.log_artifact(config["run_id"], str(Path(tmp) / "curves.png"))
+    save(state, final)
+
+
+def _train_loader(cfg, rank: int, world: int, micro: int, device):
+    """(clips per epoch, loader(epoch, start)) for this rank's shard, from the loader data.loader names."""
+    if cfg.data.loader == "dali":
+        from dali_pipelines.pretext import DaliClipLoader
+        loader = DaliClipLoader(cfg, "train", train=True, batch_size=micro, shard_id=rank, num_shards=world,
+                                device="gpu" if device.type == "cuda" else "cpu",
+                                device_id=device.index or 0)
+
+        def for_epoch(epoch, start):
+            loader.set_epoch(epoch, start)
+            return loader
+        return len(loader.clips), for_epoch
+    ds = ClipDataset(cfg, "train", train=True)
+    return len(ds.clips), lambda epoch, start: make_loader(
+        ds, cfg, EpochSampler(len(ds), cfg.train.seed, epoch, rank=rank, world=world, start=start), micro)
+
+
+def _log(client, run_id: str, step: int, **metrics):
+    from mlflow.entities import Metric
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# On the driver
+
+def storage_location(path: str):
+    """(storage_path, pyarrow filesystem or None) for RunConfig: s3:// paths honour AWS_ENDPOINT_URL (MinIO, moto)."""
+    if not path.startswith("s3://"):
+        return str(Path(path).resolve()), None
+    import pyarrow.fs
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
+    return path[len("s3://"):].rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    if uri.startswith("http"):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"mlflow ui --backend-store-uri {uri}  ->  experiment {experiment_id}, run {run_id}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m jobs.pretext", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="demo", help="preset (demo, small, paper) or YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override, e.g. cluster.workers=4 or train.total_samples=7000000")
+    p.add_argument("--run-name", default=None, help="Ray run / MLflow run name; an existing one is continued")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                                                        "else sqlite:///./mlflow.db)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import ray
+    from mlflow import MlflowClient
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = load_config(args.config, args.set)
+    c = cfg.cluster
+    run_name = args.run_name or f"pretext-{cfg.preset}-{cfg.train.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    uri = tracking.tracking_uri(args.tracking_uri)
+    experiment_id = tracking.init_tracking(uri, c.experiment)
+    client = MlflowClient(uri)
+    previous = tracking.find_run(experiment_id, run_name)
+    if previous is not None:
+        run_id = previous.info.run_id
+        log.info("continuing MLflow run %s (%s)", run_id, run_name)
+    else:
+        run_id = client.create_run(experiment_id, run_name=run_name, tags={"flipray.run_name": run_name}).info.run_id
+        for k, v in cfg.flat().items():
+            client.log_param(run_id, k, v)
+
+    storage_path, filesystem = storage_location(c.storage_path)
+    if not ray.is_initialized():
+        ray.init()
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id,
+                           "env": {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}},
+        scaling_config=ScalingConfig(num_workers=c.workers, use_gpu=c.use_gpu,
+                                     resources_per_worker={"CPU": c.cpus_per_worker} | ({"GPU": 1} if c.use_gpu
+                                                                                        else {})),
+        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=filesystem,
+                             checkpoint_config=CheckpointConfig(num_to_keep=c.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=c.max_failures)))
+    t0 = time.time()
+    result = trainer.fit()
+    metrics = result.metrics
+    version = None
+    if c.register_as:
+        with result.checkpoint.as_directory() as d:
+            tags = {"config": yaml.safe_dump(cfg.to_dict(), sort_keys=False), "run_name": run_name,
+                    **{k: f"{v:.4f}" for k, v in metrics.items() if k.endswith("flip_acc")}}
+            version = tracking.register_checkpoint(run_id, d, c.register_as, tags)
+    client.set_terminated(run_id)
+    summary = {"run_name": run_name, "run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri,
+               "metrics": metrics, "model": c.register_as, "model_version": version,
+               "checkpoint": result.checkpoint.path, "wall_seconds": round(time.time() - t0, 1)}
+    print(f"\nflip accuracy: test {metrics.get('test_flip_acc', float('nan')):.3f}, "
+          f"val {metrics.get('val_flip_acc', float('nan')):.3f} after {metrics['samples_seen']} samples "
+          f"({metrics['step']} steps) on {c.workers} workers")
+    print(f"MLflow run: {run_url(uri, experiment_id, run_id)}")
+    if version is not None:
+        print(f"registered model: models:/{c.register_as}/{version}")
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,82 @@
+"""MLflow for flipray jobs: where the tracking store is, the registered pretext model, and loading it back.
+
+The tracking URI comes from `--tracking-uri`, else MLFLOW_TRACKING_URI, else a sqlite store `mlflow.db` in the
+working directory. Models are registered as a state_dict artifact (`checkpoint.pt` + `config.yaml`), not a pickled
+class, so they load back as flipray's own SpatialAlignmentNet with `torch.load(..., weights_only=True)`:
+
+    from jobs.tracking import load_pretrained
+    model, cfg = load_pretrained("models:/flipray-pretext/latest")      # or /3, @alias, or a checkpoint.pt path
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PRETEXT_MODEL = "flipray-pretext"
+
+
+def tracking_uri(explicit: str | None = None) -> str:
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def init_tracking(uri: str, experiment: str) -> str:
+    """Point MLflow at `uri` and make sure the experiment exists; returns its id.
+
+    Run once by the driver before any worker or trial touches the store: a fresh sqlite store creates its tables
+    here, not in several processes at once.
+    """
+    import mlflow
+    mlflow.set_tracking_uri(uri)
+    return mlflow.set_experiment(experiment).experiment_id
+
+
+def find_run(experiment_id: str, run_name: str):
+    """The MLflow run of a flipray run name (so a restored Ray run keeps logging into the same MLflow run)."""
+    from mlflow import MlflowClient
+    runs = MlflowClient().search_runs([experiment_id], filter_string=f"tags.`flipray.run_name` = '{run_name}'",
+                                      max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def register_checkpoint(run_id: str, checkpoint_dir: str | Path, name: str, tags: dict[str, str]) -> int:
+    """Log `checkpoint_dir` (checkpoint.pt, config.yaml) as the run's `model` artifact and register it as a new
+    version of model `name`; returns the version number (`models:/NAME/latest` resolves to the newest)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    client = MlflowClient()
+    client.log_artifacts(run_id, str(checkpoint_dir), artifact_path="model")
+    try:
+        client.create_registered_model(name, description="flipray Spatial Alignment Network (flipray.models); "
+                                                          "load with jobs.tracking.load_pretrained")
+    except MlflowException as e:
+        if "already exists" not in str(e):
+            raise
+    # create_model_version, not mlflow.register_model: MLflow 3 only registers runs:/ URIs of logged models, and
+    # this is a plain state_dict artifact.
+    version = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id,
+                                          tags={k: str(v)[:5000] for k, v in tags.items()})
+    log.info("registered %s version %s from run %s", name, version.version, run_id)
+    return int(version.version)
+
+
+def load_pretrained(uri: str, tracking: str | None = None):
+    """(SpatialAlignmentNet in eval mode, Config) from `models:/NAME/VERSION`, `models:/NAME@ALIAS`,
+    `models:/NAME/latest`, a run folder, or a checkpoint.pt path."""
+    from flipray.train import load_model
+    if not uri.startswith("models:/"):
+        path = Path(uri)
+        return load_model(path / "checkpoint.pt" if path.is_dir() else path)
+    import mlflow
+    mlflow.set_tracking_uri(tracking_uri(tracking))
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        except Exception as e:
+            raise ValueError(f"cannot load {uri} from {mlflow.get_tracking_uri()}: {e}. Train and register one "
+                             f"with `make demo` or `python -m jobs.pretext`.") from None
+        return load_model(Path(local) / "checkpoint.pt")
