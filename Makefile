@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_DATA ?= data/demo
-DEMO_CLIPS ?= 400
+DEMO_CLIPS ?= 600
 
 .PHONY: install demo demo-local test clean
 

@@ -1,6 +1,6 @@
 """`make demo`: the whole flipray path on the embedded default, on this machine.
 
-    .venv/bin/python -m cluster.demo [--clips 400] [--data data/demo] [--workers 2] [--keep-services]
+    .venv/bin/python -m cluster.demo [--clips 600] [--data data/demo] [--workers 2] [--keep-services]
 
 1. synthesize `--clips` spatial audio-visual clips into `--data` (skipped when its manifest exists);
 2. start the local services (moto S3, MLflow server, Ray head; cluster/local.py), reusing any that already run;
@@ -32,7 +32,7 @@ SUMMARY = re.compile(r"^(flip accuracy: .*|MLflow run: .*|registered model: .*)$
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cluster.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clips", type=int, default=400)
+    p.add_argument("--clips", type=int, default=600)
     p.add_argument("--data", default="data/demo", help="local folder for the synthetic set")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     p.add_argument("--state-dir", default=str(local.DEFAULT_STATE_DIR))

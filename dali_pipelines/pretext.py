@@ -39,7 +39,7 @@ import torch
 
 from flipray.config import Config
 from flipray.data import (IMAGENET_MEAN, IMAGENET_STD, ClipDecodeError, EpochSampler, decode_audio, decode_video,
-                          draw_params, window_frame_indices, window_samples_range)
+                          item_params, num_items, window_frame_indices, window_samples_range)
 from flipray.store import ChecksumError, Store
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class ClipSource:
         self.cfg, self.clips, self.store, self.seed, self.train = cfg, clips, Store(root), seed, train
         self.shuffle, self.shard_id, self.num_shards, self.batch_size = shuffle, shard_id, num_shards, batch_size
         self.first_epoch, self.start, self.bad = first_epoch, start, dict(bad or {})
-        self.n_items = len(clips) * (1 if train else 2)  # eval: every clip unswapped and swapped, as ClipDataset
+        self.n_items = num_items(len(clips), cfg, train)
         self._orders: dict[int, list[int]] = {}
         self._filler_audio = None
 
@@ -118,8 +118,7 @@ class ClipSource:
 
     def item(self, item: int, epoch: int):
         """(clip index, SampleParams) of dataset item `item`, exactly as ClipDataset.__getitem__ draws them."""
-        ci, swap = (item, None) if self.train else (item // 2, bool(item % 2))
-        return ci, draw_params(self.cfg, self.clips[ci]["num_frames"], self.seed, epoch, ci, self.train, swap)
+        return item_params(self.cfg, self.clips, self.seed, epoch, item, self.train)
 
     def fetch(self, clip: dict) -> tuple[bytes, bytes, int]:
         """The clip's video and audio bytes and a status code. A missing, corrupt or foreign object is a status;

@@ -166,6 +166,23 @@ def draw_params(cfg: Config, clip_frames: int, seed: int, epoch: int, index: int
         swap=u[7] < 0.5 if swap is None else swap)
 
 
+def num_items(n_clips: int, cfg: Config, train: bool) -> int:
+    """Items in one pass over a split: one random window per clip when training; when evaluating,
+    data.eval_windows fixed windows per clip, each scored as recorded and swapped."""
+    return n_clips if train else n_clips * 2 * cfg.data.eval_windows
+
+
+def item_params(cfg: Config, clips: list[dict], seed: int, epoch: int, item: int,
+                train: bool) -> tuple[int, SampleParams]:
+    """(clip index, SampleParams) of dataset item `item` in `epoch`: the one mapping both loaders use."""
+    if train:
+        ci, window, swap = item, epoch, None
+    else:  # item = (clip, window, swap); the window index seeds the window's position instead of the epoch
+        ci, rest = divmod(item, 2 * cfg.data.eval_windows)
+        window, swap = rest // 2, bool(rest % 2)
+    return ci, draw_params(cfg, clips[ci]["num_frames"], seed, window, ci, train, swap)
+
+
 def window_frame_indices(cfg: Config, start_frame: int) -> list[int]:
     """Stored-frame indices the model sees: num_frames spread evenly over the window (all 18 for the paper)."""
     n, span = cfg.data.num_frames, cfg.window_frames
@@ -207,7 +224,9 @@ def augment_frames(frames: torch.Tensor, p: SampleParams, crop: int) -> torch.Te
     if p.saturation != 1.0:
         x = (x - gray) * p.saturation + gray
     x = x.clamp(0.0, 1.0)
-    return (x - IMAGENET_MEAN) / IMAGENET_STD
+    # contiguous: the HWC -> CHW permute would otherwise hand convolutions a channels-last tensor, whose weight
+    # gradients then disagree with DDP's gradient buckets (a warning and an extra copy every step)
+    return ((x - IMAGENET_MEAN) / IMAGENET_STD).contiguous()
 
 
 class AudioFeatures(torch.nn.Module):
@@ -307,8 +326,8 @@ class ClipDataset(Dataset):
     """One split of a dataset root (a folder, or s3://bucket/prefix through flipray.store), decoded with torchcodec.
 
     Train mode: item (epoch, i) is a random window of clip i with random augmentation and label.
-    Eval mode: item (0, i) for i < 2 * clips is clip i // 2, unaugmented, swapped when i is odd, so accuracy is
-    measured on every clip both ways.
+    Eval mode: data.eval_windows fixed, unaugmented windows per clip, each as recorded and swapped (`item_params`),
+    so accuracy is measured on every clip both ways.
     A clip that fails to decode is skipped and counted (`skipped`), never fatal.
     """
 
@@ -363,13 +382,12 @@ class ClipDataset(Dataset):
         log.warning("skipping clip %s: %s", clip["clip_id"], err)
 
     def __len__(self) -> int:
-        return len(self.clips) * (1 if self.train else 2)
+        return num_items(len(self.clips), self.cfg, self.train)
 
     def __getitem__(self, item) -> dict | None:
         epoch, i = item if isinstance(item, tuple) else (0, item)
-        ci, swap = (i, None) if self.train else (i // 2, bool(i % 2))
+        ci, p = item_params(self.cfg, self.clips, self.seed, epoch, i, self.train)
         clip = self.clips[ci]
-        p = draw_params(self.cfg, clip["num_frames"], self.seed, epoch, ci, self.train, swap)
         idx = window_frame_indices(self.cfg, p.start_frame)
         s0, s1 = window_samples_range(self.cfg, p.start_frame)
         try:

@@ -160,7 +160,7 @@ def test_dataset_skips_and_counts_a_corrupt_clip(synth_root, tmp_path, cache):
     samples = [ds[(0, i)] for i in range(len(ds))]
     batch = collate(samples)
     good = len(rows) - 1
-    assert batch["video"].shape == (good, 6, 3, 64, 64)
+    assert batch["video"].shape == (good, 6, 3, cfg.data.crop, cfg.data.crop)
     assert batch["audio"].shape == (good, 2, 64, 288)
     assert set(batch["label"].tolist()) <= {0.0, 1.0}
     assert batch["skipped"] == (0 if cache else 1)    # the cache drops it up front, lazy decoding on the fly
@@ -170,10 +170,25 @@ def test_dataset_skips_and_counts_a_corrupt_clip(synth_root, tmp_path, cache):
 
 
 def test_eval_dataset_scores_every_clip_both_ways(synth_root):
-    cfg = load_config("demo", [f"data.root={synth_root}", "data.cache=false"])
+    cfg = load_config("demo", [f"data.root={synth_root}", "data.cache=false", "data.eval_windows=1"])
     ds = ClipDataset(cfg, "train", train=False)
     assert len(ds) == 2 * len(ds.clips)
     a, b = ds[0], ds[1]
     assert a["clip_id"] == b["clip_id"] and (a["label"].item(), b["label"].item()) == (0.0, 1.0)
     assert torch.equal(a["video"], b["video"]) and torch.allclose(a["audio"], b["audio"].flip(0))
     assert torch.equal(ds[0]["audio"], a["audio"])  # deterministic
+
+
+def test_eval_windows_score_several_fixed_windows_per_clip(synth_root):
+    cfg = load_config("demo", [f"data.root={synth_root}", "data.cache=false", "data.eval_windows=3"])
+    ds = ClipDataset(cfg, "train", train=False)
+    assert len(ds) == 6 * len(ds.clips)
+    items = [ds[i] for i in range(6)]
+    assert {s["clip_id"] for s in items} == {ds.clips[0]["clip_id"]}
+    assert [s["label"].item() for s in items] == [0.0, 1.0] * 3
+    starts = [s["start_s"] for s in items[::2]]
+    assert len(set(starts)) > 1  # the windows differ...
+    assert [ds[i]["start_s"] for i in range(0, 6, 2)] == starts  # ...and are the same at every evaluation
+    single = ClipDataset(load_config("demo", [f"data.root={synth_root}", "data.cache=false", "data.eval_windows=1"]),
+                         "train", train=False)
+    assert single[0]["start_s"] == starts[0]  # window 0 is the one a single-window evaluation uses

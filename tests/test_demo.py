@@ -1,6 +1,6 @@
 """The demo's promise: on a freshly generated synthetic set, the `demo` preset learns the flip task (>= 90% test
 accuracy) with the preset's sample budget (about 4 minutes of training on 2 CPU cores: timings are the README's and
-the report's business, not this test's). The slowest test of the suite: it synthesizes 400 clips and trains for real.
+the report's business, not this test's). The slowest test of the suite: it synthesizes 600 clips and trains for real.
 """
 import json
 
@@ -10,12 +10,12 @@ from flipray.config import load_config
 
 def test_demo_preset_learns_the_flip_task(tmp_path):
     data = tmp_path / "demo"
-    synth.generate(data, clips=400, seed=0, workers=2)
+    synth.generate(data, clips=600, seed=0, workers=2)
     report = train.main(["--config", "demo", "--run-name", "demo", "--set", f"data.root={data}",
                          "--set", f"train.out_dir={tmp_path / 'runs'}"])
     on_disk = json.loads((tmp_path / "runs" / "demo" / "report.json").read_text())
     assert on_disk == report
     test = report["flip_accuracy"]["test"]
-    assert test["samples"] == 2 * 40  # 40 test clips, each scored unswapped and swapped
+    assert test["samples"] == 60 * 4 * 2  # 60 test clips, 4 windows each, scored as recorded and swapped
     assert test["acc"] >= 0.90, report["flip_accuracy"]
     assert report["samples_seen"] >= load_config("demo").train.total_samples

@@ -34,7 +34,7 @@ def test_paper_preset_exact_shapes_forward_backward():
     ("base", 16 * 2 * 2, 64), ("pooled-visual", 128, 64), ("mono", 16 * 2 * 2, 128),
     ("gcc-phat", 16 * 2 * 2, 64), ("motion", 16 * 4 * 4, 64)])
 def test_variant_shapes(variant, visual_dim, audio_dim):
-    cfg = load_config("demo", [f"model.variant={variant}"])
+    cfg = load_config("demo", [f"model.variant={variant}", "data.resize=72", "data.crop=64"])
     model = SpatialAlignmentNet(cfg)
     video, audio = _inputs(cfg, batch=3)
     feats = model.features(video, audio)
@@ -45,9 +45,9 @@ def test_variant_shapes(variant, visual_dim, audio_dim):
 
 
 def test_flattened_visual_map_keeps_position_pooled_does_not():
-    cfg = load_config("demo")
-    flat = SpatialAlignmentNet(cfg).visual.eval()
-    pooled = SpatialAlignmentNet(load_config("demo", ["model.variant=pooled-visual"])).visual.eval()
+    crop64 = ["data.resize=72", "data.crop=64"]
+    flat = SpatialAlignmentNet(load_config("demo", crop64)).visual.eval()
+    pooled = SpatialAlignmentNet(load_config("demo", crop64 + ["model.variant=pooled-visual"])).visual.eval()
     video = torch.zeros(1, 6, 3, 64, 64)
     video[..., :, 8:24, 4:20] = 3.0  # a bright square on the left
     mirrored = video.flip(-1)

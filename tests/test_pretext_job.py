@@ -17,8 +17,8 @@ from cluster import local
 from flipray.store import upload_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["data.num_frames=3", "data.resize=40", "data.crop=32", "data.n_mels=32", "model.visual_width=8",
-        "model.audio_width=8", "model.audio_dim=32", "model.fusion_dim=32", "train.log_every=1"]
+FAST = ["data.num_frames=3", "data.eval_windows=1", "data.resize=40", "data.crop=32", "data.n_mels=32",
+        "model.visual_width=8", "model.audio_width=8", "model.audio_dim=32", "model.fusion_dim=32", "train.log_every=1"]
 
 
 @pytest.fixture(scope="module")
