@@ -6,13 +6,14 @@
 All three modes run the library loop (`flipray.train.train_one_epoch`) on the same model (the `demo` preset, or
 --config), the same clips (decoded into RAM, as the demo preset does, so decoding is not measured; `--set
 data.cache=false` measures it) and the same global batch (`train.batch_size`, split over the workers with
-`split_batch`). A measurement starts the mode from scratch (dataset, model; for Ray: `trainer.fit()`), runs --warmup
-optimizer steps untimed, then times --samples global samples; samples/s is measured inside the training process (on
-Ray: rank 0, after a barrier). The modes take turns, --repeats rounds of one measurement each, in a rotating order,
-so a change in the machine's load hits all three alike; the median, min and max over the rounds are reported.
+`split_batch`). A measurement starts from scratch in fresh processes (plain: a spawned Python process without Ray;
+Ray: `trainer.fit()`), builds the dataset and model, runs --warmup optimizer steps untimed, then times --samples
+global samples inside the training process (on Ray: rank 0, after a barrier). The modes take turns, --repeats rounds
+of one measurement each in a rotating order, so that a change in the machine's load hits all three alike; samples/s
+is reported as median, min and max over the rounds, the ratios as ratios of medians and per round.
 data_wait_fraction is the share of the timed run spent waiting for the next batch; startup_s is the time from the
-start of a measurement to the first warmup step, of which data_prep_s is building the dataset; wall_s is the whole
-measurement, end to end (medians over the rounds).
+start of a measurement to its first warmup step, of which data_prep_s is building the dataset; wall_s is the whole
+measurement (medians over the rounds).
 
 Fairness: Ray gives a 1-CPU worker OMP_NUM_THREADS=1, so the 1-worker run asks for --threads CPUs and sets torch's
 threads to --threads, as the plain loop does; the 2 workers get --threads / 2 each. Ray also starts its workers at
@@ -27,14 +28,17 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # before anything imports tqdm: no per-clip progress bars
 import torch
 
 from flipray.config import config_from_dict, load_config
@@ -116,16 +120,23 @@ def bench_worker(config: dict):
 # ---------------------------------------------------------------------------------------------------------------------
 # The driver
 
-def run_plain(cfg, args) -> dict:
-    t_start = time.time()
+def plain_process(cfg, args) -> dict:
+    """The plain loop, in a fresh interpreter without Ray (a spawned process), as `flipray train-pretext` runs."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(cfg.train.seed)
     model = SpatialAlignmentNet(cfg)
+    t0 = time.time()
     dataset = ClipDataset(cfg, "train", train=True)
-    data_prep_s = time.time() - t_start
+    data_prep_s = time.time() - t0
     r = measure(cfg, model, dataset, torch.device("cpu"), 0, 1, args.warmup, args.samples)
-    return {**r, "workers": 1, "startup_s": r["t_first_step"] - t_start, "data_prep_s": data_prep_s,
-            "wall_s": time.time() - t_start}
+    return {**r, "data_prep_s": data_prep_s}
+
+
+def run_plain(cfg, args) -> dict:
+    t_start = time.time()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        r = pool.submit(plain_process, cfg, args).result()
+    return {**r, "workers": 1, "startup_s": r["t_first_step"] - t_start, "wall_s": time.time() - t_start}
 
 
 def run_ray(cfg, args, workers: int, storage: str) -> dict:
@@ -190,7 +201,6 @@ def main(argv=None) -> dict:
     # Ray workers' output is forwarded to the driver's stdout: keep fd 1 for the JSON document only.
     stdout = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # no per-clip progress bars
     os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
 
     import ray
@@ -202,7 +212,8 @@ def main(argv=None) -> dict:
              "parameters": count_parameters(SpatialAlignmentNet(cfg))}
     load = {"start": os.getloadavg()}
     rounds = {mode: [] for mode in MODES}
-    ray.init(address="local", num_cpus=max(args.threads, 2), include_dashboard=False, logging_level="warning")
+    ray.init(address="local", num_cpus=max(args.threads, 2), include_dashboard=False, logging_level="warning",
+             log_to_driver=False)  # a failing worker still raises, with its traceback, from trainer.fit()
     try:
         with tempfile.TemporaryDirectory(prefix="bench-train-") as storage:
             for i in range(args.repeats):
@@ -216,8 +227,11 @@ def main(argv=None) -> dict:
     load["end"] = os.getloadavg()
     modes = {mode: summarise(rounds[mode]) for mode in MODES}
     plain = modes["plain"]["samples_per_s"]["median"]
+    ratios = {f"ray{w}/plain": modes[f"ray_{w}"]["samples_per_s"]["median"] / plain for w in (1, 2)}
+    ratios["per_round"] = {f"ray{w}/plain": [r["samples_per_s"] / p["samples_per_s"] for r, p in
+                                             zip(rounds[f"ray_{w}"], rounds["plain"])] for w in (1, 2)}
     report = {"machine": {**machine(), "load_average_1_5_15": load}, "setup": setup, "modes": modes,
-              "ratios": {f"ray{w}/plain": modes[f"ray_{w}"]["samples_per_s"]["median"] / plain for w in (1, 2)}}
+              "ratios": ratios}
 
     print(f"\n{'mode':6} {'workers':>7} {'threads':>7} {'samples/s median (min-max)':>27} {'data wait':>9} "
           f"{'startup s':>9} {'wall s':>6}", file=sys.stderr)
@@ -226,7 +240,8 @@ def main(argv=None) -> dict:
         print(f"{name:6} {m['workers']:7d} {m['threads_per_worker']:7d} {s['median']:13.1f} ({s['min']:5.1f}-"
               f"{s['max']:5.1f}) {m['data_wait_fraction']:9.0%} {m['startup_s']:9.1f} {m['wall_s']:6.1f}",
               file=sys.stderr)
-    print("  ".join(f"{k}: {v:.2f}" for k, v in report["ratios"].items()), file=sys.stderr)
+    print("  ".join(f"{k}: {ratios[k]:.2f} (per round {' '.join(f'{x:.2f}' for x in ratios['per_round'][k])})"
+                    for k in ("ray1/plain", "ray2/plain")), file=sys.stderr)
     text = json.dumps(report, indent=2)
     if args.json_out:
         Path(args.json_out).write_text(text + "\n")

@@ -84,6 +84,8 @@ def train_worker(config: dict):
                  world, micro, accum, cfg.train.batch_size, count_parameters(module) / 1e6, epoch_clips)
 
     mlflow = MlflowClient(config["tracking_uri"]) if rank == 0 else None
+    if mlflow is not None and restored is not None:  # restarts stay visible in the MLflow run
+        _log(mlflow, config["run_id"], state["step"], resumed_from_step=state["step"])
     fault_step = int(os.environ.get("FLIPRAY_FAULT_AT_STEP", "0"))
     fault_rank = int(os.environ.get("FLIPRAY_FAULT_RANK", "1"))
 

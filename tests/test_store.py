@@ -129,7 +129,8 @@ def test_clip_dataset_reads_s3_root_and_skips_corrupt_objects(synth_dataset, buc
     assert [c["clip_id"] for c in ds.clips] == [c["clip_id"] for c in train]
     batch = collate([ds[(0, i)] for i in range(len(ds))])
     assert batch["skipped"] == 0
-    assert batch["video"].shape == (len(train), 6, 3, 64, 64) and batch["audio"].shape == (len(train), 2, 64, 288)
+    crop = cfg.data.crop
+    assert batch["video"].shape == (len(train), 6, 3, crop, crop) and batch["audio"].shape == (len(train), 2, 64, 288)
     assert batch["clip_id"] == [c["clip_id"] for c in train]
 
     # Replace one clip's video with other bytes: its checksum no longer matches, the clip is skipped and named.
