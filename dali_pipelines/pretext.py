@@ -393,7 +393,7 @@ class DaliClipLoader:
         log.warning("decoder failed on %s; rebuilding the pipeline without them", found)
 
 
-def make_loader(cfg: Config, split: str, train: bool, batch_size: int | None = None, root: str | None = None,
+def make_split_loader(cfg: Config, split: str, train: bool, batch_size: int | None = None, root: str | None = None,
                 shard_id: int = 0, num_shards: int = 1, epoch: int = 0, start: int = 0, device: str = "cpu"):
     """One epoch's batches of `split` from the loader `cfg.data.loader` names: "dali" (DaliClipLoader on `device`)
     or "torchcodec" (ClipDataset + EpochSampler in a DataLoader with cfg.data.num_workers workers). Both yield the

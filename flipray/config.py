@@ -78,7 +78,7 @@ class ClusterConfig:
     workers: int = 2                  # Ray Train workers = DDP ranks; the global batch stays train.batch_size
     use_gpu: bool = False             # one GPU per worker (DALI decodes on it when data.loader=dali)
     cpus_per_worker: float = 1.0
-    storage_path: str = "runs/ray"    # Ray RunConfig storage: a folder or s3://bucket/prefix (AWS_ENDPOINT_URL honoured)
+    storage_path: str = "runs/ray"    # Ray RunConfig storage: a folder or s3://bucket/prefix (honours AWS_ENDPOINT_URL)
     max_failures: int = 2             # worker-group restarts from the last checkpoint before the run fails
     keep_checkpoints: int = 2         # newest checkpoints kept in storage
     experiment: str = "flipray-pretext"   # MLflow experiment

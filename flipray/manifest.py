@@ -45,7 +45,8 @@ def write_manifest(root: str | os.PathLike, rows: list[dict]) -> Path:
         if missing:
             raise ValueError(f"manifest row {i} ({row.get('clip_id', '?')}) lacks fields {missing}")
         if row["split"] not in SPLITS:
-            raise ValueError(f"manifest row {i} ({row['clip_id']}): split must be one of {SPLITS}, got {row['split']!r}")
+            raise ValueError(f"manifest row {i} ({row['clip_id']}): split must be one of {SPLITS}, "
+                             f"got {row['split']!r}")
     fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=root)
     with os.fdopen(fd, "w") as f:
         for row in rows:

@@ -18,7 +18,11 @@ measurement (medians over the rounds).
 Fairness: Ray gives a 1-CPU worker OMP_NUM_THREADS=1, so the 1-worker run asks for --threads CPUs and sets torch's
 threads to --threads, as the plain loop does; the 2 workers get --threads / 2 each. Ray also starts its workers at
 niceness 15, which on a shared machine hands CPU to everyone else, so this benchmark starts them at the driver's
-niceness (RAY_worker_niceness; set it yourself to override). Threads and niceness of every mode are in the JSON.
+niceness (RAY_worker_niceness; set it yourself to override). And every mode runs with OMP_WAIT_POLICY=PASSIVE (unless
+set): with OpenMP's default spin-waiting, a 2-thread process on a machine whose cores are busy with other work loses
+most of its time spinning at barriers while the other thread waits for a core (here 2 samples/s instead of 35), and
+by how much differs between processes, which would swamp what Ray costs. Threads, wait policy and niceness of every
+mode are in the JSON.
 
 Ray is started in this process (`ray.init(address="local")`, no dashboard) and shut down at the end. The JSON
 document goes to stdout (and --json-out), a table to stderr; everything else Ray or the loop prints goes to stderr.
@@ -39,6 +43,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before anything imports tqdm: no per-clip progress bars
+# Inherited by the plain process and the Ray workers (see the docstring: OpenMP's spinning on a busy machine).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from flipray.config import config_from_dict, load_config
@@ -92,7 +98,8 @@ def measure(cfg, model, dataset, device, rank: int, world: int, warmup_steps: in
     seconds = time.perf_counter() - t0
     return {"samples_per_s": stats["n"] * world / seconds, "data_wait_fraction": timed.wait / seconds,
             "t_first_step": t_first_step, "threads": torch.get_num_threads(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "niceness": os.nice(0)}
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "niceness": os.nice(0)}
 
 
 def bench_worker(config: dict):
@@ -159,7 +166,8 @@ def summarise(rounds: list[dict]) -> dict:
     last = rounds[-1]
     return {"samples_per_s": {"median": med("samples_per_s"), "min": min(sps), "max": max(sps), "runs": sps},
             "workers": last["workers"], "threads_per_worker": last["threads"],
-            "omp_num_threads": last["omp_num_threads"], "niceness": last["niceness"],
+            "omp_num_threads": last["omp_num_threads"], "omp_wait_policy": last["omp_wait_policy"],
+            "niceness": last["niceness"],
             **{k: med(k) for k in ("data_wait_fraction", "startup_s", "data_prep_s", "wall_s")}}
 
 

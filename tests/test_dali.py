@@ -172,11 +172,11 @@ def test_parallel_workers_start_with_spawn_and_give_the_same_batches(ingested):
 
 def test_the_loader_is_a_config_value(ingested):
     root, _ = ingested
-    from dali_pipelines.pretext import make_loader
+    from dali_pipelines.pretext import make_split_loader
     ids = {}
     for name in ("torchcodec", "dali"):
         cfg = load_config("demo", [f"data.root={root}", f"data.loader={name}", "data.num_workers=0", *OVERRIDES])
-        loader = make_loader(cfg, "train", train=True, batch_size=2, shard_id=1, num_shards=2, epoch=3)
+        loader = make_split_loader(cfg, "train", train=True, batch_size=2, shard_id=1, num_shards=2, epoch=3)
         assert isinstance(loader, DaliClipLoader) == (name == "dali")
         ids[name] = [c for batch in loader for c in batch["clip_id"]]
     assert ids["dali"] == ids["torchcodec"] and len(ids["dali"]) == 2
