@@ -139,13 +139,11 @@ def train_one_epoch(model, loader, optimizer, cfg: Config, device, state: dict, 
                 step_n += n
         state["samples_seen"] += drawn * world_size
         state["epoch_pos"] += drawn
-        t_end = time.perf_counter()
         wait += t_data - t_prev
-        compute += t_end - t_data
-        t_prev = t_end
         if final:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            t_end = time.perf_counter()
             state["step"] += 1
             micro = 0
             totals["loss"] += step_loss
@@ -157,8 +155,11 @@ def train_one_epoch(model, loader, optimizer, cfg: Config, device, state: dict, 
             t_step = t_end
             if on_step is not None:
                 on_step(state, metrics)
-            if stop_at is not None and state["samples_seen"] >= stop_at:
-                break
+        # the optimizer step counts as compute; evaluation and checkpoints in on_step count as neither
+        compute += (t_end if final else time.perf_counter()) - t_data
+        t_prev = time.perf_counter()
+        if final and stop_at is not None and state["samples_seen"] >= stop_at:
+            break
     if micro:  # an epoch that does not divide into whole steps: use the gradients of its tail
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
