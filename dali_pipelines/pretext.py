@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from flipray.config import Config
-from flipray.data import (IMAGENET_MEAN, IMAGENET_STD, ClipDecodeError, EpochSampler, decode_audio, decode_video,
-                          item_params, num_items, window_frame_indices, window_samples_range)
+from flipray.data import (IMAGENET_MEAN, IMAGENET_STD, ClipDecodeError, EpochSampler, audio_window, decode_audio,
+                          decode_video, item_params, num_items, window_frame_indices, window_samples_range)
 from flipray.store import ChecksumError, Store
 
 log = logging.getLogger(__name__)
@@ -152,10 +152,13 @@ class ClipSource:
         else:
             ci, p = self.item(item, epoch)
             video, audio, code = self.fetch(self.clips[ci])
+            audio_ci, audio_start = audio_window(self.cfg, ci, p)
+            if code == OK and audio_ci != ci:  # mismatch negative: another clip's audio
+                _, audio, code = self.fetch(self.clips[audio_ci])
         if code != OK:  # decode the filler instead; the loader drops the sample
             if self._filler_audio is None:
                 self._filler_audio = _filler_flac(self.cfg.data.sample_rate)
-            video, audio, start, crop, flags = _FILLER_WEBM, self._filler_audio, 0, (0, 0), (0, 0, 0)
+            video, audio, start, audio_start, crop, flags = _FILLER_WEBM, self._filler_audio, 0, 0, (0, 0), (0, 0, 0)
             aug = (1 / 255, 1 / 255, 0.0, 0.0)
         else:
             start = p.start_frame
@@ -164,9 +167,10 @@ class ClipSource:
             # x3 = s*x2 + (1-s)*g  =  (s*c*b/255)*u + s*(1-c)*mean(g) + (1-s)*g   (then clamp, normalise)
             b, c, sat = p.brightness, p.contrast, p.saturation
             aug = (b / 255, sat * c * b / 255, sat * (1 - c), 1 - sat)
-            # joint flip mirrors the frames and swaps the channels; the task's swap swaps them (again)
-            flags = (int(p.joint_flip), int(p.joint_flip != p.swap), int(p.swap))
-        s0 = window_samples_range(self.cfg, start)[0]
+            # joint flip mirrors the frames and swaps the channels; the flip task's negative swaps them (again)
+            flip_negative = p.swap and self.cfg.train.task == "flip"
+            flags = (int(p.joint_flip), int(p.joint_flip != flip_negative), int(p.label))
+        s0 = window_samples_range(self.cfg, audio_start)[0]
         return (np.frombuffer(video, np.uint8), np.frombuffer(audio, np.uint8), np.array(start, np.int32),
                 np.array([s0], np.int32), np.array(crop, np.int32), np.array(aug, np.float32),
                 np.array(flags, np.int32), np.array([ci, item, code, start], np.int64))

@@ -29,6 +29,8 @@ class DataConfig:
     color_jitter: float = 0.4         # max relative change of brightness / contrast / saturation (0 = off)
     joint_flip_p: float = 0.5         # mirror frames AND swap channels together (keeps the alignment, label unchanged)
     eval_windows: int = 1             # fixed windows per clip when evaluating (each scored as recorded and swapped)
+    shift_min_s: float = 2.0          # shift task: audio moved by 2.0-5.8 s against the video (Owens & Efros 2018)
+    shift_max_s: float = 5.8
     sample_rate: int = 16000
     n_fft: int = 512
     win_length: int = 400
@@ -51,7 +53,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    task: str = "flip"                # pretext task: flip (label 1 = left/right audio channels swapped)
+    task: str = "flip"                # flip (label 1 = left/right channels swapped) | mismatch (audio of another
+                                      # clip) | shift (audio shifted in time): the paper's pretext baselines
     batch_size: int = 32              # global batch size (all workers together)
     micro_batch_size: int = 0         # per-worker forward pass; 0 = batch_size / workers; smaller = accumulate
     optimizer: str = "sgd"            # sgd (the paper: momentum 0.9, lr 0.01) | adamw
@@ -127,6 +130,9 @@ class Config:
             raise ValueError("model.visual_init=imagenet:PATH needs model.visual_width=64 (torchvision's resnet18)")
         if t.task not in TASKS:
             raise ValueError(f"train.task must be one of {TASKS}, got {t.task!r}")
+        if not 0 < d.shift_min_s <= d.shift_max_s:
+            raise ValueError(f"data.shift_min_s/shift_max_s must satisfy 0 < min <= max, got {d.shift_min_s}, "
+                             f"{d.shift_max_s}")
         if t.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {t.optimizer!r}")
         if t.schedule not in ("constant", "cosine"):
@@ -147,7 +153,7 @@ class Config:
 
 
 VARIANTS = ("base", "motion", "mono", "gcc-phat", "pooled-visual")
-TASKS = ("flip",)
+TASKS = ("flip", "mismatch", "shift")
 
 
 def _preset(name: str) -> Config:

@@ -3,7 +3,11 @@
 Everything here is plain PyTorch + torchcodec, so the library runs without DALI; `dali_pipelines/` produces the same
 batch dict from the same `SampleParams`. A batch is:
     video  float (B, T, 3, H, W), ImageNet-normalised      audio  float (B, C, n_mels, S) log10-mel (+ extra channels)
-    label  float (B,), 1 = audio channels swapped           clip_id, start_s  to trace a sample back to its clip
+    label  float (B,), 1 = audio altered by the pretext task  clip_id, start_s  to trace a sample back to its clip
+
+The pretext task (train.task) decides what "altered" means: `flip` swaps the left and right channels (the paper),
+`mismatch` takes the audio of another clip (Arandjelovic & Zisserman), `shift` takes the same clip's audio
+shifted in time by data.shift_min_s..shift_max_s (Owens & Efros). Same network, same batches, same label convention.
 
 Conventions: audio channel 0 = left; a window starts on a video frame (start_s = start_frame / fps); every random
 choice comes from a generator seeded by (seed, epoch, clip index), so a resumed run or a second loader draws the
@@ -132,7 +136,13 @@ class SampleParams:
     contrast: float
     saturation: float
     joint_flip: bool        # mirror frames AND swap channels (alignment unchanged)
-    swap: bool              # the flip task: swap channels only (label 1)
+    swap: bool              # the pretext task's negative (label 1): channels swapped / other clip / time-shifted
+    audio_clip: int = -1    # clip whose audio is used (-1 = this clip; the mismatch task's negatives)
+    audio_shift: int = 0    # audio window start minus video window start, in stored-video frames (shift task)
+
+    @property
+    def label(self) -> float:
+        return float(self.swap)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -140,22 +150,31 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 def draw_params(cfg: Config, clip_frames: int, seed: int, epoch: int, index: int, train: bool,
-                swap: bool | None = None) -> SampleParams:
-    """The augmentation and label of sample `index` in `epoch`.
+                swap: bool | None = None, n_clips: int = 1) -> SampleParams:
+    """The augmentation and label of sample `index` (of `n_clips` clips) in `epoch`.
 
     Training draws everything at random. Evaluation is deterministic and unaugmented: centre crop, no jitter or
-    joint flip, a fixed random window per clip, and `swap` given by the caller (each clip is scored both ways).
+    joint flip, a fixed random window per clip, and `swap` (the task's negative) given by the caller (each clip is
+    scored both ways).
     """
     d = cfg.data
     g = torch.Generator().manual_seed(sample_seed(seed, epoch, index))
-    u = torch.rand(8, generator=g).tolist()  # fixed number of draws: adding a knob never shifts the others
+    u = torch.rand(12, generator=g).tolist()  # fixed number of draws: adding a knob never shifts the others
     last_start = clip_frames - cfg.window_frames
     if last_start < 0:
         raise ValueError(f"clip of {clip_frames} frames is shorter than the {cfg.window_frames}-frame window")
     start = min(int(u[0] * (last_start + 1)), last_start)
+    swap = u[7] < 0.5 if swap is None else swap
+    audio_clip, audio_shift = -1, 0
+    if swap and cfg.train.task == "mismatch":
+        if n_clips < 2:
+            raise ValueError("train.task=mismatch needs at least 2 clips in the split")
+        audio_clip = (index + 1 + min(int(u[8] * (n_clips - 1)), n_clips - 2)) % n_clips
+    elif swap and cfg.train.task == "shift":
+        start, audio_shift = _shifted_window(cfg, last_start, u[8], u[9], u[10])
     if not train:
         margin = (d.resize - d.crop) // 2
-        return SampleParams(start, margin, margin, 1.0, 1.0, 1.0, False, bool(u[7] < 0.5) if swap is None else swap)
+        return SampleParams(start, margin, margin, 1.0, 1.0, 1.0, False, swap, audio_clip, audio_shift)
     j = d.color_jitter
     return SampleParams(
         start_frame=start,
@@ -163,7 +182,22 @@ def draw_params(cfg: Config, clip_frames: int, seed: int, epoch: int, index: int
         crop_y=min(int(u[2] * (d.resize - d.crop + 1)), d.resize - d.crop),
         brightness=1 + j * (2 * u[3] - 1), contrast=1 + j * (2 * u[4] - 1), saturation=1 + j * (2 * u[5] - 1),
         joint_flip=u[6] < d.joint_flip_p,
-        swap=u[7] < 0.5 if swap is None else swap)
+        swap=swap, audio_clip=audio_clip, audio_shift=audio_shift)
+
+
+def _shifted_window(cfg: Config, last_start: int, u_size: float, u_sign: float, u_start: float) -> tuple[int, int]:
+    """(video start, audio shift) in frames for a shift-task negative: |shift| drawn in data.shift_min_s..max_s,
+    capped by what the clip allows; both windows inside the clip."""
+    fps = cfg.data.fps
+    lo, hi = round(cfg.data.shift_min_s * fps), round(cfg.data.shift_max_s * fps)
+    if last_start < max(lo, 1):
+        raise ValueError(f"train.task=shift: clips need room for a {cfg.data.shift_min_s}-s shift of the "
+                         f"{cfg.data.window_s}-s window ({cfg.window_frames + lo} frames), got "
+                         f"{cfg.window_frames + last_start}")
+    size = lo + min(int(u_size * (min(hi, last_start) - lo + 1)), min(hi, last_start) - lo)
+    sign = 1 if u_sign < 0.5 else -1
+    start = min(int(u_start * (last_start - size + 1)), last_start - size)  # the earlier of the two windows
+    return (start, size) if sign > 0 else (start + size, -size)
 
 
 def num_items(n_clips: int, cfg: Config, train: bool) -> int:
@@ -180,7 +214,7 @@ def item_params(cfg: Config, clips: list[dict], seed: int, epoch: int, item: int
     else:  # item = (clip, window, swap); the window index seeds the window's position instead of the epoch
         ci, rest = divmod(item, 2 * cfg.data.eval_windows)
         window, swap = rest // 2, bool(rest % 2)
-    return ci, draw_params(cfg, clips[ci]["num_frames"], seed, window, ci, train, swap)
+    return ci, draw_params(cfg, clips[ci]["num_frames"], seed, window, ci, train, swap, n_clips=len(clips))
 
 
 def window_frame_indices(cfg: Config, start_frame: int) -> list[int]:
@@ -192,6 +226,11 @@ def window_frame_indices(cfg: Config, start_frame: int) -> list[int]:
 def window_samples_range(cfg: Config, start_frame: int) -> tuple[int, int]:
     start = round(start_frame / cfg.data.fps * cfg.data.sample_rate)
     return start, start + cfg.window_samples
+
+
+def audio_window(cfg: Config, clip_index: int, p: SampleParams) -> tuple[int, int]:
+    """(clip whose audio the sample hears, first frame of its audio window): the task's negative decides both."""
+    return (p.audio_clip if p.audio_clip >= 0 else clip_index), p.start_frame + p.audio_shift
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -282,11 +321,11 @@ def make_sample(frames: torch.Tensor, wave: torch.Tensor, p: SampleParams, cfg: 
     """Window frames (T, H, W, 3) uint8 at cfg.data.resize and window audio (2, S) -> one training sample."""
     if p.joint_flip:
         frames, wave = joint_flip(frames, wave)
-    if p.swap:
+    if p.swap and cfg.train.task == "flip":  # the other tasks' negatives come from audio_window()
         wave = flip_channels(wave)
     return {"video": augment_frames(frames, p, cfg.data.crop),
             "audio": features(peak_normalise(wave)),
-            "label": torch.tensor(float(p.swap))}
+            "label": torch.tensor(p.label)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -347,11 +386,14 @@ class ClipDataset(Dataset):
             self._fill_cache()
 
     def _decode(self, clip: dict, indices=None) -> tuple[torch.Tensor, torch.Tensor]:
-        (video, vname), (audio, aname) = self._file(clip, "video"), self._file(clip, "audio")
+        video, vname = self._file(clip, "video")
         frames = decode_video(video, indices, self.cfg.data.resize, expect_frames=clip["num_frames"], name=vname)
-        wave = decode_audio(audio, self.cfg.data.sample_rate, channels=2, expect_seconds=clip["duration_s"],
+        return frames, self._decode_audio(clip)
+
+    def _decode_audio(self, clip: dict) -> torch.Tensor:
+        audio, aname = self._file(clip, "audio")
+        return decode_audio(audio, self.cfg.data.sample_rate, channels=2, expect_seconds=clip["duration_s"],
                             name=aname)
-        return frames, wave
 
     def _file(self, clip: dict, field: str):
         """(local path, None), or for an S3 root (object bytes, URL), checked against the manifest's sha256."""
@@ -389,13 +431,16 @@ class ClipDataset(Dataset):
         ci, p = item_params(self.cfg, self.clips, self.seed, epoch, i, self.train)
         clip = self.clips[ci]
         idx = window_frame_indices(self.cfg, p.start_frame)
-        s0, s1 = window_samples_range(self.cfg, p.start_frame)
+        audio_ci, audio_start = audio_window(self.cfg, ci, p)
+        s0, s1 = window_samples_range(self.cfg, audio_start)
         try:
             if self.cache is not None:
                 frames, wave = self.cache[ci]
-                frames = frames[idx]
+                frames, wave = frames[idx], self.cache[audio_ci][1]
             else:
                 frames, wave = self._decode(clip, idx)
+                if audio_ci != ci:
+                    wave = self._decode_audio(self.clips[audio_ci])
         except ClipDecodeError as e:
             self._skip(clip, e)
             return None

@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = load_config(args.config, args.set)
     c = cfg.cluster
+    if c.register_as == tracking.PRETEXT_MODEL:  # baselines register beside the flip model, not over it
+        c.register_as = tracking.pretext_model_name(cfg.train.task)
     run_name = args.run_name or f"pretext-{cfg.preset}-{cfg.train.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = tracking.tracking_uri(args.tracking_uri)
     experiment_id = tracking.init_tracking(uri, c.experiment)
@@ -232,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     if c.register_as:
         with result.checkpoint.as_directory() as d:
             tags = {"config": yaml.safe_dump(cfg.to_dict(), sort_keys=False), "run_name": run_name,
+                    "task": cfg.train.task,
                     **{k: f"{v:.4f}" for k, v in metrics.items() if k.endswith("flip_acc")}}
             version = tracking.register_checkpoint(run_id, d, c.register_as, tags)
     client.set_terminated(run_id)

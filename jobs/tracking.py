@@ -1,8 +1,9 @@
 """MLflow for flipray jobs: where the tracking store is, the registered pretext model, and loading it back.
 
-The tracking URI comes from `--tracking-uri`, else MLFLOW_TRACKING_URI, else a sqlite store `mlflow.db` in the
-working directory. Models are registered as a state_dict artifact (`checkpoint.pt` + `config.yaml`), not a pickled
-class, so they load back as flipray's own SpatialAlignmentNet with `torch.load(..., weights_only=True)`:
+The tracking URI comes from `--tracking-uri`, else MLFLOW_TRACKING_URI, else the local services' sqlite
+store `.flipray/local/mlflow.db` (the one `make demo` and `python -m cluster.local up --mlflow` use). Models are
+registered as a state_dict artifact (`checkpoint.pt` + `config.yaml`), not a pickled class, so they load back as
+flipray's own SpatialAlignmentNet with `torch.load(..., weights_only=True)`:
 
     from jobs.tracking import load_pretrained
     model, cfg = load_pretrained("models:/flipray-pretext/latest")      # or /3, @alias, or a checkpoint.pt path
@@ -17,11 +18,17 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PRETEXT_MODEL = "flipray-pretext"
+DEFAULT_STORE = Path(".flipray/local")  # = cluster.local.DEFAULT_STATE_DIR: mlflow.db + mlartifacts/
 
 
 def tracking_uri(explicit: str | None = None) -> str:
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return uri or f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
+
+
+def pretext_model_name(task: str) -> str:
+    """Registered name of a pretext model: flipray-pretext for the flip task, flipray-pretext-<task> for baselines."""
+    return PRETEXT_MODEL if task == "flip" else f"{PRETEXT_MODEL}-{task}"
 
 
 def init_tracking(uri: str, experiment: str) -> str:
@@ -75,8 +82,38 @@ def load_pretrained(uri: str, tracking: str | None = None):
     mlflow.set_tracking_uri(tracking_uri(tracking))
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+            local = _download(uri, tmp)
         except Exception as e:
             raise ValueError(f"cannot load {uri} from {mlflow.get_tracking_uri()}: {e}. Train and register one "
                              f"with `make demo` or `python -m jobs.pretext`.") from None
         return load_model(Path(local) / "checkpoint.pt")
+
+
+def _download(uri: str, dst: str) -> str:
+    """Download a models:/ URI. With a sqlite store whose artifacts were written through an MLflow server
+    (mlflow-artifacts:/...), read them from the server's artifacts folder beside the database, so a model trained by
+    `make demo` loads after the server is gone."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
+    except MlflowException as e:
+        store = mlflow.get_tracking_uri()
+        if "mlflow-artifacts" not in str(e) or not store.startswith("sqlite:///"):
+            raise
+    client = MlflowClient()
+    name, _, ref = uri[len("models:/"):].partition("/")
+    if "@" in name:
+        name, alias = name.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias)
+    elif ref in ("", "latest"):
+        version = max(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+    else:
+        version = client.get_model_version(name, ref)
+    run = client.get_run(version.run_id)
+    rel = run.info.artifact_uri.split("mlflow-artifacts:/", 1)[1].lstrip("/")
+    folder = Path(store[len("sqlite:///"):]).parent / "mlartifacts" / rel / version.source.split("/", 3)[-1]
+    if not (folder / "checkpoint.pt").exists():
+        raise FileNotFoundError(f"{uri}: artifacts expected in {folder}, not there")
+    return str(folder)

@@ -148,3 +148,19 @@ def synth_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth")
     generate(root, clips=16, seed=3, workers=2, duration_s=4.0, two_source_prob=0.0, max_distractors=1)
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> dict:
+    """The demo preset trained once per session on a fresh 600-clip synthetic set (the suite's slowest step, ~6 min on
+    2 idle cores). Yields {"data": dataset folder, "run_dir": run folder, "checkpoint": checkpoint.pt, "report": the
+    report dict}. Read-only for its users: test_demo checks the accuracy, test_check and the downstream tests use the
+    trained model."""
+    from flipray import synth, train
+    base = tmp_path_factory.mktemp("demo")
+    data = base / "demo"
+    synth.generate(data, clips=600, seed=0, workers=2)
+    report = train.main(["--config", "demo", "--run-name", "demo", "--set", f"data.root={data}",
+                         "--set", f"train.out_dir={base / 'runs'}"])
+    run_dir = base / "runs" / "demo"
+    return {"data": data, "run_dir": run_dir, "checkpoint": run_dir / "checkpoint.pt", "report": report}

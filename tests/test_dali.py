@@ -92,7 +92,9 @@ def test_shards_of_an_epoch_are_disjoint_cover_the_split_and_reshuffle_per_epoch
 
 
 @pytest.mark.parametrize("train,overrides", [(True, OVERRIDES), (False, OVERRIDES),
-                                             (True, ["data.cache=false"])])  # the demo's 88-px resize + crop 80
+                                             (True, ["data.cache=false"]),  # the demo's 88-px resize + crop 80
+                                             (True, ["data.cache=false", "train.task=mismatch"]),
+                                             (False, ["data.cache=false", "train.task=shift"])])
 def test_parity_with_the_torchcodec_loader(ingested, train, overrides):
     """Same clip, window and augmentation seed -> same tensors: log-mel to float precision, frames to the codec's
     tolerance (DALI's YUV->RGB conversion interpolates chroma differently from torchcodec's)."""

@@ -9,8 +9,8 @@ import torch
 
 from flipray.config import load_config
 from flipray.data import (AudioFeatures, ClipDataset, ClipDecodeError, EpochSampler, collate, decode_audio,
-                          decode_video, draw_params, flip_channels, joint_flip, make_sample, window_frame_indices,
-                          window_samples_range)
+                          decode_video, draw_params, flip_channels, item_params, joint_flip, make_sample,
+                          peak_normalise, window_frame_indices, window_samples_range)
 from flipray.manifest import read_manifest
 
 
@@ -192,3 +192,42 @@ def test_eval_windows_score_several_fixed_windows_per_clip(synth_root):
     single = ClipDataset(load_config("demo", [f"data.root={synth_root}", "data.cache=false", "data.eval_windows=1"]),
                          "train", train=False)
     assert single[0]["start_s"] == starts[0]  # window 0 is the one a single-window evaluation uses
+
+
+@pytest.mark.parametrize("task", ["mismatch", "shift"])
+def test_baseline_pretext_tasks_alter_the_audio_as_defined(synth_root, task):
+    """mismatch negatives hear another clip's audio window; shift negatives hear their own clip 1-2 s away (the
+    synthetic test clips last 4 s, so the shift range is set to fit); positives are untouched. Checked against
+    direct decodes of the files."""
+    cfg = load_config("demo", [f"data.root={synth_root}", "data.cache=false", f"train.task={task}",
+                               "data.shift_min_s=0.5", "data.shift_max_s=1.0"])
+    ds = ClipDataset(cfg, "train", train=True)
+    feats = AudioFeatures(cfg)
+    seen_neg = seen_pos = 0
+    for i in range(len(ds)):
+        for epoch in range(3):
+            ci, p = item_params(cfg, ds.clips, cfg.train.seed, epoch, i, train=True)
+            sample = ds[(epoch, i)]
+            assert sample["label"].item() == float(p.swap)
+            audio_ci = p.audio_clip if p.audio_clip >= 0 else ci
+            wave = decode_audio(synth_root / ds.clips[audio_ci]["audio"], 16000)
+            s0, s1 = window_samples_range(cfg, p.start_frame + p.audio_shift)
+            wave = wave[:, s0:s1]
+            if p.joint_flip:
+                wave = wave.flip(0)
+            assert torch.allclose(sample["audio"], feats(peak_normalise(wave)), atol=1e-4)
+            if not p.swap:
+                seen_pos += 1
+                assert p.audio_clip == -1 and p.audio_shift == 0
+                continue
+            seen_neg += 1
+            if task == "mismatch":
+                assert 0 <= p.audio_clip < len(ds.clips) and p.audio_clip != ci and p.audio_shift == 0
+            else:
+                assert p.audio_clip == -1 and 3 <= abs(p.audio_shift) <= 6  # 0.5-1.0 s at 6 fps
+                a0 = p.start_frame + p.audio_shift
+                assert 0 <= min(a0, p.start_frame) and max(a0, p.start_frame) + cfg.window_frames <= 24
+    assert seen_neg > 5 and seen_pos > 5
+    long_shift = load_config("demo", ["train.task=shift", "data.shift_min_s=5", "data.shift_max_s=6"])
+    with pytest.raises(ValueError, match="room for a 5.0-s shift"):
+        draw_params(long_shift, 24, 0, 0, 0, True, swap=True, n_clips=4)
