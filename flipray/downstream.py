@@ -1,0 +1,202 @@
+"""What every downstream task shares: its clips in RAM, the pretext network it starts from, and the trial contract.
+
+A downstream task (flipray/localize.py, spatialize.py, separate.py, analyze.py, doa.py) is a module with
+
+    TABLE = {"task": ..., "table": "Table 3", "metrics": [...], "primary": ..., "higher_is_better": {...}}
+    METHODS = {"flip": {"label": "Flip (ours)", "pretext": "flip"},      # the table's rows, in order; "pretext"
+               "scratch": {"label": "No pretraining", "pretext": None}}   # names the pretext task's weights (None:
+                                                                          # same network, random weights)
+    @dataclass class <Task>Config(DownstreamConfig): ...                  # its own knobs, commented defaults
+    PRESETS = {"demo": {...}, "small": {...}, "paper": {...}}             # overrides of that dataclass
+    def run_trial(cfg, report=None) -> dict                               # one method, trained and evaluated
+
+`run_trial` trains on cfg.train_split and scores cfg.eval_split, calls `report(epoch, metrics)` after every epoch
+(Ray Tune's ASHA stops a trial by raising there), and returns
+
+    {"metrics": {name: float}, "per_clip": {name: [float, ...]}, "clip_ids": [...], "history": [{epoch, ...}],
+     "figures": {name: png path}}
+
+Plain PyTorch, no Ray or MLflow: `jobs/downstream.py` runs the methods of a table as Ray tasks and logs them,
+`tuning/sweep.py` runs trials of one method under Ray Tune. Pretext weights arrive as checkpoint paths
+(`jobs.tracking.load_pretrained` resolves models:/ URIs on the job side).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config, load_config
+from .data import (AudioFeatures, ClipDecodeError, SampleParams, augment_frames, decode_audio, decode_video,
+                   peak_normalise, window_frame_indices)
+from .models import SpatialAlignmentNet
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DownstreamConfig:
+    data_root: str = "data/demo"      # dataset root (folder or s3://): the clip store, as for pretext training
+    train_split: str = "train"
+    eval_split: str = "test"          # "val" while sweeping, "test" for the table
+    method: str = "flip"              # the table row this trial is (the task's METHODS)
+    pretext: str = ""                 # checkpoint.pt of the pretext network: its shape, and its weights if pretrained
+    pretrained: bool = True           # False: the checkpoint's shape with random weights (the "no pretraining" rows)
+    arch: str = "demo"                # pretext preset giving the network's shape when `pretext` is empty
+    max_clips: int = 0                # cap on clips per split (0 = all): quick runs and tests
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3                  # task head
+    lr_backbone: float = 1e-4         # pretext sub-networks; 0 = frozen
+    weight_decay: float = 1e-4
+    seed: int = 0
+    device: str = "auto"              # auto | cpu | cuda
+    threads: int = 0                  # torch CPU threads; 0 = torch's default
+    out_dir: str = ""                 # where figures and examples go ("" = none written)
+
+
+def apply(cfg, overrides: dict | list[str] | None):
+    """Set dataclass fields from {"lr": 1e-3} or ["lr=1e-3"] (strings parsed as YAML scalars); unknown keys raise."""
+    import yaml
+    if not overrides:
+        return cfg
+    items = overrides.items() if isinstance(overrides, dict) else (o.split("=", 1) for o in overrides)
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for key, value in items:
+        if key not in fields:
+            raise ValueError(f"unknown {type(cfg).__name__} field {key!r}; fields are {sorted(fields)}")
+        current = getattr(cfg, key)
+        if isinstance(value, str) and not isinstance(current, str):
+            value = yaml.safe_load(value)
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(current):
+            raise ValueError(f"{type(cfg).__name__}.{key} must be {type(current).__name__}, got {value!r}")
+        setattr(cfg, key, value)
+    return cfg
+
+
+def setup(cfg: DownstreamConfig) -> torch.device:
+    """Seed everything from cfg.seed, set torch threads, pick the device."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The pretext network
+
+def pretext_network(cfg: DownstreamConfig) -> tuple[SpatialAlignmentNet, Config]:
+    """(network, its pretext Config): the weights of cfg.pretext, or (pretrained=False) a fresh network of the same
+    shape, so "no pretraining" rows differ from the others in their weights only. Without a checkpoint the shape
+    comes from the `cfg.arch` preset. Seeded by cfg.seed."""
+    from .config import config_from_dict
+    from .train import load_checkpoint
+    torch.manual_seed(cfg.seed)
+    if not cfg.pretext:
+        if cfg.pretrained:
+            raise ValueError(f"method {cfg.method!r} needs pretext weights: set `pretext` to a checkpoint.pt")
+        pcfg = load_config(cfg.arch)
+        return SpatialAlignmentNet(pcfg), pcfg
+    ckpt = load_checkpoint(cfg.pretext)
+    pcfg = config_from_dict(ckpt["config"])
+    net = SpatialAlignmentNet(pcfg)
+    if cfg.pretrained:
+        net.load_state_dict(ckpt["model"])
+    return net, pcfg
+
+
+def param_groups(backbone: torch.nn.Module, head: torch.nn.Module, cfg: DownstreamConfig) -> list[dict]:
+    """Optimizer groups: the head at cfg.lr, the pretext sub-networks at cfg.lr_backbone (frozen when 0)."""
+    groups = [{"params": [p for p in head.parameters() if p.requires_grad], "lr": cfg.lr}]
+    if cfg.lr_backbone > 0:
+        groups.append({"params": list(backbone.parameters()), "lr": cfg.lr_backbone})
+    else:
+        backbone.requires_grad_(False)
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Clips in RAM
+
+@dataclass
+class Clip:
+    row: dict                          # the manifest row
+    meta: dict                         # the sidecar (ground truth for synthetic clips)
+    frames: torch.Tensor               # uint8 (N, R, R, 3): every stored frame, centre-square, resized
+    wave: torch.Tensor                 # float (C, S) at the pretext sample rate; channel 0 = left
+
+    @property
+    def clip_id(self) -> str:
+        return self.row["clip_id"]
+
+
+def load_clips(root: str, split: str, resize: int, sample_rate: int, max_clips: int = 0,
+               channels: int | None = 2) -> tuple[list[Clip], dict[str, str]]:
+    """Decode a split once into RAM: (clips, skipped {clip_id: reason}). Corrupt clips are skipped and counted.
+
+    Downstream sets are small (the paper's FAIR-Play: 2k clips); a task that outgrows RAM should move to the
+    pretext loaders. `max_clips` keeps the first clips in manifest order (deterministic)."""
+    from tqdm import tqdm
+    store = Store(root)
+    rows = store.read_manifest(split)
+    if not rows:
+        raise ValueError(f"{root}: no clips in split {split!r}")
+    if max_clips:
+        rows = rows[:max_clips]
+    clips, skipped = [], {}
+    for row in tqdm(rows, desc=f"decoding {split} clips", unit="clip", leave=False):
+        try:
+            video = store.get(row["video"], row.get("video_sha256"))
+            audio = store.get(row["audio"], row.get("audio_sha256"))
+            meta = json.loads(store.get(row["meta"])) if row.get("meta") else {}
+            frames = decode_video(video, size=resize, expect_frames=row.get("num_frames"), name=store.url(row["video"]))
+            wave = decode_audio(audio, sample_rate, channels=channels, expect_seconds=row.get("duration_s"),
+                                name=store.url(row["audio"]))
+        except (ClipDecodeError, FileNotFoundError, ValueError) as e:
+            skipped[row["clip_id"]] = str(e)
+            log.warning("skipping clip %s: %s", row["clip_id"], e)
+            continue
+        clips.append(Clip(row, meta, frames, wave))
+    if not clips:
+        raise ValueError(f"{root}: every clip of split {split!r} failed to decode: {skipped}")
+    return clips, skipped
+
+
+def visual_input(clip: Clip, start_frame: int, pcfg: Config, mirror: bool = False) -> torch.Tensor:
+    """The pretext network's view of the window starting at `start_frame`: float (T, 3, crop, crop), centre crop,
+    no jitter (flipray.data's evaluation transform); `mirror` flips it left-right."""
+    frames = clip.frames[window_frame_indices(pcfg, start_frame)]
+    if mirror:
+        frames = frames.flip(2)
+    margin = (pcfg.data.resize - pcfg.data.crop) // 2
+    return augment_frames(frames, SampleParams(start_frame, margin, margin, 1.0, 1.0, 1.0, False, False),
+                          pcfg.data.crop)
+
+
+def audio_input(wave: torch.Tensor, features: AudioFeatures) -> torch.Tensor:
+    """Peak-normalised log-mel features (C', n_mels, T) of a waveform window, as the pretext network was trained."""
+    return features(peak_normalise(wave))
+
+
+def sounding_objects(clip: Clip) -> list[dict]:
+    return [o for o in clip.meta.get("objects", []) if o.get("sounding")]
+
+
+def write_json(path: str | Path, obj) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2))
+    return path
