@@ -5,12 +5,13 @@
     ray job submit --working-dir . -- python -m jobs.spatialize --data s3://flipray/demo/ --preset small ...
 
 Each `jobs/<task>.py` is `main = table_main(flipray.<task>)`. Options:
-    --data ROOT           dataset root (folder or s3://), default data/demo
+    --data ROOT           dataset root (folder or s3://), default $FLIPRAY_DATA or data/demo
     --preset NAME         the task's PRESETS entry (demo | small | paper)
     --pretext TASK=URI    pretext weights per pretext task (flip, mismatch, shift): models:/NAME/VERSION|latest or a
                           checkpoint path; default models:/flipray-pretext[-TASK]/latest from the tracking store
     --methods a,b,c       a subset of the task's METHODS (default: all whose pretext weights are available)
-    --set key=value       any field of the task's config dataclass (e.g. lr=3e-4, epochs=20)
+    --config-file F.yaml  task config fields from a YAML file (e.g. a sweep's best.yaml), applied after the preset
+    --set key=value       any field of the task's config dataclass (e.g. lr=3e-4, epochs=20), applied last
     --out DIR             table + per-method results + figures land in DIR/<task>/ (default runs/downstream)
     --cpus N              CPUs per method (Ray task resources); --local runs the methods one after another here
 
@@ -40,10 +41,11 @@ def parse_args(task_module, argv):
     name = task_module.TABLE["task"]
     p = argparse.ArgumentParser(prog=f"python -m jobs.{name}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="data/demo")
+    p.add_argument("--data", default=os.environ.get("FLIPRAY_DATA", "data/demo"))
     p.add_argument("--preset", default="small", choices=sorted(task_module.PRESETS))
     p.add_argument("--pretext", action="append", default=[], metavar="TASK=URI")
     p.add_argument("--methods", default="", help=f"comma-separated subset of {list(task_module.METHODS)}")
+    p.add_argument("--config-file", default=None, help="YAML of task config fields (e.g. tuning's best.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default="runs/downstream")
     p.add_argument("--cpus", type=float, default=1.0)
@@ -80,9 +82,20 @@ def resolve_pretext(specs: list[str], needed: set[str], out: Path, tracking_uri:
     return paths
 
 
+# Fields a config file may not carry over from another run: they say which row and weights a trial is.
+PER_METHOD = ("method", "pretext", "pretrained", "data_root", "out_dir", "eval_split")
+
+
 def method_configs(task_module, args, pretext: dict[str, str]) -> dict[str, object]:
-    """One config per method: the preset, the method's pretext weights (or the flip network's shape with random
-    weights), then --set."""
+    """One config per method: the preset, then --config-file (minus PER_METHOD fields), the method's pretext weights
+    (or the flip network's shape with random weights), then --set."""
+    from_file = {}
+    if args.config_file:
+        import yaml
+        raw = yaml.safe_load(Path(args.config_file).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{args.config_file}: expected a mapping of {task_module.TABLE['task']} config fields")
+        from_file = {k: v for k, v in raw.items() if k not in PER_METHOD}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] or list(task_module.METHODS)
     bad = [m for m in methods if m not in task_module.METHODS]
     if bad:
@@ -97,6 +110,7 @@ def method_configs(task_module, args, pretext: dict[str, str]) -> dict[str, obje
             continue
         cfg = task_module.Config(data_root=args.data, method=m)
         apply(cfg, task_module.PRESETS[args.preset])
+        apply(cfg, from_file)
         cfg.pretext = pretext[needs] if needs else shape_from
         cfg.pretrained = needs is not None
         apply(cfg, args.set)

@@ -1,0 +1,280 @@
+"""Ray Tune sweep of one downstream task's hyperparameters, every trial an MLflow run under the sweep's run.
+
+    ray job submit --working-dir . -- python -m tuning.sweep --task localize --samples 16
+    python -m tuning.sweep --task spatialize --samples 8 --data data/demo --preset demo --max-concurrent 2
+    python -m tuning.sweep --task localize --name sweep-localize-1 --restore     # continue an interrupted sweep
+
+The sweep definition is `tuning/<task>.yaml`: the metric and mode, the search space (`loguniform: [lo, hi]`,
+`uniform`, `choice`, `randint`, or a plain value), ASHA's grace period and reduction factor, the trials run at once
+and each trial's CPUs/GPUs. Each trial is a function trainable that runs `flipray.<task>.run_trial` on the train
+split and reports the validation split after every epoch, so ASHA can stop poor trials early. Trial checkpoints
+(the trial's history and, at the end, its result) live under `--storage/<name>/` (a folder or s3://).
+
+MLflow: the driver initialises the store (a fresh sqlite store must be created once, before trials touch it) and
+opens the sweep's parent run; every trial logs its params and per-epoch metrics into its own run, nested under
+it, and ends that run itself. At the end the sweep writes `<out>/best.yaml` (the best trial's full task config:
+pass it back with `python -m jobs.<task> --config-file best.yaml`) and `<out>/trials.png` (metric against epoch,
+one line per trial, coloured by the learning rate), and logs both to the parent run.
+
+`--restore` (or a rerun with the same --name) restores with `Tuner.restore`: finished trials are kept, not rerun;
+unfinished ones start again.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from flipray.downstream import apply
+from jobs import tracking
+from jobs.downstream import resolve_pretext
+
+log = logging.getLogger("tuning.sweep")
+
+HERE = Path(__file__).resolve().parent
+TASKS = ("localize", "spatialize", "separate", "doa")
+EXPERIMENT = "flipray-sweeps"
+
+
+def load_definition(task: str, path: str | None = None) -> dict:
+    """The sweep definition of `task` (tuning/<task>.yaml unless `path`), checked."""
+    path = Path(path) if path else HERE / f"{task}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no sweep definition for task {task!r}")
+    d = yaml.safe_load(path.read_text())
+    for key in ("metric", "mode", "space", "method"):
+        if key not in d:
+            raise ValueError(f"{path}: missing {key!r}")
+    if d["mode"] not in ("min", "max"):
+        raise ValueError(f"{path}: mode must be min or max, got {d['mode']!r}")
+    return d
+
+
+def search_space(space: dict) -> dict:
+    """YAML search space -> Ray Tune sampling objects."""
+    from ray import tune
+    kinds = {"loguniform": tune.loguniform, "uniform": tune.uniform, "randint": tune.randint,
+             "choice": tune.choice, "grid": tune.grid_search}
+    out = {}
+    for key, spec in space.items():
+        if isinstance(spec, dict):
+            (kind, args), = spec.items()
+            if kind not in kinds:
+                raise ValueError(f"search space {key}: unknown kind {kind!r}; kinds are {sorted(kinds)}")
+            out[key] = kinds[kind](args) if kind in ("choice", "grid") else kinds[kind](*args)
+        else:
+            out[key] = spec
+    return out
+
+
+def trainable(config: dict):
+    """One trial: the task config from the base + sampled values, run_trial reporting to Tune and MLflow."""
+    from mlflow import MlflowClient
+    from ray import tune
+
+    task = importlib.import_module(f"flipray.{config['task']}")
+    cfg = task.Config(**config["base"])
+    apply(cfg, {k: v for k, v in config.items() if k not in ("task", "base", "mlflow")})
+    ctx = tune.get_context()
+    cfg.out_dir = str(Path(cfg.out_dir or "runs/sweeps") / ctx.get_trial_name())
+    m = config["mlflow"]
+    client = MlflowClient(m["uri"])
+    run_id = client.create_run(m["experiment_id"], run_name=ctx.get_trial_name(),
+                               tags={"mlflow.parentRunId": m["parent"], "flipray.trial_id": ctx.get_trial_id()}
+                               ).info.run_id
+    for k, v in dataclasses.asdict(cfg).items():
+        client.log_param(run_id, k, v)
+    history = []
+
+    def report(epoch: int, metrics: dict):
+        history.append({"epoch": epoch, **metrics})
+        for k, v in metrics.items():
+            client.log_metric(run_id, k, float(v), step=epoch)
+        with _checkpoint_dir({"history.json": history}) as d:
+            tune.report({**metrics, "epoch": epoch}, checkpoint=tune.Checkpoint.from_directory(d))
+
+    status = "FAILED"
+    try:
+        result = task.run_trial(cfg, report=report)
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status=status)  # end_run explicitly: the trial process may be reused
+    for k, v in result["metrics"].items():
+        client.log_metric(run_id, f"final_{k}", v)
+
+
+class _checkpoint_dir:
+    """A temporary folder holding JSON files, for tune.Checkpoint.from_directory."""
+
+    def __init__(self, files: dict):
+        self.files = files
+
+    def __enter__(self) -> str:
+        import tempfile
+        self.tmp = tempfile.TemporaryDirectory()
+        for name, obj in self.files.items():
+            Path(self.tmp.name, name).write_text(json.dumps(obj))
+        return self.tmp.name
+
+    def __exit__(self, *exc):
+        self.tmp.cleanup()
+
+
+def plot_trials(df_by_trial: dict, metric: str, color_by: str, path: Path) -> Path:
+    """metric vs epoch, one line per trial, coloured by `color_by` (log scale)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    fig, ax = plt.subplots(figsize=(7, 4))
+    values = [t["config"].get(color_by) for t in df_by_trial.values() if t["config"].get(color_by)]
+    lo, hi = (min(values), max(values)) if values else (1, 1)
+    cmap = plt.get_cmap("viridis")
+    for name, t in sorted(df_by_trial.items()):
+        v = t["config"].get(color_by)
+        c = cmap(0.5 if not v or hi == lo else (np.log(v) - np.log(lo)) / (np.log(hi) - np.log(lo)))
+        ax.plot(t["epochs"], t["values"], "o-", color=c, ms=3, lw=1.2, alpha=0.9)
+    if values and hi > lo:
+        sm = plt.cm.ScalarMappable(cmap=cmap, norm=matplotlib.colors.LogNorm(lo, hi))
+        fig.colorbar(sm, ax=ax, label=color_by)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{len(df_by_trial)} trials (ASHA stops the short lines)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m tuning.sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--samples", type=int, default=16, help="trials to sample")
+    p.add_argument("--definition", default=None, help="sweep YAML (default tuning/<task>.yaml)")
+    p.add_argument("--data", default=os.environ.get("FLIPRAY_DATA", "data/demo"))
+    p.add_argument("--preset", default=None, help="the task's preset (default: the definition's)")
+    p.add_argument("--pretext", action="append", default=[], metavar="TASK=URI")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fixed task config fields")
+    p.add_argument("--name", default=None, help="sweep name (default sweep-<task>-<time>); reuse it to restore")
+    p.add_argument("--storage", default=os.environ.get("FLIPRAY_SWEEP_STORAGE", "runs/sweeps"),
+                   help="Tune storage path: a folder or s3://bucket/prefix")
+    p.add_argument("--out", default=None, help="best.yaml and trials.png (default <storage>/<name>/ locally, "
+                                               "else runs/sweeps/<name>)")
+    p.add_argument("--max-concurrent", type=int, default=None)
+    p.add_argument("--restore", action="store_true", help="restore the sweep --name (required to exist)")
+    p.add_argument("--tracking-uri", default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+    import ray
+    from mlflow import MlflowClient
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from jobs.pretext import storage_location
+
+    d = load_definition(args.task, args.definition)
+    task = importlib.import_module(f"flipray.{args.task}")
+    name = args.name or f"sweep-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage_path, filesystem = storage_location(args.storage)
+    exp_dir = f"{storage_path.rstrip('/')}/{name}"
+    out = Path(args.out or (exp_dir if filesystem is None else Path("runs/sweeps") / name))
+    out.mkdir(parents=True, exist_ok=True)
+    restoring = tune.Tuner.can_restore(exp_dir, storage_filesystem=filesystem)
+    if args.restore and not restoring:
+        raise FileNotFoundError(f"--restore: no Tune experiment at {exp_dir}")
+
+    # The base task config every trial starts from: preset, method, data, pretext weights (downloaded once here).
+    method = task.METHODS[d["method"]]
+    base = task.Config(data_root=args.data, method=d["method"], eval_split="val")
+    apply(base, task.PRESETS[args.preset or d.get("preset", "small")])
+    needs = method.get("pretext")
+    pretext = resolve_pretext(args.pretext, {needs or "flip"}, out, tracking.tracking_uri(args.tracking_uri))
+    base.pretext = pretext.get(needs or "flip", "")
+    base.pretrained = needs is not None
+    if needs and not base.pretext:
+        raise ValueError(f"method {d['method']} needs a {needs} pretext model: pass --pretext {needs}=URI")
+    apply(base, d.get("fixed", {}))
+    apply(base, args.set)
+    base.out_dir = str(out / "trials")
+
+    # MLflow: the driver creates the store and the parent run before any trial starts.
+    uri = tracking.tracking_uri(args.tracking_uri)
+    experiment_id = tracking.init_tracking(uri, EXPERIMENT)
+    client = MlflowClient(uri)
+    previous = tracking.find_run(experiment_id, name)
+    parent = previous.info.run_id if previous else client.create_run(
+        experiment_id, run_name=name, tags={"flipray.run_name": name, "flipray.task": args.task}).info.run_id
+    if not previous:
+        client.log_param(parent, "task", args.task)
+        client.log_param(parent, "samples", args.samples)
+        client.log_param(parent, "space", json.dumps(d["space"]))
+
+    param_space = {**search_space(d["space"]), "task": args.task, "base": dataclasses.asdict(base),
+                   "mlflow": {"uri": uri, "experiment_id": experiment_id, "parent": parent}}
+    resources = d.get("resources", {"cpu": 1})
+    trainable_with_resources = tune.with_resources(trainable, {"cpu": resources.get("cpu", 1),
+                                                               "gpu": resources.get("gpu", 0)})
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    if restoring:
+        print(f"restoring sweep {name} from {exp_dir}", flush=True)
+        tuner = tune.Tuner.restore(exp_dir, trainable=trainable_with_resources, resume_unfinished=True,
+                                   restart_errored=True, storage_filesystem=filesystem)
+    else:
+        asha = d.get("asha", {})
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.epochs,
+                                  grace_period=asha.get("grace_period", 1),
+                                  reduction_factor=asha.get("reduction_factor", 2))
+        tuner = tune.Tuner(
+            trainable_with_resources, param_space=param_space,
+            tune_config=tune.TuneConfig(metric=d["metric"], mode=d["mode"], scheduler=scheduler,
+                                        num_samples=args.samples,
+                                        max_concurrent_trials=args.max_concurrent or d.get("max_concurrent", 2)),
+            run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                      failure_config=tune.FailureConfig(max_failures=1)))
+    grid = tuner.fit()
+
+    trials = {}
+    for r in grid:
+        if r.metrics_dataframe is None or d["metric"] not in r.metrics_dataframe:
+            continue
+        df = r.metrics_dataframe
+        trials[Path(r.path).name] = {"config": {k: v for k, v in r.config.items() if k in d["space"]},
+                                     "epochs": df["training_iteration"].tolist(), "values": df[d["metric"]].tolist()}
+    best = grid.get_best_result(metric=d["metric"], mode=d["mode"], scope="last")
+    best_cfg = task.Config(**best.config["base"])
+    apply(best_cfg, {k: v for k, v in best.config.items() if k in d["space"]})
+    best_cfg.eval_split, best_cfg.out_dir = "test", ""
+    best_path = out / "best.yaml"
+    header = (f"# best of sweep {name}: {d['metric']} = {best.metrics[d['metric']]:.6g} on the val split "
+              f"(trial {Path(best.path).name})\n")
+    best_path.write_text(header + yaml.safe_dump(dataclasses.asdict(best_cfg), sort_keys=False))
+    png = plot_trials(trials, d["metric"], d.get("color_by", "lr"), out / "trials.png")
+    stopped = sum(1 for t in trials.values() if max(t["epochs"]) < base.epochs)
+    client.log_artifact(parent, str(best_path))
+    client.log_artifact(parent, str(png))
+    client.log_metric(parent, f"best_{d['metric']}", float(best.metrics[d["metric"]]))
+    client.set_terminated(parent)
+    summary = {"name": name, "experiment_path": exp_dir, "trials": len(grid), "stopped_early": stopped,
+               "best_metric": float(best.metrics[d["metric"]]), "best_config": str(best_path),
+               "best_trial": Path(best.path).name, "trials_png": str(png), "mlflow_parent_run": parent,
+               "errors": len(grid.errors)}
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
