@@ -1,0 +1,597 @@
+"""`flipray check`: do a video's stereo channels look swapped, and where? `flipray fix`: swap them back.
+
+    flipray check my-video.mp4 other.mkv                     # newest registered flipray-pretext model (make demo)
+    flipray check my-video.mp4 --model runs/demo/checkpoint.pt --plot timeline.png
+    flipray check videos/*.mp4 --json --ray                  # a batch as Ray tasks on the running local cluster
+    flipray fix my-video.mp4 --out fixed.mp4                 # video stream copied, audio channels swapped back
+
+How a video is checked: the frames the model sees are taken on the model's frame grid (6 Hz for every preset: the
+frame shown at k/6 s, whatever the file's frame rate), centre-cropped to a square and resized to `data.resize`;
+the audio is resampled to 16 kHz by torchcodec. That is what training saw (`flipray.data`: resize_square,
+window_frame_indices, the evaluation crop without jitter, peak_normalise, AudioFeatures), done by the same
+functions. A 2.87-s window slides over the whole video every `--hop` seconds (1 s: every moment is in about three
+windows; one more window ends at the end of the video). Each window is scored four times (test-time augmentation):
+as it is (p1), mirrored with its channels swapped (p2: training's joint flip, which keeps picture and sound
+consistent, so the answer is the same), with its channels swapped (p3: the answer flips) and mirrored only (p4: the
+answer flips), and P(swapped) = (p1 + p2 + (1 - p3) + (1 - p4)) / 4, so a bias of the model towards either answer
+cancels and a channel-swapped copy of a video scores exactly 1 - P. Windows quieter than --silence-dbfs (RMS over both channels,
+before normalisation) are not scored: they carry no direction.
+
+Verdict, from the mean P(swapped) of the scored windows and the fraction of them on the same side of 0.5:
+    swapped      mean P >= 0.5 + margin (0.6) and at least --min-agree (60%) of the windows agree
+    correct      mean P <= 0.5 - margin (0.4) and at least --min-agree of the windows agree
+    undecidable  anything else: a model that is unsure, or a video whose channels change part-way (--min-run, 3,
+                 windows in a row at P >= 0.6 and as many elsewhere at P <= 0.4)
+Where the channels look swapped is reported as segments (runs of --min-run confident windows; on the 60 validation
+clips of the demo set no correctly-wired clip had even two such windows in a row), and `--plot` draws the timeline.
+
+Inputs that cannot be checked get one line each and no verdict: not a file ffmpeg can read, no video stream, no
+audio stream, mono audio, more than two channels, dual mono (two identical channels: swapping changes nothing),
+silent audio (every window below the floor), or shorter than one window.
+
+Exit codes (`check`): 0 every video was checked and none looks swapped; 1 at least one looks swapped; 2 at least one
+input could not be checked, or a usage error (2 + 1 = 3: both); 4 no trained model (run `make demo`, or pass
+--model PATH). `fix`: 0 written; 2 bad input or usage; 5 ffmpeg failed.
+
+`--json` prints a list with one object per video: path, verdict (correct | swapped | undecidable), p_swapped,
+windows (scored), agree_fraction, error (null, or why the input could not be checked; its verdict is then
+undecidable), reason (a short code for the error), silent_windows, duration_s, window_s, swapped_segments
+([start_s, end_s] each) and timeline: [start_s, P(swapped) or null for a silent window] per window.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .data import AudioFeatures, SampleParams, _first_line, make_sample, resize_square, window_frame_indices
+
+DEFAULT_MODEL = "models:/flipray-pretext/latest"
+EXIT_SWAPPED, EXIT_UNCHECKED, EXIT_NO_MODEL, EXIT_FFMPEG = 1, 2, 4, 5
+FRAME_EPS_S = 1e-4  # the frame played at k/fps is the one whose pts is k/fps: step past float round-off
+AUDIO_SLACK_S = 0.1  # audio a little shorter than the video (encoder padding, muxing): pad the last window
+
+
+@dataclass
+class CheckOptions:
+    hop_s: float = 1.0              # window hop; a 2.87-s window at 1 s covers every moment about three times
+    margin: float = 0.1             # mean P(swapped) must be this far from 0.5 for a verdict
+    min_agree: float = 0.6          # and at least this fraction of scored windows must be on its side of 0.5
+    min_run: int = 3                # consecutive confident windows that make a segment (~5 s of video at a 1-s hop)
+    silence_dbfs: float = -60.0     # windows with a lower RMS (both channels, before normalisation) are not scored
+    dual_mono_db: float = -40.0     # side (L-R) this far below mid (L+R) over the whole file: dual mono
+    batch_size: int = 16            # windows per forward pass (each window is 4 inputs, the test-time VIEWS)
+    device: str = "cpu"
+
+
+@dataclass
+class CheckResult:
+    path: str
+    verdict: str = "undecidable"   # correct | swapped | undecidable
+    p_swapped: float | None = None
+    windows: int = 0               # windows scored (silent ones are not)
+    agree_fraction: float | None = None
+    error: str | None = None       # why the input could not be checked
+    reason: str | None = None      # short code: not-a-video no-video no-audio mono channels dual-mono silent too-short
+    silent_windows: int = 0
+    duration_s: float | None = None
+    window_s: float | None = None  # the model's window length
+    swapped_segments: list = field(default_factory=list)  # [start_s, end_s] where min_run windows in a row say swapped
+    timeline: list = field(default_factory=list)  # [start_s, P(swapped) or None for a silent window]
+
+
+class CheckError(Exception):
+    """An input that cannot be checked; `reason` is the short code in the JSON, the message says why."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class NoModelError(Exception):
+    """No trained model where --model (or the default registered model) points."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The model
+
+def load_check_model(spec: str | None = None, tracking: str | None = None):
+    """(SpatialAlignmentNet in eval mode, Config) from a checkpoint path / run folder or a models:/ URI.
+
+    models:/ URIs go through jobs.tracking (MLflow, imported only here); a missing store or model, or a model trained
+    for another pretext task, raises NoModelError with what to do about it.
+    """
+    spec = spec or DEFAULT_MODEL
+    model, cfg = _load_model(spec, tracking)
+    task, channels = getattr(cfg.train, "task", "flip"), getattr(cfg.data, "audio_channels", 2)
+    if task != "flip" or channels != 2:
+        raise NoModelError(f"{spec} was trained for the {task!r} pretext task on {channels}-channel audio; flipray "
+                           f"check needs a stereo flip-task model (flipray-pretext, as `make demo` trains)")
+    return model, cfg
+
+
+def _load_model(spec: str, tracking: str | None):
+    hint = "Run `make demo` (it trains the demo model and registers it as flipray-pretext), or pass --model PATH"
+    if not spec.startswith("models:/"):
+        from .train import load_model
+        path = Path(spec)
+        try:
+            return load_model(path / "checkpoint.pt" if path.is_dir() else path)
+        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+            raise NoModelError(f"cannot load the model {spec}: {e}") from None
+    try:
+        from jobs.tracking import load_pretrained, tracking_uri
+    except ImportError:
+        raise NoModelError(f"{spec} needs the flipray repository's jobs/ package and MLflow (run from the "
+                           f"repository folder). {hint} to a checkpoint.pt.") from None
+    uri = tracking_uri(tracking)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        # MLflow would create an empty store there; say where we looked instead
+        raise NoModelError(f"no trained model: no MLflow store at {uri[len('sqlite:///'):]}. {hint} "
+                           f"(or set MLFLOW_TRACKING_URI).")
+    try:
+        return load_pretrained(spec, tracking)
+    except Exception as e:  # noqa: BLE001 - MLflow's own exception types for a missing model mean "no model here"
+        why = _why(e)
+        raise NoModelError(f"no trained model: {why}; or pass --model PATH" if "make demo" in why else
+                           f"no trained model at {spec} in {uri}: {why}. {hint}.") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading a video onto the model's grid
+
+@dataclass
+class Media:
+    frames: torch.Tensor          # uint8 (K, resize, resize, 3): the grid frames the windows need, in `frame_pos` order
+    frame_pos: dict[int, int]     # grid frame index -> row of `frames`
+    wave: torch.Tensor            # float (2, S) at the model's sample rate, sample 0 = grid frame 0
+    starts: list[int]             # window start frames on the grid
+    duration_s: float
+
+
+def window_starts(grid_frames: int, audio_samples: int, cfg: Config, hop_s: float) -> list[int]:
+    """Start frames of the windows: every hop from 0, plus one ending at the end of the shorter stream."""
+    fps, sr = cfg.data.fps, cfg.data.sample_rate
+    by_audio = math.floor((audio_samples + AUDIO_SLACK_S * sr - cfg.window_samples) / sr * fps)
+    last = min(grid_frames - cfg.window_frames, by_audio)
+    if last < 0:
+        return []
+    hop = max(1, round(hop_s * fps))
+    starts = list(range(0, last + 1, hop))
+    return starts if starts[-1] == last else starts + [last]
+
+
+def open_media(path: str | Path, cfg: Config, opts: CheckOptions) -> Media:
+    """Decode what the windows need; raises CheckError for anything that cannot be checked."""
+    from torchcodec.decoders import AudioDecoder, VideoDecoder
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckError("not-a-video", "no such file")
+    if os.path.getsize(path) == 0:
+        raise CheckError("not-a-video", "empty file")
+    try:
+        vdec = VideoDecoder(path, dimension_order="NHWC", seek_mode="exact")
+    except (RuntimeError, ValueError) as e:  # torchcodec's words for what FFmpeg could not open
+        try:
+            AudioDecoder(path)
+        except (RuntimeError, ValueError):
+            raise CheckError("not-a-video", f"not a video ffmpeg can read ({_why(e)})") from None
+        raise CheckError("no-video", f"no video stream ffmpeg can decode, audio only ({_why(e)})") from None
+    try:
+        adec = AudioDecoder(path, sample_rate=cfg.data.sample_rate)
+    except (RuntimeError, ValueError):
+        raise CheckError("no-audio", "no audio stream: nothing to check") from None
+    channels = adec.metadata.num_channels
+    if channels == 1:
+        raise CheckError("mono", "mono audio (1 channel): there is no left and right to check")
+    if channels != 2:
+        raise CheckError("channels", f"{channels} audio channels: flipray check reads stereo (2 channels) only")
+
+    vm = vdec.metadata
+    t0 = vm.begin_stream_seconds or 0.0
+    end = vm.end_stream_seconds if vm.end_stream_seconds is not None else t0 + (vm.duration_seconds or 0.0)
+    fps = cfg.data.fps
+    grid = max(0, math.ceil((end - t0) * fps - 1e-6))  # frames k with t0 + k / fps < end
+    samples = adec.get_all_samples()
+    wave = samples.data.float()
+    # sample 0 of `wave` plays at samples.pts_seconds; make it grid time 0 (= the first video frame)
+    offset = round((t0 - samples.pts_seconds) * cfg.data.sample_rate)
+    wave = wave[:, offset:] if offset >= 0 else torch.nn.functional.pad(wave, (-offset, 0))
+    duration = min(end - t0, wave.shape[1] / cfg.data.sample_rate)
+    starts = window_starts(grid, wave.shape[1], cfg, opts.hop_s)
+    if not starts:
+        raise CheckError("too-short", f"{duration:.2f} s of video with audio is shorter than one "
+                                      f"{cfg.data.window_s:.2f}-s window")
+
+    needed = sorted({i for s in starts for i in window_frame_indices(cfg, s)})
+    chunks = []
+    try:
+        for j in range(0, len(needed), 64):  # resize as we go: a long 1080p video never sits in memory whole
+            times = [t0 + k / fps + FRAME_EPS_S for k in needed[j:j + 64]]
+            chunks.append(resize_square(vdec.get_frames_played_at(times).data, cfg.data.resize))
+    except (RuntimeError, ValueError) as e:
+        raise CheckError("not-a-video", f"cannot decode the video stream ({_why(e)})") from None
+    return Media(torch.cat(chunks), {k: r for r, k in enumerate(needed)}, wave, starts, duration)
+
+
+def _why(e: Exception) -> str:
+    return _first_line(e).strip().rstrip(".")
+
+
+def _db(x: torch.Tensor) -> float:
+    return 20 * math.log10(max(float(x), 1e-12))
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x.pow(2).mean().sqrt()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scoring
+
+# Test-time views (joint_flip, swap) of a window: as is; mirrored with its channels swapped (the joint flip of
+# training: alignment kept, same answer); channels swapped (the answer flips); mirrored only (= joint flip + swap:
+# the answer flips). Averaging p, p, 1 - p, 1 - p cancels any bias of the model towards either answer and makes
+# P(swapped) of a channel-swapped video exactly 1 - P(swapped) of the original.
+VIEWS = ((False, False), (True, False), (False, True), (True, True))
+
+
+@torch.no_grad()
+def score_windows(model, cfg: Config, media: Media, starts: list[int], opts: CheckOptions,
+                  features: AudioFeatures | None = None) -> list[float]:
+    """P(swapped) of each window, averaged over the four test-time VIEWS."""
+    features = features or AudioFeatures(cfg)
+    margin = (cfg.data.resize - cfg.data.crop) // 2  # the evaluation crop: centre, no jitter
+    device = torch.device(opts.device)
+    out = []
+    for b in range(0, len(starts), opts.batch_size):
+        videos, audios = [], []
+        for s in starts[b:b + opts.batch_size]:
+            frames = media.frames[[media.frame_pos[i] for i in window_frame_indices(cfg, s)]]
+            wave = window_audio(media.wave, s, cfg)
+            for joint_flip, swap in VIEWS:
+                sample = make_sample(frames, wave, SampleParams(s, margin, margin, 1.0, 1.0, 1.0, joint_flip, swap),
+                                     cfg, features)
+                videos.append(sample["video"])
+                audios.append(sample["audio"])
+        p = torch.sigmoid(model(torch.stack(videos).to(device), torch.stack(audios).to(device)).float()).cpu()
+        p = p.view(-1, len(VIEWS))
+        out += ((p[:, 0] + p[:, 1] + (1 - p[:, 2]) + (1 - p[:, 3])) / 4).tolist()
+    return out
+
+
+def window_audio(wave: torch.Tensor, start_frame: int, cfg: Config) -> torch.Tensor:
+    s0 = round(start_frame / cfg.data.fps * cfg.data.sample_rate)
+    w = wave[:, s0:s0 + cfg.window_samples]
+    return torch.nn.functional.pad(w, (0, cfg.window_samples - w.shape[1])) if w.shape[1] < cfg.window_samples else w
+
+
+def runs(timeline: list, opts: CheckOptions, swapped: bool, window_s: float, duration_s: float) -> list[list[float]]:
+    """[start_s, end_s] of every run of at least opts.min_run consecutive windows that confidently say `swapped`
+    (P >= 0.5 + margin) or, with swapped=False, correct (P <= 0.5 - margin); a silent window ends a run.
+
+    A run spans its windows' centres, half a hop either side (a window half in, half out of a swapped stretch is
+    the one that turns), and reaches the start or end of the video when its first or last window does.
+    """
+    found, run = [], []
+    half_hop = (timeline[1][0] - timeline[0][0]) / 2 if len(timeline) > 1 else window_s / 2
+    for i, (start, p) in enumerate(timeline + [[None, None]]):
+        if p is not None and (p >= 0.5 + opts.margin if swapped else p <= 0.5 - opts.margin):
+            run.append(i)
+            continue
+        if len(run) >= opts.min_run:
+            a = 0.0 if run[0] == 0 else timeline[run[0]][0] + window_s / 2 - half_hop
+            b = duration_s if run[-1] == len(timeline) - 1 else timeline[run[-1]][0] + window_s / 2 + half_hop
+            found.append([round(a, 2), round(b, 2)])
+        run = []
+    return found
+
+
+def decide(timeline: list, opts: CheckOptions, window_s: float, duration_s: float) -> tuple[str, float, float]:
+    """(verdict, mean P(swapped), fraction of scored windows on the mean's side of 0.5) of a [start_s, P] timeline."""
+    probs = [q for _, q in timeline if q is not None]
+    p = sum(probs) / len(probs)
+    agree = sum((q > 0.5) == (p > 0.5) for q in probs) / len(probs)
+    if runs(timeline, opts, True, window_s, duration_s) and runs(timeline, opts, False, window_s, duration_s):
+        return "undecidable", p, agree  # swapped in one stretch, correct in another: an edit, not one verdict
+    if agree >= opts.min_agree and p >= 0.5 + opts.margin:
+        return "swapped", p, agree
+    if agree >= opts.min_agree and p <= 0.5 - opts.margin:
+        return "correct", p, agree
+    return "undecidable", p, agree
+
+
+def check_file(path: str | Path, model, cfg: Config, opts: CheckOptions | None = None,
+               features: AudioFeatures | None = None) -> CheckResult:
+    """Check one video; never raises for a bad input (the result carries `error` and `reason` instead)."""
+    opts = opts or CheckOptions()
+    result = CheckResult(str(path))
+    try:
+        media = open_media(path, cfg, opts)
+        result.duration_s, result.window_s = round(media.duration_s, 3), cfg.data.window_s
+        loud = [_db(_rms(window_audio(media.wave, s, cfg))) >= opts.silence_dbfs for s in media.starts]
+        if not any(loud):
+            raise CheckError("silent", f"silent audio: every window is below {opts.silence_dbfs:.0f} dBFS")
+        left, right = media.wave[0], media.wave[1]
+        if _db(_rms(left - right)) - _db(_rms(left + right)) < opts.dual_mono_db:
+            raise CheckError("dual-mono", "dual mono: both channels carry the same signal, so swapping them changes "
+                                          "nothing")
+        scored = [s for s, keep in zip(media.starts, loud) if keep]
+        probs = iter(score_windows(model, cfg, media, scored, opts, features))
+        result.timeline = [[round(s / cfg.data.fps, 3), round(next(probs), 4) if keep else None]
+                           for s, keep in zip(media.starts, loud)]
+        result.windows, result.silent_windows = len(scored), len(media.starts) - len(scored)
+        result.verdict, p, agree = decide(result.timeline, opts, cfg.data.window_s, result.duration_s)
+        result.swapped_segments = runs(result.timeline, opts, True, cfg.data.window_s, result.duration_s)
+        result.p_swapped, result.agree_fraction = round(p, 4), round(agree, 4)
+    except CheckError as e:
+        result.error, result.reason = str(e), e.reason
+    return result
+
+
+def check_files(paths: list[str], model, cfg: Config, opts: CheckOptions | None = None, use_ray: bool = False,
+                progress: bool = True) -> list[CheckResult]:
+    """Check every path, in order. With use_ray, as Ray tasks on the cluster this process is (or can get) connected
+    to; without one, in-process. Either way with a progress bar (tqdm, on stderr)."""
+    from tqdm import tqdm
+    opts = opts or CheckOptions()
+    if use_ray and connect_ray():
+        import ray
+        remote = ray.remote(num_cpus=1)(_check_task)
+        model_ref = ray.put((model.cpu(), cfg))
+        # workers run elsewhere (another folder, maybe another node: the files must be on a shared file system)
+        refs = [remote.remote(os.path.abspath(p), model_ref, dataclasses.replace(opts, device="cpu")) for p in paths]
+        order = {ref: i for i, ref in enumerate(refs)}
+        results: list[CheckResult | None] = [None] * len(refs)
+        pending = list(refs)
+        with tqdm(total=len(refs), desc="checking (Ray)", unit="video", disable=not progress) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                i = order[done[0]]
+                results[i] = dataclasses.replace(ray.get(done[0]), path=str(paths[i]))
+                bar.update(1)
+        return results
+    model = model.to(opts.device)
+    features = AudioFeatures(cfg).to(opts.device) if opts.device != "cpu" else AudioFeatures(cfg)
+    results = []
+    for p in tqdm(paths, desc="checking", unit="video", disable=not progress or len(paths) < 2):
+        results.append(check_file(p, model, cfg, opts, features))
+    return results
+
+
+def _check_task(path: str, model_and_cfg, opts: CheckOptions) -> CheckResult:
+    torch.set_num_threads(1)  # one task per CPU the task asked for
+    model, cfg = model_and_cfg
+    return check_file(path, model, cfg, opts)
+
+
+def connect_ray() -> bool:
+    """Connect to the running Ray cluster (RAY_ADDRESS, e.g. from `eval "$(python -m cluster.local env)"`, or one
+    started on this machine with `ray start`); False, after saying so, when none is running."""
+    import ray
+    if ray.is_initialized():
+        return True
+    try:
+        ray.init(address="auto", logging_level="warning", log_to_driver=False)
+        return True
+    except ConnectionError:
+        print("flipray check: no Ray cluster is running (start one: `python -m cluster.local up --ray` and "
+              "`eval \"$(python -m cluster.local env)\"`); checking in this process", file=sys.stderr)
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Output
+
+def describe(r: CheckResult) -> str:
+    """The one line `flipray check` prints per video."""
+    if r.error:
+        return f"{r.path}: cannot check: {r.error}"
+    agree = f"{round(r.agree_fraction * r.windows)}/{r.windows} windows agree"
+    silent = f", {r.silent_windows} silent windows skipped" if r.silent_windows else ""
+    what = {"swapped": "channels look SWAPPED", "correct": "channels look correct",
+            "undecidable": "undecidable"}[r.verdict]
+    where = ", ".join(f"{a:.1f}-{b:.1f} s" for a, b in r.swapped_segments)
+    part = f"; swapped in {where}" if where and r.verdict != "swapped" else ""
+    return f"{r.path}: {what} (P(swapped) {r.p_swapped:.2f}, {agree}{silent}, {r.duration_s:.1f} s){part}"
+
+
+def exit_code(results: list[CheckResult]) -> int:
+    code = EXIT_SWAPPED if any(r.verdict == "swapped" and not r.error for r in results) else 0
+    return code | (EXIT_UNCHECKED if any(r.error for r in results) else 0)
+
+
+def plot_timeline(r: CheckResult, out: str | Path, opts: CheckOptions | None = None, thumbs: int = 10,
+                  thumb_h: int = 96):
+    """PNG: a strip of frames over P(swapped) per window (at the window's centre, spanning its 2.87 s)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchcodec.decoders import VideoDecoder
+    opts = opts or CheckOptions()
+    dec = VideoDecoder(r.path, dimension_order="NHWC")
+    t0 = dec.metadata.begin_stream_seconds or 0.0
+    dur = r.duration_s
+    n = max(3, min(thumbs, math.ceil(dur / 1.5)))
+    frames = dec.get_frames_played_at([t0 + (i + 0.5) * dur / n for i in range(n)]).data
+    h, w = frames.shape[1:3]
+    tw = max(1, round(thumb_h * w / h))
+    small = torch.nn.functional.interpolate(frames.permute(0, 3, 1, 2).float(), size=(thumb_h, tw),
+                                            mode="bilinear", antialias=True)
+    strip = torch.cat(list(small.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)), dim=1).numpy()
+    fig_w = 10.0
+    strip_h = fig_w * 0.88 * strip.shape[0] / strip.shape[1]  # axes ~88% of the figure width: no distortion
+    fig, (ax_img, ax) = plt.subplots(2, 1, figsize=(fig_w, strip_h + 3.0), sharex=True,
+                                     gridspec_kw={"height_ratios": [strip_h, 3.0]})
+    ax_img.imshow(strip, extent=[0, dur, 0, 1], aspect="auto")
+    ax_img.set_yticks([])
+    half = r.window_s / 2
+    scored = [(s, p) for s, p in r.timeline if p is not None]
+    centres = [s + half for s, _ in scored]
+    ax.axhspan(0.5 + opts.margin, 1.0, color="tab:red", alpha=0.08, lw=0)
+    ax.axhspan(0.0, 0.5 - opts.margin, color="tab:green", alpha=0.08, lw=0)
+    ax.axhline(0.5, color="gray", ls=":", lw=1)
+    for i, (a, b) in enumerate(r.swapped_segments):
+        ax.axvspan(a, b, color="tab:red", alpha=0.12, lw=0, label="looks swapped" if i == 0 else None)
+    ax.plot(centres, [p for _, p in scored], "o-", color="tab:blue", ms=4, label="P(swapped), window centre")
+    silent = [s + half for s, p in r.timeline if p is None]
+    if silent:
+        ax.plot(silent, [0.5] * len(silent), "x", color="gray", label="silent window (not scored)")
+    ax.set_xlim(0, dur)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("P(channels swapped)")
+    ax.text(dur, 0.5 + opts.margin, " swapped", va="bottom", ha="right", color="tab:red", fontsize=8)
+    ax.text(dur, 0.5 - opts.margin, " correct", va="top", ha="right", color="tab:green", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    ax_img.set_title(describe(dataclasses.replace(r, path=Path(r.path).name)), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# fix
+
+# Audio codecs each container takes (ffmpeg's muxers); anything else is re-encoded to the container's usual codec.
+CONTAINER_AUDIO = {".mp4": ({"aac", "mp3", "ac3", "eac3", "opus", "alac"}, "aac"),
+                   ".m4v": ({"aac", "mp3", "ac3", "eac3", "alac"}, "aac"),
+                   ".mov": ({"aac", "mp3", "ac3", "alac", "pcm_s16le", "pcm_s24le", "pcm_f32le"}, "aac"),
+                   ".webm": ({"opus", "vorbis"}, "opus"),
+                   ".mkv": (None, "opus")}  # Matroska takes any codec ffmpeg can encode
+ENCODERS = {"aac": "aac", "mp3": "libmp3lame", "opus": "libopus", "vorbis": "libvorbis", "flac": "flac",
+            "ac3": "ac3", "eac3": "eac3", "alac": "alac", "pcm_s16le": "pcm_s16le", "pcm_s24le": "pcm_s24le",
+            "pcm_f32le": "pcm_f32le"}
+
+
+def probe_audio(path: str | Path) -> list[dict]:
+    """The audio streams of a file (ffprobe): codec_name, channels, bit_rate, sample_rate."""
+    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "a", "-show_entries",
+                          "stream=index,codec_name,channels,bit_rate,sample_rate", "-of", "json", str(path)],
+                         check=False, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise CheckError("not-a-video", f"not a video ffmpeg can read ({(out.stderr.strip() or 'ffprobe failed')})")
+    return json.loads(out.stdout or "{}").get("streams", [])
+
+
+def fix_command(src: str | Path, dst: str | Path, streams: list[dict]) -> list[str]:
+    """ffmpeg arguments: every stream copied, the audio re-encoded with its left and right swapped."""
+    codec = streams[0]["codec_name"]
+    allowed, fallback = CONTAINER_AUDIO.get(Path(dst).suffix.lower(), (None, "aac"))
+    if codec not in ENCODERS or (allowed is not None and codec not in allowed):
+        codec = fallback
+    args = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-i", str(src), "-map", "0",
+            "-c", "copy", "-c:v", "copy", "-af", "pan=stereo|c0=c1|c1=c0", "-c:a", ENCODERS[codec]]
+    rate = streams[0].get("bit_rate")
+    if codec in ("aac", "mp3", "opus", "vorbis", "ac3", "eac3"):  # lossy: keep the source's bit rate
+        args += ["-b:a", str(rate) if rate and str(rate).isdigit() else "192k"]
+    return args + [str(dst)]
+
+
+def fix_file(src: str | Path, dst: str | Path) -> None:
+    """Write `dst`: `src` with its stereo channels swapped (picture and other streams copied bit for bit)."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise CheckError("not-a-video", "no such file")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise CheckError("usage", "--out must be a new file, not the input")
+    streams = probe_audio(src)
+    if not streams:
+        raise CheckError("no-audio", "no audio stream: nothing to swap")
+    for s in streams:
+        if s.get("channels") == 1:
+            raise CheckError("mono", f"mono audio (stream {s['index']}, 1 channel): there is no left and right to swap")
+        if s.get("channels") != 2:
+            raise CheckError("channels", f"audio stream {s['index']} has {s.get('channels')} channels; fix swaps "
+                                         f"stereo (2 channels) only")
+    run = subprocess.run(fix_command(src, dst, streams), check=False, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"ffmpeg failed on {src}: {run.stderr.strip()[-800:]}")
+
+
+def fix_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="flipray fix", description="Write a copy of VIDEO with its left and right audio "
+                                "channels swapped: video (and any other stream) copied as is, audio re-encoded in "
+                                "the same codec where the container takes it. Exit codes: 0 written, 2 bad input or "
+                                "usage, 5 ffmpeg failed.")
+    p.add_argument("video")
+    p.add_argument("--out", required=True, help="the fixed copy (a new file; its extension picks the container)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    args = p.parse_args(argv)
+    if Path(args.out).exists() and not args.force:
+        print(f"flipray fix: {args.out} exists (pass --force to overwrite it)", file=sys.stderr)
+        return EXIT_UNCHECKED
+    try:
+        fix_file(args.video, args.out)
+    except CheckError as e:
+        print(f"flipray fix: {args.video}: {e}", file=sys.stderr)
+        return EXIT_UNCHECKED
+    except RuntimeError as e:
+        print(f"flipray fix: {e}", file=sys.stderr)
+        return EXIT_FFMPEG
+    print(f"wrote {args.out} (audio channels swapped, video stream copied)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# main
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="flipray check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("videos", nargs="+", help="video files (mp4, mkv, mov, webm, ...; any size, frame and sample rate)")
+    p.add_argument("--model", default=None, help=f"checkpoint.pt, run folder or models:/ URI (default {DEFAULT_MODEL}"
+                                                   f" in the default tracking store)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ (default: MLFLOW_TRACKING_URI, "
+                                                        "else .flipray/local/mlflow.db)")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per video")
+    p.add_argument("--plot", default=None, help="timeline PNG; with several videos, OUT-<video name>.png each")
+    p.add_argument("--ray", action="store_true", help="score the videos as Ray tasks on the running cluster")
+    p.add_argument("--hop", type=float, default=CheckOptions.hop_s, help="seconds between window starts")
+    p.add_argument("--margin", type=float, default=CheckOptions.margin)
+    p.add_argument("--min-agree", type=float, default=CheckOptions.min_agree)
+    p.add_argument("--min-run", type=int, default=CheckOptions.min_run)
+    p.add_argument("--silence-dbfs", type=float, default=CheckOptions.silence_dbfs)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    args = p.parse_args(argv)
+    if args.hop <= 0 or not 0 <= args.margin < 0.5 or not 0 <= args.min_agree <= 1 or args.min_run < 1:
+        p.error("--hop must be positive, --margin in [0, 0.5), --min-agree in [0, 1], --min-run at least 1")
+    try:
+        model, cfg = load_check_model(args.model, args.tracking_uri)
+    except NoModelError as e:
+        print(f"flipray check: {e}", file=sys.stderr)
+        return EXIT_NO_MODEL
+    from .train import resolve_device
+    opts = CheckOptions(hop_s=args.hop, margin=args.margin, min_agree=args.min_agree, min_run=args.min_run,
+                        silence_dbfs=args.silence_dbfs, device=str(resolve_device(args.device)))
+    results = check_files(args.videos, model, cfg, opts, use_ray=args.ray)
+    if args.json:
+        # one object per line: readable, and still one JSON document
+        print("[\n" + ",\n".join(json.dumps(dataclasses.asdict(r)) for r in results) + "\n]")
+    else:
+        for r in results:
+            print(describe(r))
+    if args.plot:
+        for r in results:
+            if r.error:
+                continue
+            out = Path(args.plot)
+            if len(results) > 1:
+                out = out.with_name(f"{out.stem}-{Path(r.path).stem}{out.suffix or '.png'}")
+            plot_timeline(r, out, opts)
+            print(f"timeline: {out}", file=sys.stderr)
+    return exit_code(results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
