@@ -30,11 +30,11 @@ _spec.loader.exec_module(validate)
 JOB_ENTRYPOINTS = {
     "flipray-ingest": "python -m jobs.ingest --src s3://flipray/raw/ --dest s3://flipray/dataset/",
     "flipray-pretext": "python -m jobs.pretext --config /config/pretext.yaml",
-    "flipray-localize": "python -m jobs.localize",
-    "flipray-spatialize": "python -m jobs.spatialize",
-    "flipray-separate": "python -m jobs.separate",
-    "flipray-analyze": "python -m jobs.analyze",
-    "flipray-report": "python -m jobs.report",
+    "flipray-localize": "python -m jobs.localize --preset paper --out /tmp/flipray/downstream",
+    "flipray-spatialize": "python -m jobs.spatialize --preset paper --out /tmp/flipray/downstream",
+    "flipray-separate": "python -m jobs.separate --preset paper --out /tmp/flipray/downstream",
+    "flipray-analyze": "python -m jobs.analyze --preset paper --out /tmp/flipray/downstream",
+    "flipray-report": "python -m jobs.report --from-mlflow --runs /tmp/flipray/report",
     "flipray-sweep-localize": "python -m tuning.sweep --task localize --samples 16",
 }
 
@@ -213,3 +213,18 @@ def test_command_line():
     bad = subprocess.run([sys.executable, "k8s/validate.py", str(FIXTURES / "gpu-on-head")], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "[gpu]" in bad.stdout, bad.stdout + bad.stderr
+
+
+@pytest.mark.parametrize("job", sorted(JOB_ENTRYPOINTS))
+def test_job_entrypoints_exist_and_take_their_options(job):
+    """Every RayJob's entrypoint is a module of this repository whose --help lists each option the manifest passes
+    (the data root and storage come from FLIPRAY_DATA / FLIPRAY_STORAGE in the flipray-env ConfigMap)."""
+    argv = JOB_ENTRYPOINTS[job].split()
+    assert argv[:2] == ["python", "-m"], job
+    module = argv[2]
+    assert importlib.util.find_spec(module) is not None, f"{job}: no module {module}"
+    out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, f"{job}: {module} --help failed: {out.stderr[-2000:]}"
+    for flag in (a for a in argv[3:] if a.startswith("--")):
+        assert flag in out.stdout, f"{job}: {module} has no option {flag}"

@@ -166,8 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--pretext", action="append", default=[], metavar="TASK=URI")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fixed task config fields")
     p.add_argument("--name", default=None, help="sweep name (default sweep-<task>-<time>); reuse it to restore")
-    p.add_argument("--storage", default=os.environ.get("FLIPRAY_SWEEP_STORAGE", "runs/sweeps"),
-                   help="Tune storage path: a folder or s3://bucket/prefix")
+    storage = os.environ.get("FLIPRAY_STORAGE", "runs").rstrip("/") + "/sweeps"
+    p.add_argument("--storage", default=storage, help="Tune storage path: a folder or s3://bucket/prefix (default "
+                   "$FLIPRAY_STORAGE/sweeps, else runs/sweeps)")
     p.add_argument("--out", default=None, help="best.yaml and trials.png (default <storage>/<name>/ locally, "
                                                "else runs/sweeps/<name>)")
     p.add_argument("--max-concurrent", type=int, default=None)
