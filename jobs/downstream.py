@@ -60,9 +60,9 @@ def resolve_pretext(specs: list[str], needed: set[str], out: Path, tracking_uri:
     into out/pretext/<task>/ so Ray tasks on any node read a plain file. Missing models are left out."""
     import torch
     given = dict(s.split("=", 1) for s in specs)
-    unknown = set(given) - {"flip", "mismatch", "shift"}
+    unknown = set(given) - {"flip", "mismatch", "shift", "rotate"}
     if unknown:
-        raise ValueError(f"--pretext takes flip=URI, mismatch=URI or shift=URI, got {sorted(unknown)}")
+        raise ValueError(f"--pretext takes flip=URI, mismatch=URI, shift=URI or rotate=URI, got {sorted(unknown)}")
     paths = {}
     for task in sorted(needed):
         uri = given.get(task, f"models:/{tracking.pretext_model_name(task)}/latest")
@@ -101,7 +101,8 @@ def method_configs(task_module, args, pretext: dict[str, str]) -> dict[str, obje
     if bad:
         raise ValueError(f"unknown method(s) {bad} for {task_module.TABLE['task']}; methods are "
                          f"{list(task_module.METHODS)}")
-    shape_from = pretext.get("flip") or next(iter(pretext.values()), "")
+    # the network shape of "no pretraining" rows: the flip network's, or the task's SHAPE_FROM (doa: rotate, FOA)
+    shape_from = pretext.get(getattr(task_module, "SHAPE_FROM", "flip")) or next(iter(pretext.values()), "")
     configs = {}
     for m in methods:
         needs = task_module.METHODS[m].get("pretext")
@@ -128,19 +129,36 @@ def run_methods(task_module, configs: dict, cpus: float, local: bool) -> dict[st
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     remote = ray.remote(num_cpus=cpus)(_trial)
-    pending = {remote.remote(task_module.__name__, cfg): m for m, cfg in configs.items()}
+    # The pretext checkpoints travel through the object store and the figures come back as bytes: a task may run
+    # on a node that does not share this driver's disk.
+    blobs = {path: ray.put(Path(path).read_bytes()) for path in {c.pretext for c in configs.values() if c.pretext}}
+    pending = {remote.remote(task_module.__name__, cfg, blobs.get(cfg.pretext)): m for m, cfg in configs.items()}
     results = {}
     while pending:
         done, _ = ray.wait(list(pending))
         m = pending.pop(done[0])
         results[m] = ray.get(done[0])
+        figures = results[m].pop("figure_bytes", {})
+        for name, data in figures.items():  # the task ran on another node: keep its figures here too
+            path = Path(results[m]["figures"][name])
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
         print(f"  {m}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[m]["metrics"].items()), flush=True)
     return {m: results[m] for m in configs}
 
 
-def _trial(module_name: str, cfg):
+def _trial(module_name: str, cfg, pretext_bytes: bytes | None):
     import importlib
-    return importlib.import_module(module_name).run_trial(cfg)
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        if pretext_bytes is not None and not Path(cfg.pretext).exists():
+            cfg.pretext = str(Path(tmp) / "checkpoint.pt")
+            Path(cfg.pretext).write_bytes(pretext_bytes)
+        result = importlib.import_module(module_name).run_trial(cfg)
+        result["figure_bytes"] = {k: Path(v).read_bytes() for k, v in result.get("figures", {}).items()
+                                  if Path(v).exists()}
+    return result
 
 
 def build_table(task_module, args, configs: dict, results: dict) -> dict:
@@ -194,10 +212,10 @@ def table_main(task_module):
         out = Path(args.out) / task
         uri = None if args.no_mlflow else tracking.tracking_uri(args.tracking_uri)
         needed = {m.get("pretext") for m in task_module.METHODS.values()} - {None}
-        pretext = resolve_pretext(args.pretext, needed | {"flip"}, out, uri)
+        pretext = resolve_pretext(args.pretext, needed | {getattr(task_module, "SHAPE_FROM", "flip")}, out, uri)
         configs = method_configs(task_module, args, pretext)
         for m, cfg in configs.items():
-            cfg.out_dir = cfg.out_dir or str(out / m)
+            cfg.out_dir = cfg.out_dir or str((out / m).resolve())
         print(f"{task}: {len(configs)} methods ({', '.join(configs)}) on {args.data}, preset {args.preset}",
               flush=True)
         t0 = time.time()

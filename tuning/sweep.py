@@ -8,7 +8,7 @@ The sweep definition is `tuning/<task>.yaml`: the metric and mode, the search sp
 `uniform`, `choice`, `randint`, or a plain value), ASHA's grace period and reduction factor, the trials run at once
 and each trial's CPUs/GPUs. Each trial is a function trainable that runs `flipray.<task>.run_trial` on the train
 split and reports the validation split after every epoch, so ASHA can stop poor trials early. Trial checkpoints
-(the trial's history and, at the end, its result) live under `--storage/<name>/` (a folder or s3://).
+(the finished trial's history and config) live under `--storage/<name>/` (a folder or s3://).
 
 MLflow: the driver initialises the store (a fresh sqlite store must be created once, before trials touch it) and
 opens the sweep's parent run; every trial logs its params and per-epoch metrics into its own run, nested under
@@ -98,17 +98,24 @@ def trainable(config: dict):
         history.append({"epoch": epoch, **metrics})
         for k, v in metrics.items():
             client.log_metric(run_id, k, float(v), step=epoch)
-        with _checkpoint_dir({"history.json": history}) as d:
+        if epoch < cfg.epochs:
+            tune.report({**metrics, "epoch": epoch})
+            return
+        # The trial's checkpoint is its finished history: run_trial does not resume mid-way, so a trial interrupted
+        # before its end has no checkpoint and a restored sweep runs it again from its first epoch.
+        with _checkpoint_dir({"history.json": history, "config.json": dataclasses.asdict(cfg)}) as d:
             tune.report({**metrics, "epoch": epoch}, checkpoint=tune.Checkpoint.from_directory(d))
 
-    status = "FAILED"
     try:
         result = task.run_trial(cfg, report=report)
-        status = "FINISHED"
+        for k, v in result["metrics"].items():
+            client.log_metric(run_id, f"final_{k}", v)
     finally:
-        client.set_terminated(run_id, status=status)  # end_run explicitly: the trial process may be reused
-    for k, v in result["metrics"].items():
-        client.log_metric(run_id, f"final_{k}", v)
+        # End the run explicitly (the trial's process may be reused). ASHA stops a trial by raising out of
+        # tune.report, also at its last epoch (max_t), so completion is judged by the epochs reported.
+        if len(history) < cfg.epochs:
+            client.set_tag(run_id, "flipray.stopped_early", "true")
+        client.set_terminated(run_id, status="FINISHED" if len(history) == cfg.epochs else "KILLED")
 
 
 class _checkpoint_dir:
@@ -126,6 +133,18 @@ class _checkpoint_dir:
 
     def __exit__(self, *exc):
         self.tmp.cleanup()
+
+
+def close_stopped_trials(client, experiment_id: str, parent: str) -> int:
+    """End the MLflow runs of trials that ASHA or an interrupt stopped: their process was ended mid-trial, before it
+    could end its run. They are marked KILLED and tagged flipray.stopped_early (a restored sweep reruns the
+    interrupted ones under a new run)."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}' and "
+                                                             "attributes.status = 'RUNNING'")
+    for run in runs:
+        client.set_tag(run.info.run_id, "flipray.stopped_early", "true")
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return len(runs)
 
 
 def plot_trials(df_by_trial: dict, metric: str, color_by: str, path: Path) -> Path:
@@ -255,7 +274,15 @@ def main(argv: list[str] | None = None) -> dict:
         df = r.metrics_dataframe
         trials[Path(r.path).name] = {"config": {k: v for k, v in r.config.items() if k in d["space"]},
                                      "epochs": df["training_iteration"].tolist(), "values": df[d["metric"]].tolist()}
-    best = grid.get_best_result(metric=d["metric"], mode=d["mode"], scope="last")
+    # The best trial among those ASHA let run to the end, so that best.yaml (which trains for `epochs`) reproduces
+    # its score; a trial stopped early was scored after fewer epochs.
+    scored = [r for r in grid if r.error is None and r.metrics and d["metric"] in r.metrics]
+    complete = [r for r in scored if r.metrics.get("training_iteration") == base.epochs] or scored
+    if not complete:
+        raise RuntimeError(f"sweep {name}: no trial reported {d['metric']}; errors: {grid.errors}")
+    pick = max if d["mode"] == "max" else min
+    best = pick(complete, key=lambda r: r.metrics[d["metric"]])
+    close_stopped_trials(client, experiment_id, parent)
     best_cfg = task.Config(**best.config["base"])
     apply(best_cfg, {k: v for k, v in best.config.items() if k in d["space"]})
     best_cfg.eval_split, best_cfg.out_dir = "test", ""

@@ -1,0 +1,123 @@
+"""tuning/sweep.py on a real local Ray instance: a tiny localization sweep is interrupted (SIGINT to its driver) and
+restored; ASHA stops the poor trials early; every trial is an MLflow run under the sweep's parent run; best.yaml
+reproduces the best trial's score when run again.
+
+    .venv/bin/python -m pytest tests/test_sweep.py -x -q
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from flipray import localize
+from flipray.config import load_config
+from flipray.downstream import apply
+from flipray.models import SpatialAlignmentNet
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Eight trials (4 learning rates x 2 samples), two at a time, on 16 synthetic 4-s clips.
+DEFINITION = {
+    "method": "flip", "preset": "demo", "metric": "iou", "mode": "max", "color_by": "lr",
+    "space": {"lr": {"grid": [3e-3, 1e-7, 2e-3, 1e-7]}},
+    "fixed": {"epochs": 4, "batch_size": 8, "samples_per_clip": 2, "lr_backbone": 0.0, "threads": 1,
+              "eval_split": "val", "figure_clips": 1, "eval_hop_s": 1.0, "ref_min_gap_s": 1.0},
+    "asha": {"grace_period": 1, "reduction_factor": 2},
+    "max_concurrent": 2, "resources": {"cpu": 1},
+}
+
+
+def _trial_runs(uri: str) -> list:
+    from mlflow import MlflowClient
+    client = MlflowClient(uri)
+    exps = [e.experiment_id for e in client.search_experiments() if e.name == "flipray-sweeps"]
+    return client.search_runs(exps, filter_string="tags.`flipray.trial_id` != ''") if exps else []
+
+
+@pytest.mark.timeout(900)
+def test_sweep_asha_mlflow_best_config_and_restore(synth_root, ray_local, tmp_path):
+    # A flip "pretext" checkpoint of the demo shape (random weights: the sweep's mechanics are under test here).
+    pcfg = load_config("demo")
+    ckpt = tmp_path / "pretext.pt"
+    torch.save({"model": SpatialAlignmentNet(pcfg).state_dict(), "config": pcfg.to_dict()}, ckpt)
+    definition = tmp_path / "localize.yaml"
+    definition.write_text(yaml.safe_dump(DEFINITION))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--task", "localize", "--samples", "2", "--definition", str(definition), "--data", str(synth_root),
+            "--pretext", f"flip={ckpt}", "--name", "sweep-test", "--storage", str(tmp_path / "tune"),
+            "--out", str(tmp_path / "out"), "--tracking-uri", uri]
+
+    # 1. Start the sweep as its own driver (own Ray instance) and interrupt it once a trial has finished.
+    env = {**os.environ, "RAY_ADDRESS": "local", "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "sweep.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "tuning.sweep", *args], cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if any(r.info.status == "FINISHED" for r in _trial_runs(uri)):
+                break
+            time.sleep(2)
+        assert proc.poll() is None, "the sweep ended before it could be interrupted: " + \
+            (tmp_path / "sweep.log").read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does: Tune saves the experiment state and stops
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    finished_before = {r.data.tags["flipray.trial_id"] for r in _trial_runs(uri) if r.info.status == "FINISHED"}
+    assert finished_before
+
+    # 2. Restore in this process (the ray_local instance): finished trials are kept, not run again.
+    summary = __import__("tuning.sweep", fromlist=["main"]).main([*args, "--restore"])
+    assert summary["trials"] == 8 and summary["errors"] == 0
+    runs = _trial_runs(uri)
+    by_trial: dict[str, list] = {}
+    for r in runs:
+        by_trial.setdefault(r.data.tags["flipray.trial_id"], []).append(r)
+    assert len(by_trial) == 8
+    for trial_id in finished_before:
+        assert len(by_trial[trial_id]) == 1, f"finished trial {trial_id} ran again after the restore"
+
+    # 3. ASHA stopped some trials before their 4 epochs; every trial run is under the parent, with its params and
+    #    per-epoch metrics, and ended (FINISHED, or KILLED when ASHA stopped it).
+    assert summary["stopped_early"] >= 1
+    parent = summary["mlflow_parent_run"]
+    from mlflow import MlflowClient
+    client = MlflowClient(uri)
+    complete = {}
+    for trial_runs in by_trial.values():
+        run = client.get_run(max(trial_runs, key=lambda r: r.info.start_time).info.run_id)  # a rerun is newest
+        assert run.data.tags["mlflow.parentRunId"] == parent
+        assert float(run.data.params["lr"]) in (3e-3, 1e-7, 2e-3)
+        history = client.get_metric_history(run.info.run_id, "iou")
+        assert 1 <= len(history) <= 4 and [m.step for m in history] == list(range(1, len(history) + 1))
+        if run.info.status == "FINISHED":
+            complete[run.info.run_id] = history[-1].value
+            assert len(history) == 4
+        else:
+            assert run.info.status == "KILLED" and run.data.tags.get("flipray.stopped_early") == "true"
+    assert complete and summary["best_metric"] == pytest.approx(max(complete.values()))
+
+    # 4. best.yaml is a full localize config; run again on the val split it gives the best trial's score.
+    best_yaml = Path(summary["best_config"])
+    best = yaml.safe_load(best_yaml.read_text())
+    assert best["lr"] in (3e-3, 1e-7, 2e-3) and best["epochs"] == 4 and best["eval_split"] == "test"
+    cfg = apply(localize.Config(), {**best, "eval_split": "val"})
+    again = localize.run_trial(cfg)["metrics"]["iou"]
+    assert again == pytest.approx(summary["best_metric"], abs=0.5)  # IOU in %: same seed, same data, CPU
+    assert Path(summary["trials_png"]).stat().st_size > 10_000
+    artifacts = {a.path for a in client.list_artifacts(parent)}
+    assert {"best.yaml", "trials.png"} <= artifacts
+    json.dumps(summary)
