@@ -1,31 +1,34 @@
-"""Training throughput of one model on one dataset: plain PyTorch vs Ray Train with 1 and 2 workers.
+"""Training-step throughput of one model on one dataset: plain PyTorch vs Ray Train with 1 and 2 workers.
 
-    python -m jobs.bench_train                                   # demo preset, 48 synthetic 4-s clips (cached)
-    python -m jobs.bench_train --samples 320 --repeats 5 --data data/demo --json-out bench.json
+    python -m bench.train                                    # demo preset, 48 synthetic 4-s clips (cached)
+    python -m bench.train --config paper --set train.batch_size=4 --samples 8 --warmup 1 --repeats 1
+    python -m bench.train --samples 320 --repeats 5 --data data/demo --json-out bench.json
 
-All three modes run the library loop (`flipray.train.train_one_epoch`) on the same model (the `demo` preset, or
---config), the same clips (decoded into RAM, as the demo preset does, so decoding is not measured; `--set
-data.cache=false` measures it) and the same global batch (`train.batch_size`, split over the workers with
+All three modes run the library loop (`flipray.train.train_one_epoch`: forward, backward, optimizer step) on the same
+model (the `demo` preset, or --config), the same clips (decoded into RAM with data.cache=true and read in the
+training process with data.num_workers=0, so decoding is not measured but augmentation and log-mel are; `--set
+data.cache=false` measures decoding too) and the same global batch (`train.batch_size`, split over the workers with
 `split_batch`). A measurement starts from scratch in fresh processes (plain: a spawned Python process without Ray;
 Ray: `trainer.fit()`), builds the dataset and model, runs --warmup optimizer steps untimed, then times --samples
 global samples inside the training process (on Ray: rank 0, after a barrier). The modes take turns, --repeats rounds
 of one measurement each in a rotating order, so that a change in the machine's load hits all three alike; samples/s
 is reported as median, min and max over the rounds, the ratios as ratios of medians and per round.
-data_wait_fraction is the share of the timed run spent waiting for the next batch; startup_s is the time from the
-start of a measurement to its first warmup step, of which data_prep_s is building the dataset; wall_s is the whole
-measurement (medians over the rounds).
+data_wait_fraction is the share of the timed run spent waiting for the next batch (here: the per-sample augmentation
+and log-mel, done in the training process); startup_s is the time from the start of a measurement to its first
+warmup step, of which data_prep_s is building the dataset; wall_s is the whole measurement (medians over the rounds).
 
 Fairness: Ray gives a 1-CPU worker OMP_NUM_THREADS=1, so the 1-worker run asks for --threads CPUs and sets torch's
 threads to --threads, as the plain loop does; the 2 workers get --threads / 2 each. Ray also starts its workers at
 niceness 15, which on a shared machine hands CPU to everyone else, so this benchmark starts them at the driver's
 niceness (RAY_worker_niceness; set it yourself to override). And every mode runs with OMP_WAIT_POLICY=PASSIVE (unless
 set): with OpenMP's default spin-waiting, a 2-thread process on a machine whose cores are busy with other work loses
-most of its time spinning at barriers while the other thread waits for a core (here 2 samples/s instead of 35), and
+most of its time spinning at barriers while the other thread waits for a core (2 samples/s instead of 35 here), and
 by how much differs between processes, which would swamp what Ray costs. Threads, wait policy and niceness of every
 mode are in the JSON.
 
-Ray is started in this process (`ray.init(address="local")`, no dashboard) and shut down at the end. The JSON
-document goes to stdout (and --json-out), a table to stderr; everything else Ray or the loop prints goes to stderr.
+Ray is started in this process (`ray.init(address="local")`, no dashboard; reused when already started) and shut
+down at the end. The JSON document goes to stdout (and --json-out), a table to stderr; everything else Ray or the
+loop prints goes to stderr.
 """
 from __future__ import annotations
 
@@ -34,7 +37,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -47,6 +49,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # before anything imports tqdm: no p
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
+from bench.common import machine, synthetic_data
 from flipray.config import config_from_dict, load_config
 from flipray.data import ClipDataset, EpochSampler
 from flipray.models import SpatialAlignmentNet, count_parameters
@@ -127,33 +130,33 @@ def bench_worker(config: dict):
 # ---------------------------------------------------------------------------------------------------------------------
 # The driver
 
-def plain_process(cfg, args) -> dict:
+def plain_process(cfg, threads: int, warmup: int, samples: int) -> dict:
     """The plain loop, in a fresh interpreter without Ray (a spawned process), as `flipray train-pretext` runs."""
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
     model = SpatialAlignmentNet(cfg)
     t0 = time.time()
     dataset = ClipDataset(cfg, "train", train=True)
     data_prep_s = time.time() - t0
-    r = measure(cfg, model, dataset, torch.device("cpu"), 0, 1, args.warmup, args.samples)
+    r = measure(cfg, model, dataset, torch.device("cpu"), 0, 1, warmup, samples)
     return {**r, "data_prep_s": data_prep_s}
 
 
-def run_plain(cfg, args) -> dict:
+def run_plain(cfg, threads: int, warmup: int, samples: int) -> dict:
     t_start = time.time()
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        r = pool.submit(plain_process, cfg, args).result()
+        r = pool.submit(plain_process, cfg, threads, warmup, samples).result()
     return {**r, "workers": 1, "startup_s": r["t_first_step"] - t_start, "wall_s": time.time() - t_start}
 
 
-def run_ray(cfg, args, workers: int, storage: str) -> dict:
+def run_ray(cfg, threads: int, warmup: int, samples: int, workers: int, storage: str) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    threads = max(args.threads // workers, 1)
+    per_worker = max(threads // workers, 1)
     trainer = TorchTrainer(
         bench_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "threads": threads, "warmup": args.warmup, "samples": args.samples},
-        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": threads}),
+        train_loop_config={"cfg": cfg.to_dict(), "threads": per_worker, "warmup": warmup, "samples": samples},
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": per_worker}),
         run_config=RunConfig(name=f"bench-{workers}w-{time.time_ns()}", storage_path=storage))
     t_start = time.time()
     r = trainer.fit().metrics  # rank 0's report
@@ -162,38 +165,85 @@ def run_ray(cfg, args, workers: int, storage: str) -> dict:
 
 def summarise(rounds: list[dict]) -> dict:
     sps = [r["samples_per_s"] for r in rounds]
-    med = lambda key: statistics.median(r[key] for r in rounds)
     last = rounds[-1]
-    return {"samples_per_s": {"median": med("samples_per_s"), "min": min(sps), "max": max(sps), "runs": sps},
+    return {"samples_per_s": {"median": statistics.median(sps), "min": min(sps), "max": max(sps), "runs": sps},
             "workers": last["workers"], "threads_per_worker": last["threads"],
             "omp_num_threads": last["omp_num_threads"], "omp_wait_policy": last["omp_wait_policy"],
             "niceness": last["niceness"],
-            **{k: med(k) for k in ("data_wait_fraction", "startup_s", "data_prep_s", "wall_s")}}
+            **{k: statistics.median(r[k] for r in rounds)
+               for k in ("data_wait_fraction", "startup_s", "data_prep_s", "wall_s")}}
 
 
-def machine() -> dict:
+def run(config: str = "demo", overrides: list[str] | None = None, data: str | None = None, clips: int = 48,
+        samples: int = 320, repeats: int = 5, warmup: int = 3, threads: int | None = None,
+        modes: tuple[str, ...] = MODES) -> dict:
+    """The training benchmark as a dict: setup, per-mode summaries, ratios to plain (see the module docstring)."""
     import ray
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    return {"cpu": names[0] if names else platform.processor(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(),
-            "platform": platform.platform()}
+    if not modes or set(modes) - set(MODES):
+        raise ValueError(f"modes must be a non-empty subset of {MODES}, got {modes}")
+    threads = threads or torch.get_num_threads()
+    os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
+    root = data or synthetic_data(clips, 4.0)
+    cfg = load_config(config, ["data.cache=true", "data.num_workers=0", *(overrides or []), f"data.root={root}"])
+    bs = cfg.train.batch_size
+    samples = -(-samples // bs) * bs
+    setup = {"config": cfg.preset, "data": str(cfg.data.root), "cache": cfg.data.cache, "batch_size": bs,
+             "samples_per_run": samples, "rounds": repeats, "warmup_steps": warmup, "threads": threads,
+             "parameters": count_parameters(SpatialAlignmentNet(cfg)), "overrides": list(overrides or [])}
+    load = {"start": [round(x, 2) for x in os.getloadavg()]}
+    rounds = {mode: [] for mode in modes}
+    started_ray = False
+    if any(m.startswith("ray") for m in modes) and not ray.is_initialized():
+        ray.init(address="local", num_cpus=max(threads, 2), include_dashboard=False, logging_level="warning",
+                 log_to_driver=False)  # a failing worker still raises, with its traceback, from trainer.fit()
+        started_ray = True
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-train-") as storage:
+            for i in range(repeats):
+                for mode in modes[i % len(modes):] + modes[:i % len(modes)]:  # rotate: none always first or last
+                    r = run_plain(cfg, threads, warmup, samples) if mode == "plain" else \
+                        run_ray(cfg, threads, warmup, samples, int(mode[-1]), storage)
+                    rounds[mode].append(r)
+                    print(f"{cfg.preset} round {i + 1}/{repeats} {mode}: {r['samples_per_s']:.2f} samples/s, "
+                          f"load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    load["end"] = [round(x, 2) for x in os.getloadavg()]
+    summary = {mode: summarise(rounds[mode]) for mode in modes}
+    ratios = {}
+    if "plain" in summary:
+        plain = summary["plain"]["samples_per_s"]["median"]
+        for mode in (m for m in modes if m != "plain"):
+            ratios[f"{mode}/plain"] = summary[mode]["samples_per_s"]["median"] / plain
+            ratios[f"{mode}/plain per round"] = [r["samples_per_s"] / p["samples_per_s"]
+                                                 for r, p in zip(rounds[mode], rounds["plain"])]
+    return {"load_average_1_5_15": load, "setup": setup, "modes": summary, "ratios": ratios}
 
 
-def synthetic_data(clips: int, duration_s: float) -> Path:
-    """A cached synthetic dataset (flipray.synth), generated on first use."""
-    from flipray.synth import generate
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flipray" / \
-        f"bench-synth-{clips}x{duration_s:g}s"
-    if not (root / "manifest.jsonl").exists():
-        print(f"generating {clips} synthetic clips into {root}", file=sys.stderr)
-        generate(root, clips=clips, seed=0, duration_s=duration_s)
-    return root
+def table(report: dict) -> str:
+    header = (f"{'mode':6} {'workers':>7} {'threads':>7} {'samples/s median (min-max)':>27} {'data wait':>9} "
+              f"{'startup s':>9} {'wall s':>6}")
+    lines = [header]
+    for name, m in report["modes"].items():
+        s = m["samples_per_s"]
+        lines.append(f"{name:6} {m['workers']:7d} {m['threads_per_worker']:7d} {s['median']:13.2f} ({s['min']:5.2f}-"
+                     f"{s['max']:5.2f}) {m['data_wait_fraction']:9.0%} {m['startup_s']:9.1f} {m['wall_s']:6.1f}")
+    lines += [f"{k}: {v:.2f}" for k, v in report["ratios"].items() if not k.endswith("per round")]
+    return "\n".join(lines)
+
+
+def json_stdout():
+    """The real stdout as a file, with fd 1 pointed at stderr: Ray workers' output is forwarded to the driver's
+    stdout, and stdout is for the JSON document only."""
+    out = os.fdopen(os.dup(1), "w")
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    return out
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m jobs.bench_train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="demo", help="preset or YAML file (default: demo)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
@@ -204,52 +254,13 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=3, help="optimizer steps before timing")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="torch threads of the plain loop = CPUs (and threads) of the 1-worker run, split over 2")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--json-out", default=None, metavar="PATH", help="also write the JSON here")
     args = p.parse_args(argv)
-    # Ray workers' output is forwarded to the driver's stdout: keep fd 1 for the JSON document only.
-    stdout = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
-
-    import ray
-    cfg = load_config(args.config, args.set + [f"data.root={args.data or synthetic_data(args.clips, 4.0)}"])
-    bs = cfg.train.batch_size
-    args.samples = -(-args.samples // bs) * bs
-    setup = {"config": cfg.preset, "data": cfg.data.root, "cache": cfg.data.cache, "batch_size": bs,
-             "samples_per_run": args.samples, "rounds": args.repeats, "warmup_steps": args.warmup,
-             "parameters": count_parameters(SpatialAlignmentNet(cfg))}
-    load = {"start": os.getloadavg()}
-    rounds = {mode: [] for mode in MODES}
-    ray.init(address="local", num_cpus=max(args.threads, 2), include_dashboard=False, logging_level="warning",
-             log_to_driver=False)  # a failing worker still raises, with its traceback, from trainer.fit()
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-train-") as storage:
-            for i in range(args.repeats):
-                for mode in MODES[i % 3:] + MODES[:i % 3]:  # rotate: no mode always runs first or last
-                    r = run_plain(cfg, args) if mode == "plain" else run_ray(cfg, args, int(mode[-1]), storage)
-                    rounds[mode].append(r)
-                    print(f"round {i + 1}/{args.repeats} {mode}: {r['samples_per_s']:.1f} samples/s, "
-                          f"load {os.getloadavg()[0]:.1f}", file=sys.stderr)
-    finally:
-        ray.shutdown()
-    load["end"] = os.getloadavg()
-    modes = {mode: summarise(rounds[mode]) for mode in MODES}
-    plain = modes["plain"]["samples_per_s"]["median"]
-    ratios = {f"ray{w}/plain": modes[f"ray_{w}"]["samples_per_s"]["median"] / plain for w in (1, 2)}
-    ratios["per_round"] = {f"ray{w}/plain": [r["samples_per_s"] / p["samples_per_s"] for r, p in
-                                             zip(rounds[f"ray_{w}"], rounds["plain"])] for w in (1, 2)}
-    report = {"machine": {**machine(), "load_average_1_5_15": load}, "setup": setup, "modes": modes,
-              "ratios": ratios}
-
-    print(f"\n{'mode':6} {'workers':>7} {'threads':>7} {'samples/s median (min-max)':>27} {'data wait':>9} "
-          f"{'startup s':>9} {'wall s':>6}", file=sys.stderr)
-    for name, m in modes.items():
-        s = m["samples_per_s"]
-        print(f"{name:6} {m['workers']:7d} {m['threads_per_worker']:7d} {s['median']:13.1f} ({s['min']:5.1f}-"
-              f"{s['max']:5.1f}) {m['data_wait_fraction']:9.0%} {m['startup_s']:9.1f} {m['wall_s']:6.1f}",
-              file=sys.stderr)
-    print("  ".join(f"{k}: {ratios[k]:.2f} (per round {' '.join(f'{x:.2f}' for x in ratios['per_round'][k])})"
-                    for k in ("ray1/plain", "ray2/plain")), file=sys.stderr)
+    stdout = json_stdout()
+    report = {"machine": machine(), **run(args.config, args.set, args.data, args.clips, args.samples, args.repeats,
+                                          args.warmup, args.threads, tuple(args.modes.split(",")))}
+    print(table(report), file=sys.stderr)
     text = json.dumps(report, indent=2)
     if args.json_out:
         Path(args.json_out).write_text(text + "\n")
