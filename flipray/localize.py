@@ -1,0 +1,745 @@
+"""Sounding-object tracking from stereo sound and a reference frame (the paper's Sec. 5.1 "Tracking Sounding Faces
+using Stereo Sound", Table 3).
+
+    python -m jobs.localize --data data/demo --preset demo --pretext flip=runs/dev-demo/checkpoint.pt \
+        --local --no-mlflow --out /tmp/loc --methods flip,scratch,visual-context,stereo-audio
+
+The task. Predict the box of the sounding object in the frame at time t from (1) the one-second stereo audio window
+centred on t and (2) a *reference* frame taken from another part of the same clip. The reference frame says where
+the objects are (visual context) but not where they are at t; the audio says which way the sound comes from now.
+
+The model (Figure 3(b) of the paper, built around the pretext sub-networks):
+
+    reference frame (B, 3, R, R) -> pretext visual trunk + 1x1 reduction -> map (B, 16, h, w)
+    audio window (B, 2, n_mels, ~100) -> pretext audio network -> (B, audio_dim, T') -> mean over time -> tiled on h x w
+    [map, tiled audio, 2 coordinate channels] -> two 3x3 conv-BN-ReLU -> `deconvs` stride-2 deconvolution blocks
+    (after the first: + the trunk's layer3 map, 2x finer, + tiled audio + coordinates -> 3x3 conv-BN-ReLU)
+    -> 1x1 conv -> per grid cell (S = h * 2**deconvs) and anchor: tx, ty, tw, th, objectness (YOLOv2)
+
+R is the pretext `data.resize` (88 for the demo, 256 for the paper): the *whole* stored frame at the scale the
+pretext network saw (it trained on `crop` px centre crops of that), so every box is in view; h = 3 for the demo, 8
+for the paper. The paper concatenates both embeddings into one vector before deconvolving; flipray keeps the visual
+map spatial and tiles the audio over it (plus the cell's coordinates, so an audio-only model can still map a
+direction to a column), which keeps the pretext network's spatial layout and needs no large fully connected layer.
+The layer3 skip (`skip`, FPN-style) is there because a 3x3 map of 16 channels places a box only coarsely; both maps
+come from the pretext visual sub-network.
+
+Ground truth, per frame, in [0, 1] frame coordinates [x0, y0, x1, y1]:
+  - synthetic clips: the sidecar boxes of every object with `sounding: true`. Two-source scenes (a quarter of
+    `flipray synth`'s) keep both sources as targets, as a detector would: AP matches each, the top box is scored
+    against the true box it overlaps most (the louder source is not identifiable from `level_db` alone, rooms and
+    distances change what reaches the ears);
+  - real clips (sidecar `objects: []`, e.g. from `flipray ingest`): pseudo-labels from OpenCV's bundled Haar
+    frontal-face cascade (`face_pseudo_labels`; opencv-python-headless, `cv2.data.haarcascades`; the paper used
+    RetinaFace, which does not ship weights in a pip package), run on the stored 256-px frames (decoded once more:
+    at the demo's 88 px faces are too small for the cascade). The largest face per frame is the target; frames
+    without a detection are no target, clips without any are skipped. `pseudo_labels="none"` skips such clips.
+
+Samples. Target frames t are those whose 1-s window lies inside the clip. Training draws `samples_per_clip` (t,
+reference) pairs per clip and epoch, the reference at least `ref_min_gap_s` from t (capped at half the clip), and
+mirrors frame + boxes while swapping the channels (`joint_flip_p`, alignment kept). Evaluation takes a target every
+`eval_hop_s` seconds with the reference frame half a clip away ((t + N/2) mod N): the same windows for every method.
+
+Anchors: k-means with 1 - IOU distance (YOLOv2) on the training targets' (w, h), `anchors` of them, deterministic.
+Loss (YOLOv2): for each true box, the cell holding its centre and the anchor of best shape IOU are responsible:
+squared error of (sigmoid(tx), sigmoid(ty)) against the centre's offset in the cell and of (tw, th) against
+log(w / anchor_w), log(h / anchor_h), times `coord_weight`; objectness BCE with target 1 there, and target 0 for every
+other anchor, times `noobj_weight`, except predictions whose decoded box overlaps a true box by more than
+`ignore_iou`. The objectness bias starts at the prior log(p / (1 - p)), p = 1 / (S * S * anchors).
+
+Metrics (flipray.metrics), all in % like the paper's Table 3:
+  ap50     VOC average precision at IOU 0.5 over all evaluation frames (after NMS at `nms_iou`, `max_boxes` per frame)
+  iou      mean IOU of each frame's highest-scoring box with its ground truth
+  x_err, y_err   mean |centre difference| of that top box and its matched true box, % of frame width / height
+  *_moving the same on the "moving" subset, the paper's filtered rows 5-8: eval clips whose sounding object's
+           azimuth range over the clip is at least `moving_min_deg` (pseudo-labelled clips: box-centre x range of at
+           least `moving_min_x` of the width). On data/demo this is exactly the left-right and diagonal movers.
+per_clip (for the report's paired Wilcoxon tests, `paired_metric` = iou): per eval clip, iou / x_err / y_err are the
+means over that clip's frames, and per_clip["ap50"] is the clip's hit rate, the % of its frames whose top box has
+IOU >= 0.5 (AP itself is a set-level number with no per-clip value).
+
+Methods: the paper's rows. `flip` (stereo + visual, flip weights, fine-tuned), `stereo-audio` / `mono-audio` (audio
+only; mono = (L+R)/2 fed to both input channels), `visual-context` (reference frame only), `scratch`, `mismatch`,
+`shift` (the full model from other weights), and `frozen-flip` / `frozen-scratch` (sub-networks frozen,
+lr_backbone = 0, BatchNorm statistics frozen too: the paper's rows 9-10). The input ablations use the flip weights.
+
+Figures in cfg.out_dir: tracking.png (per clip the reference frame, then target frames over time with the true box
+in green and the top predicted box in red) and curves.png (training loss, eval AP50 and IOU per epoch).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import metrics
+from .data import AudioFeatures, SampleParams, augment_frames, decode_video, flip_channels
+from .downstream import Clip, DownstreamConfig, audio_input, load_clips, param_groups, pretext_network, setup
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+TABLE = {
+    "task": "localize",
+    "table": "Table 3",
+    "metrics": ["ap50", "iou", "x_err", "y_err", "ap50_moving", "iou_moving", "x_err_moving", "y_err_moving"],
+    "primary": "ap50",
+    "paired_metric": "iou",
+    "higher_is_better": {"ap50": True, "iou": True, "x_err": False, "y_err": False,
+                         "ap50_moving": True, "iou_moving": True, "x_err_moving": False, "y_err_moving": False},
+    "notes": "Box of the sounding object at the centre of a 1-s stereo window, given a reference frame from another "
+             "part of the clip. All numbers in %: AP50 and IOU of the top box, X/Y error of the top box's centre "
+             "(% of frame width/height). *_moving: eval clips whose sounding object's azimuth spans >= 20 deg (the "
+             "paper's filtered rows 5-8). Paired tests on per-clip mean IOU of the top box; per_clip ap50 is a clip's "
+             "hit rate (% of its frames whose top box has IOU >= 0.5).",
+}
+
+METHODS = {
+    "mono-audio": {"label": "Mono audio", "pretext": "flip", "audio": "mono", "visual": False},
+    "stereo-audio": {"label": "Stereo audio", "pretext": "flip", "audio": "stereo", "visual": False},
+    "visual-context": {"label": "Visual context", "pretext": "flip", "audio": None, "visual": True},
+    "flip": {"label": "Flip (ours)", "pretext": "flip", "audio": "stereo", "visual": True},
+    "scratch": {"label": "No pretraining", "pretext": None, "audio": "stereo", "visual": True},
+    "mismatch": {"label": "Mismatch task", "pretext": "mismatch", "audio": "stereo", "visual": True},
+    "shift": {"label": "Shift task", "pretext": "shift", "audio": "stereo", "visual": True},
+    "frozen-scratch": {"label": "- Pretext (frozen)", "pretext": None, "audio": "stereo", "visual": True,
+                       "frozen": True},
+    "frozen-flip": {"label": "+ Pretext (frozen)", "pretext": "flip", "audio": "stereo", "visual": True,
+                    "frozen": True},
+}
+
+
+@dataclass
+class Config(DownstreamConfig):
+    window_s: float = 1.0             # audio window centred on the target frame (the paper: one second)
+    ref_min_gap_s: float = 2.0        # training: reference frame at least this far from the target (<= half a clip)
+    eval_hop_s: float = 0.5           # evaluation: a target frame every hop; reference half a clip away
+    samples_per_clip: int = 4         # training (target, reference) pairs drawn per clip per epoch
+    joint_flip_p: float = 0.5         # training: mirror frame + boxes and swap the channels together
+    head_channels: int = 64           # width of the fusion convs and deconvolution blocks
+    deconvs: int = 1                  # stride-2 deconvolution blocks: grid side = visual map side * 2**deconvs
+    skip: bool = True                 # after the first deconvolution, add the visual trunk's 2x finer layer3 map
+    anchors: int = 3                  # anchor boxes per cell, k-means on the training boxes (YOLOv2 uses 5)
+    coord_weight: float = 5.0         # box regression against objectness (YOLO's lambda_coord)
+    noobj_weight: float = 0.5         # background anchors (YOLO's lambda_noobj)
+    ignore_iou: float = 0.6           # YOLOv2: a prediction overlapping a true box this much is not background
+    nms_iou: float = 0.45             # evaluation: non-maximum suppression per frame
+    max_boxes: int = 5                # evaluation: boxes kept per frame after NMS (AP50)
+    schedule: str = "cosine"          # cosine | constant learning rate over the training steps
+    eval_every: int = 1               # evaluate every N epochs (and after the last); the Tune reports need 1
+    moving_min_deg: float = 20.0      # "moving" eval subset: azimuth range of a sounding object over the clip
+    moving_min_x: float = 0.2         # the same for clips without azimuth (pseudo-labels): box-centre x range / width
+    pseudo_labels: str = "faces"      # clips without sounding objects in the sidecar: faces (OpenCV Haar) | none
+    figure_clips: int = 3             # eval clips drawn in tracking.png (moving ones first)
+
+
+PRESETS = {
+    # data/demo (480 train clips, 60 test clips x 19 windows): ~2.2 min of CPU per method on one core, plus ~1 min
+    # decoding the clips once per process (jobs.localize --local runs every method in one process)
+    "demo": {"epochs": 6, "batch_size": 32, "samples_per_clip": 4, "lr": 2e-3, "lr_backbone": 2e-4, "threads": 1},
+    "small": {"epochs": 15, "batch_size": 32, "samples_per_clip": 8, "lr": 1e-3, "lr_backbone": 1e-4,
+              "head_channels": 128},
+    # with the paper's pretext network: 256-px reference frames (8x8 map -> 16x16 grid), YOLOv2's 5 anchors
+    "paper": {"epochs": 30, "batch_size": 64, "samples_per_clip": 8, "lr": 1e-3, "lr_backbone": 1e-4,
+              "head_channels": 256, "anchors": 5},
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ground truth
+
+def face_pseudo_labels(frames: torch.Tensor | np.ndarray, upscale_to: int = 256, scale_factor: float = 1.1,
+                       min_neighbors: int = 5, min_size_frac: float = 0.08,
+                       cascade: str = "haarcascade_frontalface_default.xml") -> list[list[float] | None]:
+    """Pseudo ground truth for real videos: per frame, the largest face OpenCV's bundled Haar cascade finds.
+
+    `frames`: uint8 RGB (N, H, W, 3). Frames smaller than `upscale_to` are enlarged first (the cascade's smallest
+    window is 24 px); faces narrower than `min_size_frac` of the frame are ignored. `clip_targets` hands it the
+    stored 256-px frames, not the pretext-size copy in RAM. Returns one [x0, y0, x1, y1] (floats) in the input
+    frames' pixels per frame, or None where no face is found. Needs opencv-python-headless (pinned in
+    pyproject.toml); the cascade file ships inside it (`cv2.data.haarcascades`), nothing is downloaded.
+    """
+    try:
+        import cv2
+    except ImportError as e:
+        raise ImportError("face pseudo-labels need OpenCV: pip install opencv-python-headless (pinned in "
+                          "pyproject.toml), or set pseudo_labels=none to skip clips without ground truth") from e
+    path = str(Path(cv2.data.haarcascades) / cascade)
+    detector = cv2.CascadeClassifier(path)
+    if detector.empty():
+        raise FileNotFoundError(f"{path}: OpenCV could not load the cascade")
+    frames = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"face_pseudo_labels needs uint8 RGB frames (N, H, W, 3), got {frames.dtype} "
+                         f"{frames.shape}")
+    h, w = frames.shape[1:3]
+    scale = max(1.0, upscale_to / min(h, w))
+    min_px = max(24, int(min_size_frac * min(h, w) * scale))
+    boxes = []
+    for frame in frames:
+        gray = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY)
+        if scale > 1:
+            gray = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_LINEAR)
+        found = detector.detectMultiScale(gray, scaleFactor=scale_factor, minNeighbors=min_neighbors,
+                                          minSize=(min_px, min_px))
+        if len(found) == 0:
+            boxes.append(None)
+            continue
+        x, y, bw, bh = max(found, key=lambda f: f[2] * f[3])
+        boxes.append([float(x / scale), float(y / scale), float((x + bw) / scale), float((y + bh) / scale)])
+    return boxes
+
+
+def clip_targets(clip: Clip, cfg: Config) -> list[torch.Tensor]:
+    """Per stored frame, the true boxes (n, 4) in [0, 1] frame coordinates (n = 0: no target in that frame)."""
+    n = clip.frames.shape[0]
+    sounding = [o for o in clip.meta.get("objects", []) if o.get("sounding")]
+    if sounding:
+        width, height = float(clip.meta.get("width", 256)), float(clip.meta.get("height", 256))
+        for o in sounding:
+            if len(o.get("boxes", [])) < n:
+                raise ValueError(f"{clip.clip_id}: sidecar object {o.get('id')} has {len(o.get('boxes', []))} "
+                                 f"boxes for {n} frames (one [x0, y0, x1, y1] per frame expected)")
+        scale = torch.tensor([width, height, width, height])
+        return [(torch.tensor([o["boxes"][f] for o in sounding], dtype=torch.float32) / scale).clamp(0, 1)
+                for f in range(n)]
+    if cfg.pseudo_labels == "none":
+        return [torch.zeros(0, 4) for _ in range(n)]
+    if cfg.pseudo_labels != "faces":
+        raise ValueError(f"pseudo_labels must be 'faces' or 'none', got {cfg.pseudo_labels!r}")
+    frames = _stored_frames(clip, cfg.data_root)
+    side = frames.shape[2], frames.shape[1]
+    scale = torch.tensor([side[0], side[1], side[0], side[1]], dtype=torch.float32)
+    return [torch.zeros(0, 4) if b is None else (torch.tensor([b], dtype=torch.float32) / scale).clamp(0, 1)
+            for b in face_pseudo_labels(frames)]
+
+
+def _stored_frames(clip: Clip, root: str) -> torch.Tensor:
+    """The clip's frames at their stored size (256 px) for the face detector: at the demo's 88 px a face is ~15 px,
+    below what the cascade finds even upscaled. Falls back to the frames in RAM for a clip not in a store."""
+    if not (root and clip.row.get("video")):
+        return clip.frames
+    store = Store(root)
+    return decode_video(store.get(clip.row["video"], clip.row.get("video_sha256")), name=store.url(clip.row["video"]))
+
+
+def is_moving(clip: Clip, targets: list[torch.Tensor], cfg: Config) -> bool:
+    """The paper's filtered subset: the sounding object moves left-right a lot over the clip."""
+    sounding = [o for o in clip.meta.get("objects", []) if o.get("sounding") and o.get("azimuth_deg")]
+    if sounding:
+        return any(float(np.ptp(o["azimuth_deg"])) >= cfg.moving_min_deg for o in sounding)
+    xs = [float(b[0, [0, 2]].mean()) for b in targets if len(b)]
+    return len(xs) > 1 and float(np.ptp(xs)) >= cfg.moving_min_x
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Samples
+
+@dataclass
+class TrackClip:
+    clip: Clip
+    targets: list[torch.Tensor]        # per stored frame, (n, 4) in [0, 1]
+    frames: list[int]                  # target frames: a target and a 1-s window inside the clip
+    moving: bool
+
+
+def target_frames(clip: Clip, targets: list[torch.Tensor], fps: float, sample_rate: int, window_s: float) -> list[int]:
+    half = window_s / 2
+    duration = clip.wave.shape[1] / sample_rate
+    return [t for t in range(clip.frames.shape[0])
+            if len(targets[t]) and t / fps - half >= -1e-9 and t / fps + half <= duration + 1e-9]
+
+
+def prepare(clips: list[Clip], cfg: Config, pcfg) -> tuple[list[TrackClip], dict[str, str]]:
+    """Targets of every clip; clips with no usable target frame are left out (returned with the reason)."""
+    kept, skipped = [], {}
+    for c in clips:
+        targets = clip_targets(c, cfg)
+        frames = target_frames(c, targets, pcfg.data.fps, pcfg.data.sample_rate, cfg.window_s)
+        if not frames:
+            skipped[c.clip_id] = (f"no target frame with a {cfg.window_s}-s window inside the clip "
+                                  f"({'no sounding object or face' if not any(len(b) for b in targets) else 'short'})")
+            continue
+        kept.append(TrackClip(c, targets, frames, is_moving(c, targets, cfg)))
+    return kept, skipped
+
+
+def eval_windows(tc: TrackClip, cfg: Config, fps: float) -> list[tuple[int, int]]:
+    """(target, reference) frame pairs of one clip: a target every eval_hop_s, the reference half a clip away."""
+    hop = max(1, round(cfg.eval_hop_s * fps))
+    n = tc.clip.frames.shape[0]
+    first = tc.frames[0]
+    return [(t, (t + n // 2) % n) for t in tc.frames if (t - first) % hop == 0]
+
+
+def draw_pair(tc: TrackClip, cfg: Config, fps: float, g: torch.Generator) -> tuple[int, int, bool]:
+    """A training (target, reference, mirror) draw."""
+    n = tc.clip.frames.shape[0]
+    t = tc.frames[int(torch.randint(len(tc.frames), (1,), generator=g))]
+    gap = min(round(cfg.ref_min_gap_s * fps), n // 2)
+    refs = [r for r in range(n) if abs(r - t) >= gap]
+    ref = refs[int(torch.randint(len(refs), (1,), generator=g))]
+    return t, ref, bool(torch.rand(1, generator=g) < cfg.joint_flip_p)
+
+
+def sample_inputs(tc: TrackClip, t: int, ref: int, mirror: bool, audio_mode: str | None, pcfg,
+                  features: AudioFeatures, window_s: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(reference frame (3, R, R), audio features or None, true boxes (n, 4)) of one sample."""
+    frame = tc.clip.frames[ref:ref + 1]
+    boxes = tc.targets[t].clone()
+    if mirror:
+        frame = frame.flip(2)
+        boxes = torch.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], dim=1)
+    size = frame.shape[1]
+    video = augment_frames(frame, SampleParams(0, 0, 0, 1.0, 1.0, 1.0, False, False), size)[0]
+    audio = None
+    if audio_mode is not None:
+        sr = pcfg.data.sample_rate
+        n = round(window_s * sr)
+        s0 = round(t / pcfg.data.fps * sr) - n // 2
+        wave = tc.clip.wave[:, max(s0, 0):s0 + n]
+        if wave.shape[1] < n:  # a clip a few samples short of its duration
+            wave = F.pad(wave, (0, n - wave.shape[1]))
+        if mirror:
+            wave = flip_channels(wave)
+        if audio_mode == "mono":
+            wave = wave.mean(dim=0, keepdim=True).expand(2, -1)
+        audio = audio_input(wave, features)
+    return video, audio, boxes
+
+
+def make_batch(items, tracks, cfg, pcfg, features, audio_mode, device):
+    vids, auds, boxes = [], [], []
+    for ci, t, ref, mirror in items:
+        v, a, b = sample_inputs(tracks[ci], t, ref, mirror, audio_mode, pcfg, features, cfg.window_s)
+        vids.append(v)
+        auds.append(a)
+        boxes.append(b.to(device))
+    audio = torch.stack(auds).to(device) if audio_mode is not None else None
+    return torch.stack(vids).to(device), audio, boxes
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Anchors, model, loss, decoding
+
+def kmeans_anchors(wh: torch.Tensor, k: int, iters: int = 30) -> torch.Tensor:
+    """YOLOv2's anchors: k-means on box (w, h) with distance 1 - IOU of boxes sharing a centre; (k, 2), by area.
+    Deterministic: starts from the area quantiles."""
+    wh = wh.double()
+    if len(wh) < k:
+        raise ValueError(f"{k} anchors need at least {k} training boxes, got {len(wh)}")
+    order = torch.argsort(wh.prod(1))
+    centers = wh[order[((torch.arange(k) + 0.5) / k * len(wh)).long()]].clone()
+    for _ in range(iters):
+        assign = shape_iou(wh, centers).argmax(1)
+        new = torch.stack([wh[assign == j].median(0).values if (assign == j).any() else centers[j]
+                           for j in range(k)])
+        if torch.allclose(new, centers):
+            break
+        centers = new
+    return centers[torch.argsort(centers.prod(1))].float()
+
+
+def shape_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IOU of (w, h) shapes a (N, 2) and b (M, 2) placed on the same centre -> (N, M)."""
+    inter = torch.minimum(a[:, None, 0], b[None, :, 0]) * torch.minimum(a[:, None, 1], b[None, :, 1])
+    return inter / (a[:, None].prod(-1) + b[None].prod(-1) - inter)
+
+
+def map_side(size: int) -> int:
+    """Side of the visual trunk's map for a size x size input (conv1, maxpool, layer2..4 halve it, rounding up)."""
+    for _ in range(5):
+        size = (size + 1) // 2
+    return size
+
+
+def conv_bn(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class LocalizationNet(nn.Module):
+    """The pretext sub-networks a method uses (`backbone`) and a YOLOv2 deconvolution head (`head`).
+
+    forward(video (B, 3, R, R) | None, audio (B, C, n_mels, T) | None) -> (B, A, 5, S, S): per anchor and grid cell
+    tx, ty, tw, th, objectness logit.
+    """
+
+    def __init__(self, pretext, pcfg, cfg: Config, audio: str | None, visual: bool, anchors: torch.Tensor):
+        super().__init__()
+        if not (audio or visual):
+            raise ValueError("a localization model needs audio, visual context or both")
+        if pretext.variant in ("motion", "pooled-visual"):
+            raise ValueError(f"localize needs the per-frame spatial visual map; pretext variant {pretext.variant!r} "
+                             "has none (use base, mono or gcc-phat)")
+        self.uses_audio, self.uses_visual = audio is not None, visual
+        self.backbone = nn.ModuleDict()
+        if visual:
+            self.backbone["visual"] = pretext.visual
+        if audio:
+            self.backbone["audio"] = pretext.audio
+            if pretext.mono_audio is not None:
+                self.backbone["mono_audio"] = pretext.mono_audio
+        self.side = map_side(pcfg.data.resize)
+        self.grid = self.side * 2 ** cfg.deconvs
+        self.register_buffer("anchors", anchors.float().clone())
+        a = len(anchors)
+        audio_dim = (pcfg.model.audio_dim * (2 if pretext.mono_audio is not None else 1)) if audio else 0
+        c_in = 2 + (pcfg.model.visual_reduce if visual else 0) + audio_dim
+        ch = cfg.head_channels
+        self.skip = visual and cfg.skip and cfg.deconvs > 0
+        merge_in = ch + 2 + audio_dim + 4 * pcfg.model.visual_width  # + trunk layer3's channels
+        self.head = nn.ModuleDict({
+            "fuse": nn.Sequential(conv_bn(c_in, ch), conv_bn(ch, ch)),
+            "up": nn.ModuleList(nn.Sequential(nn.ConvTranspose2d(ch, ch, 4, stride=2, padding=1, bias=False),
+                                              nn.BatchNorm2d(ch), nn.ReLU(inplace=True))
+                                for _ in range(cfg.deconvs)),
+            "merge": conv_bn(merge_in, ch) if self.skip else nn.Identity(),
+            "out": nn.Conv2d(ch, a * 5, 1)})
+        with torch.no_grad():  # objectness starts at the prior: one responsible anchor per frame
+            prior = 1.0 / (self.grid * self.grid * a)
+            self.head["out"].bias.view(a, 5)[:, 4] = math.log(prior / (1 - prior))
+
+    def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        if "mono_audio" in self.backbone:  # the pretext's `mono` variant: stereo stream + mono-mix stream
+            return torch.cat([self.backbone["audio"](audio[:, :2]), self.backbone["mono_audio"](audio[:, 2:3])], 1)
+        return self.backbone["audio"](audio)
+
+    def visual_maps(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pretext visual map (B, visual_reduce, h, w), the trunk's layer3 map (B, 4 * width, ~2h, ~2w))."""
+        vis = self.backbone["visual"]
+        t = vis.trunk
+        layer3 = t.layer3(t.layer2(t.layer1(t.maxpool(t.relu(t.bn1(t.conv1(video)))))))
+        return vis.reduce(t.layer4(layer3)), layer3
+
+    def forward(self, video: torch.Tensor | None, audio: torch.Tensor | None) -> torch.Tensor:
+        ref = video if video is not None else audio
+        b, s = ref.shape[0], self.side
+        parts, tiled = [], []  # maps at the visual map's size; vectors tiled at every scale (the audio)
+        if self.uses_visual:
+            v, layer3 = self.visual_maps(video)
+            if v.shape[-1] != s:
+                raise ValueError(f"visual map is {tuple(v.shape[-2:])}, expected {s}x{s}: the reference frame must be "
+                                 "the pretext's data.resize square")
+            parts.append(v)
+        if self.uses_audio:
+            tiled.append(self.embed_audio(audio).mean(dim=-1)[:, :, None, None])
+        x = self.head["fuse"](torch.cat(parts + [t.expand(-1, -1, s, s) for t in tiled] + [_coords(b, s, ref)], 1))
+        for k, up in enumerate(self.head["up"]):
+            x = up(x)
+            if k == 0 and self.skip:  # finer visual detail for the box, with the audio and the position again
+                n = x.shape[-1]
+                fine = F.interpolate(layer3, size=(n, n), mode="bilinear", align_corners=False) \
+                    if layer3.shape[-1] != n else layer3
+                x = self.head["merge"](torch.cat([x, fine] + [t.expand(-1, -1, n, n) for t in tiled]
+                                                 + [_coords(b, n, ref)], 1))
+        out = self.head["out"](x)
+        return out.view(b, len(self.anchors), 5, self.grid, self.grid)
+
+
+def _coords(b: int, s: int, like: torch.Tensor) -> torch.Tensor:
+    """(B, 2, s, s): x and y of each cell centre in [-1, 1], so the head knows where a cell is."""
+    lin = (torch.arange(s, device=like.device, dtype=like.dtype) + 0.5) / s * 2 - 1
+    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+    return torch.stack([xx, yy])[None].expand(b, -1, -1, -1)
+
+
+def decode(out: torch.Tensor, anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A, 5, S, S) -> boxes (B, A*S*S, 4) [x0, y0, x1, y1] in [0, 1] and objectness scores (B, A*S*S)."""
+    b, a, _, s, _ = out.shape
+    cells = torch.arange(s, device=out.device, dtype=out.dtype)
+    cx = (cells.view(1, 1, 1, s) + out[:, :, 0].sigmoid()) / s
+    cy = (cells.view(1, 1, s, 1) + out[:, :, 1].sigmoid()) / s
+    w = anchors[:, 0].view(1, a, 1, 1) * out[:, :, 2].clamp(max=4).exp()
+    h = anchors[:, 1].view(1, a, 1, 1) * out[:, :, 3].clamp(max=4).exp()
+    boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1).clamp(0, 1)
+    return boxes.reshape(b, -1, 4), out[:, :, 4].sigmoid().reshape(b, -1)
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    lt, rb = torch.maximum(a[:, None, :2], b[None, :, :2]), torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp_min(0).prod(-1)
+    area = lambda x: (x[:, 2:] - x[:, :2]).clamp_min(0).prod(-1)  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None] - inter).clamp_min(1e-9)
+
+
+def yolo_loss(out: torch.Tensor, boxes: list[torch.Tensor], anchors: torch.Tensor, cfg: Config
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+    """YOLOv2's detection loss (see the module docstring), summed over cells and averaged over the batch."""
+    b, a, _, s, _ = out.shape
+    obj = torch.zeros(b, a, s, s, dtype=torch.bool, device=out.device)
+    txy = torch.zeros(b, a, 2, s, s, device=out.device)
+    twh = torch.zeros(b, a, 2, s, s, device=out.device)
+    with torch.no_grad():
+        pred_boxes, _ = decode(out.detach(), anchors)
+        ignore = torch.zeros(b, a * s * s, dtype=torch.bool, device=out.device)
+        for i, gt in enumerate(boxes):
+            if len(gt) == 0:
+                continue
+            ignore[i] = _iou(pred_boxes[i], gt).max(1).values > cfg.ignore_iou
+            wh = (gt[:, 2:] - gt[:, :2]).clamp_min(1e-4)
+            centre = (gt[:, :2] + gt[:, 2:]) / 2 * s
+            cell = centre.long().clamp(0, s - 1)
+            best = shape_iou(wh, anchors).argmax(1)
+            for k in range(len(gt)):
+                j, y, x = int(best[k]), int(cell[k, 1]), int(cell[k, 0])
+                obj[i, j, y, x] = True
+                txy[i, j, :, y, x] = centre[k] - cell[k]
+                twh[i, j, :, y, x] = torch.log(wh[k] / anchors[j])
+    logits = out[:, :, 4]
+    noobj = ~obj & ~ignore.view(b, a, s, s)
+    pos = obj[:, :, None].expand(-1, -1, 2, -1, -1)
+    loss_xy = ((out[:, :, :2].sigmoid() - txy)[pos] ** 2).sum()
+    loss_wh = ((out[:, :, 2:4] - twh)[pos] ** 2).sum()
+    loss_obj = F.binary_cross_entropy_with_logits(logits[obj], torch.ones_like(logits[obj]), reduction="sum")
+    loss_noobj = F.binary_cross_entropy_with_logits(logits[noobj], torch.zeros_like(logits[noobj]), reduction="sum")
+    loss = (cfg.coord_weight * (loss_xy + loss_wh) + loss_obj + cfg.noobj_weight * loss_noobj) / b
+    parts = {k: float(v.detach()) / b for k, v in
+             {"xy": loss_xy, "wh": loss_wh, "obj": loss_obj, "noobj": loss_noobj}.items()}
+    return loss, parts
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training and evaluation
+
+def train_one_epoch(model: LocalizationNet, optimizer, scheduler, tracks: list[TrackClip], cfg: Config, pcfg,
+                    features: AudioFeatures, audio_mode: str | None, device, epoch: int, frozen: bool) -> float:
+    from tqdm import tqdm
+    model.train()
+    if frozen:  # frozen sub-networks keep their BatchNorm statistics too
+        model.backbone.eval()
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    order = torch.randperm(len(tracks) * cfg.samples_per_clip, generator=g).tolist()
+    items = [(i % len(tracks),) + draw_pair(tracks[i % len(tracks)], cfg, pcfg.data.fps, g) for i in order]
+    total, n = 0.0, 0
+    bar = tqdm(range(0, len(items), cfg.batch_size), desc=f"epoch {epoch}", unit="batch", leave=False)
+    for start in bar:
+        video, audio, boxes = make_batch(items[start:start + cfg.batch_size], tracks, cfg, pcfg, features,
+                                         audio_mode, device)
+        out = model(video if model.uses_visual else None, audio)
+        loss, _ = yolo_loss(out, boxes, model.anchors, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.item() * len(boxes)
+        n += len(boxes)
+        bar.set_postfix(loss=f"{total / n:.3f}")
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def predict(model: LocalizationNet, tracks: list[TrackClip], cfg: Config, pcfg, features: AudioFeatures,
+            audio_mode: str | None, device) -> list[dict]:
+    """One record per evaluation window: clip index, target / reference frame, kept boxes + scores (after NMS, best
+    first), true boxes."""
+    from torchvision.ops import nms
+    model.eval()
+    windows = [(ci, t, ref, False) for ci, tc in enumerate(tracks) for t, ref in eval_windows(tc, cfg, pcfg.data.fps)]
+    records = []
+    for start in range(0, len(windows), cfg.batch_size):
+        chunk = windows[start:start + cfg.batch_size]
+        video, audio, gts = make_batch(chunk, tracks, cfg, pcfg, features, audio_mode, device)
+        boxes, scores = decode(model(video if model.uses_visual else None, audio), model.anchors)
+        for (ci, t, ref, _), bx, sc, gt in zip(chunk, boxes.cpu(), scores.cpu(), gts):
+            keep = nms(bx.float(), sc.float(), cfg.nms_iou)[:cfg.max_boxes]
+            records.append({"clip": ci, "t": t, "ref": ref, "boxes": bx[keep], "scores": sc[keep], "gt": gt.cpu()})
+    return records
+
+
+def score(records: list[dict], clip_ids: list[str]) -> tuple[dict[str, float], dict]:
+    """(ap50, iou, x_err, y_err in %, per-frame {"clip", "iou", "x", "y"}) of a set of evaluation records."""
+    ids = [f"{clip_ids[r['clip']]}@{r['t']}" for r in records]
+    pred_boxes = torch.cat([r["boxes"] for r in records])
+    pred_scores = torch.cat([r["scores"] for r in records])
+    pred_ids = [i for i, r in zip(ids, records) for _ in range(len(r["boxes"]))]
+    gt_boxes = torch.cat([r["gt"] for r in records])
+    gt_ids = [i for i, r in zip(ids, records) for _ in range(len(r["gt"]))]
+    ap = metrics.ap50(pred_boxes, pred_scores, pred_ids, gt_boxes, gt_ids)
+    images, ious = metrics.top_box_iou(pred_boxes, pred_scores, pred_ids, gt_boxes, gt_ids, reduction="none")
+    by_id = dict(zip(ids, records))
+    tops, matched = [], []
+    for image in images:  # the top box against the true box it overlaps most (nearest centre when none overlaps)
+        r = by_id[image]
+        top = r["boxes"][0]
+        overlap = _iou(top[None], r["gt"])[0]
+        if overlap.max() > 0:
+            k = int(overlap.argmax())
+        else:
+            k = int(((r["gt"][:, :2] + r["gt"][:, 2:]) / 2 - (top[:2] + top[2:]) / 2).norm(dim=1).argmin())
+        tops.append(top)
+        matched.append(r["gt"][k])
+    x_err, y_err = metrics.center_error(torch.stack(tops), torch.stack(matched), 1.0, 1.0, reduction="none")
+    frames = {"clip": [by_id[i]["clip"] for i in images], "iou": ious * 100, "x": x_err, "y": y_err}
+    return {"ap50": 100 * ap, "iou": float(ious.mean()) * 100, "x_err": float(x_err.mean()),
+            "y_err": float(y_err.mean())}, frames
+
+
+def evaluate(model, tracks: list[TrackClip], cfg: Config, pcfg, features, audio_mode, device) -> dict:
+    """{"metrics": all + *_moving, "per_clip", "clip_ids", "records"} on the evaluation clips."""
+    records = predict(model, tracks, cfg, pcfg, features, audio_mode, device)
+    clip_ids = [tc.clip.clip_id for tc in tracks]
+    result, frames = score(records, clip_ids)
+    moving = [r for r in records if tracks[r["clip"]].moving]
+    if moving:
+        result.update({f"{k}_moving": v for k, v in score(moving, clip_ids)[0].items()})
+    else:
+        log.warning("no eval clip moves by >= %s deg: the *_moving metrics are NaN", cfg.moving_min_deg)
+        result.update({f"{k}_moving": float("nan") for k in ("ap50", "iou", "x_err", "y_err")})
+    per_clip = {"ap50": [], "iou": [], "x_err": [], "y_err": []}
+    clip_of = torch.tensor(frames["clip"])
+    for ci in range(len(tracks)):
+        sel = clip_of == ci
+        per_clip["ap50"].append(float((frames["iou"][sel] >= 50).double().mean()) * 100)
+        per_clip["iou"].append(float(frames["iou"][sel].mean()))
+        per_clip["x_err"].append(float(frames["x"][sel].mean()))
+        per_clip["y_err"].append(float(frames["y"][sel].mean()))
+    return {"metrics": result, "per_clip": per_clip, "clip_ids": clip_ids, "records": records}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The trial
+
+@functools.lru_cache(maxsize=2)
+def cached_clips(root: str, split: str, resize: int, sample_rate: int, max_clips: int):
+    """load_clips, kept for the next trial in this process: `--local` runs every method in one process and a Ray
+    worker may run several, and decoding (~1 min for data/demo) would otherwise repeat per method. The clips are only
+    read (2 entries: the train and the eval split)."""
+    return load_clips(root, split, resize, sample_rate, max_clips)
+
+
+def run_trial(cfg: Config, report=None) -> dict:
+    """Train one method (cfg.method) on cfg.train_split, evaluate it on cfg.eval_split (the contract in
+    flipray/downstream.py)."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown localize method {cfg.method!r}; methods are {list(METHODS)}")
+    spec = METHODS[cfg.method]
+    frozen = bool(spec.get("frozen"))
+    if frozen:
+        cfg = dataclasses.replace(cfg, lr_backbone=0.0)
+    device = setup(cfg)
+    pretext, pcfg = pretext_network(cfg)
+    if getattr(pcfg.data, "audio_channels", 2) != 2:
+        raise ValueError(f"{cfg.pretext}: localize needs a stereo (left/right) pretext network, this one hears "
+                         f"{pcfg.data.audio_channels} channels (FOA); use the flip, mismatch or shift network")
+    features = AudioFeatures(pcfg)
+    train_clips, skipped = cached_clips(cfg.data_root, cfg.train_split, pcfg.data.resize, pcfg.data.sample_rate,
+                                        cfg.max_clips)
+    eval_clips, skipped_eval = cached_clips(cfg.data_root, cfg.eval_split, pcfg.data.resize, pcfg.data.sample_rate,
+                                            cfg.max_clips)
+    skipped = dict(skipped)
+    train, s1 = prepare(train_clips, cfg, pcfg)
+    tracks, s2 = prepare(eval_clips, cfg, pcfg)
+    skipped.update(skipped_eval | s1 | s2)
+    if not train or not tracks:
+        raise ValueError(f"{cfg.data_root}: no usable {cfg.train_split if not train else cfg.eval_split} clips "
+                         f"(a sounding object or face and a {cfg.window_s}-s window): {skipped}")
+    wh = torch.cat([b[:, 2:] - b[:, :2] for tc in train for t in tc.frames for b in [tc.targets[t]]])
+    anchors = kmeans_anchors(wh.clamp_min(1e-3), cfg.anchors)
+    model = LocalizationNet(pretext, pcfg, cfg, spec["audio"], spec["visual"], anchors).to(device)
+    del pretext  # its fusion and classifier are not used
+    optimizer = torch.optim.AdamW(param_groups(model.backbone, model.head, cfg), weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * math.ceil(len(train) * cfg.samples_per_clip / cfg.batch_size)
+    decay = (lambda k: 0.5 * (1 + math.cos(math.pi * min(k / max(steps, 1), 1.0)))) if cfg.schedule == "cosine" \
+        else (lambda k: 1.0)
+    if cfg.schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
+    moving = sum(tc.moving for tc in tracks)
+    log.info("localize %s: %d train / %d eval clips (%d moving), grid %dx%d, anchors %s, %d skipped", cfg.method,
+             len(train), len(tracks), moving, model.grid, model.grid, anchors.tolist(), len(skipped))
+
+    history, ev = [], None
+    for epoch in range(1, cfg.epochs + 1):
+        loss = train_one_epoch(model, optimizer, scheduler, train, cfg, pcfg, features, spec["audio"], device, epoch,
+                               frozen)
+        entry = {"epoch": epoch, "loss": loss}
+        if epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0):
+            ev = evaluate(model, tracks, cfg, pcfg, features, spec["audio"], device)
+            entry.update(ev["metrics"])
+        history.append(entry)
+        log.info("localize %s epoch %d: %s", cfg.method, epoch,
+                 ", ".join(f"{k} {v:.3g}" for k, v in entry.items() if k != "epoch"))
+        if report is not None:
+            report(epoch, {k: v for k, v in entry.items() if k != "epoch"})
+
+    figures = {}
+    if cfg.out_dir:
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        figures["tracking"] = str(tracking_figure(ev["records"], tracks, cfg, out / "tracking.png"))
+        figures["curves"] = str(curves_figure(history, cfg, out / "curves.png"))
+    return {"metrics": ev["metrics"], "per_clip": ev["per_clip"], "clip_ids": ev["clip_ids"], "history": history,
+            "figures": figures, "anchors": anchors.tolist(), "skipped": skipped,
+            "eval_windows": len(ev["records"]), "moving_clips": moving}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Figures
+
+def tracking_figure(records: list[dict], tracks: list[TrackClip], cfg: Config, path: Path, frames_per_clip: int = 6
+                    ) -> Path:
+    """Per clip (moving ones first): the reference frame, then target frames over time with the true box (green)
+    and the top predicted box (red), each titled with its time and IOU."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    by_clip: dict[int, list[dict]] = {}
+    for r in records:
+        by_clip.setdefault(r["clip"], []).append(r)
+    chosen = sorted(by_clip, key=lambda ci: (not tracks[ci].moving, ci))[:max(cfg.figure_clips, 1)]
+    cols = frames_per_clip + 1
+    fig, axes = plt.subplots(len(chosen), cols, figsize=(1.9 * cols, 2.1 * len(chosen)), squeeze=False)
+    for row, ci in zip(axes, chosen):
+        tc, recs = tracks[ci], by_clip[ci]
+        picks = [recs[round(k * (len(recs) - 1) / max(frames_per_clip - 1, 1))] for k in range(frames_per_clip)]
+        size = tc.clip.frames.shape[1]
+        fps = tc.clip.row.get("fps", 6)
+        row[0].imshow(tc.clip.frames[picks[0]["ref"]].numpy())
+        row[0].set_title(f"{tc.clip.clip_id}\nreference {picks[0]['ref'] / fps:.1f}s (of t={picks[0]['t'] / fps:.1f}s)"
+                         + (" (moving)" if tc.moving else ""), fontsize=7)
+        for ax, r in zip(row[1:], picks):
+            ax.imshow(tc.clip.frames[r["t"]].numpy())
+            for box, colour in [(g, "lime") for g in r["gt"]] + [(r["boxes"][0], "red")]:
+                x0, y0, x1, y1 = (box * size).tolist()
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=1.5))
+            iou = float(_iou(r["boxes"][:1], r["gt"]).max())
+            ax.set_title(f"t={r['t'] / fps:.1f}s IOU {iou:.2f}", fontsize=7)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"localize {cfg.method}: true box green, top predicted box red (audio window centred on t)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def curves_figure(history: list[dict], cfg: Config, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3))
+    a.plot([h["epoch"] for h in history], [h["loss"] for h in history], marker="o")
+    a.set_xlabel("epoch")
+    a.set_ylabel("training loss (YOLOv2)")
+    ev = [h for h in history if "ap50" in h]
+    for key in ("ap50", "iou", "ap50_moving"):
+        b.plot([h["epoch"] for h in ev], [h[key] for h in ev], marker="o", label=key)
+    b.set_xlabel("epoch")
+    b.set_ylabel(f"{cfg.eval_split} (%)")
+    b.legend(fontsize=8)
+    fig.suptitle(f"localize {cfg.method}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,16 @@
+"""Table 3: sounding-object tracking from stereo sound and a reference frame, every method as a Ray task.
+
+    python -m jobs.localize --data data/demo --preset demo --pretext flip=runs/dev-demo/checkpoint.pt \
+        --methods flip,scratch,visual-context,stereo-audio --local --no-mlflow --out /tmp/loc
+    ray job submit --working-dir . -- python -m jobs.localize --data s3://flipray/demo/ --preset small \
+        --pretext flip=models:/flipray-pretext/latest
+
+Methods, metrics and ground truth: flipray/localize.py. Options: jobs/downstream.py.
+"""
+from flipray import localize
+from jobs.downstream import table_main
+
+main = table_main(localize)
+
+if __name__ == "__main__":
+    main()
