@@ -31,6 +31,14 @@ class DataConfig:
     eval_windows: int = 1             # fixed windows per clip when evaluating (each scored as recorded and swapped)
     shift_min_s: float = 2.0          # shift task: audio moved by 2.0-5.8 s against the video (Owens & Efros 2018)
     shift_max_s: float = 5.8
+    audio_channels: int = 0           # 2 = stereo (channel 0 = left) with normal frames | 4 = 360 video: FOA audio
+                                      # (ACN W,Y,Z,X, SN3D; flipray/foa.py) with equirectangular frames, resized to
+                                      # crop x 2*crop and never cropped (rolled instead, with the sound field)
+                                      # | 0 = from the task: 4 for rotate, else 2 (set by validate())
+    foa_intensity: bool = True        # FOA: add 3 active-intensity-vector channels to the 4 log-mels (log-mels alone
+                                      # lose the signs of X and Y: a 180-deg rotation is invisible to them)
+    rotations_deg: list = field(default_factory=lambda: [90.0, 180.0, 270.0])  # rotate task: the negative's
+                                      # sound-field rotation is one of these (a list: configs round-trip JSON)
     sample_rate: int = 16000
     n_fft: int = 512
     win_length: int = 400
@@ -55,6 +63,7 @@ class ModelConfig:
 class TrainConfig:
     task: str = "flip"                # flip (label 1 = left/right channels swapped) | mismatch (audio of another
                                       # clip) | shift (audio shifted in time): the paper's pretext baselines
+                                      # | rotate (360 clips: FOA sound field rotated by one of data.rotations_deg)
     batch_size: int = 32              # global batch size (all workers together)
     micro_batch_size: int = 0         # per-worker forward pass; 0 = batch_size / workers; smaller = accumulate
     optimizer: str = "sgd"            # sgd (the paper: momentum 0.9, lr 0.01) | adamw
@@ -130,6 +139,19 @@ class Config:
             raise ValueError("model.visual_init=imagenet:PATH needs model.visual_width=64 (torchvision's resnet18)")
         if t.task not in TASKS:
             raise ValueError(f"train.task must be one of {TASKS}, got {t.task!r}")
+        if d.audio_channels == 0:
+            d.audio_channels = 4 if t.task == "rotate" else 2
+        if d.audio_channels not in (2, 4):
+            raise ValueError(f"data.audio_channels must be 2 (stereo) or 4 (FOA, 360 video), got {d.audio_channels}")
+        if (t.task == "rotate") != (d.audio_channels == 4) and t.task in ("flip", "rotate"):
+            raise ValueError(f"train.task={t.task} needs data.audio_channels={4 if t.task == 'rotate' else 2} "
+                             f"({'FOA 360 clips' if t.task == 'rotate' else 'stereo clips'}), got {d.audio_channels}")
+        if d.audio_channels == 4 and m.variant not in ("base", "pooled-visual"):
+            raise ValueError(f"model.variant={m.variant} is for stereo clips; FOA (data.audio_channels=4) takes base "
+                             f"or pooled-visual")
+        if not d.rotations_deg or any(not isinstance(r, (int, float)) or r % 360 == 0 for r in d.rotations_deg):
+            raise ValueError(f"data.rotations_deg must be a non-empty list of angles that are not multiples of 360, "
+                             f"got {d.rotations_deg!r}")
         if not 0 < d.shift_min_s <= d.shift_max_s:
             raise ValueError(f"data.shift_min_s/shift_max_s must satisfy 0 < min <= max, got {d.shift_min_s}, "
                              f"{d.shift_max_s}")
@@ -153,7 +175,7 @@ class Config:
 
 
 VARIANTS = ("base", "motion", "mono", "gcc-phat", "pooled-visual")
-TASKS = ("flip", "mismatch", "shift")
+TASKS = ("flip", "mismatch", "shift", "rotate")
 
 
 def _preset(name: str) -> Config:

@@ -28,7 +28,7 @@ sys.modules[_spec.name] = validate  # dataclasses look their module up while the
 _spec.loader.exec_module(validate)
 
 JOB_ENTRYPOINTS = {
-    "flipray-ingest": "python -m jobs.ingest --src s3://flipray/raw/ --dest s3://flipray/dataset/",
+    "flipray-ingest": "python -m jobs.ingest --videos /data/raw --out s3://flipray/dataset/",
     "flipray-pretext": "python -m jobs.pretext --config /config/pretext.yaml",
     "flipray-localize": "python -m jobs.localize --preset paper --out /tmp/flipray/downstream",
     "flipray-spatialize": "python -m jobs.spatialize --preset paper --out /tmp/flipray/downstream",
