@@ -190,6 +190,9 @@ def build_pipeline(cfg: Config, source: ClipSource, device: str = "cpu", batch_s
     if cfg.model.variant == "gcc-phat":
         raise ValueError("model.variant=gcc-phat needs STFT phase, which DALI's spectrogram does not give; use "
                          "data.loader=torchcodec")
+    if cfg.data.audio_channels != 2 or cfg.train.task == "rotate":
+        raise ValueError("360 clips (data.audio_channels=4, train.task=rotate: FOA rotation, panorama roll, intensity "
+                         "vectors) are not in the DALI pipeline yet; use data.loader=torchcodec")
     d = cfg.data
     T, stride, R = d.num_frames, frame_stride(cfg), d.resize
     gpu = device == "gpu"

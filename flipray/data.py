@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchaudio
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from .config import Config
 from .manifest import read_manifest
@@ -45,8 +45,9 @@ class ClipDecodeError(ValueError):
 # Decoding (torchcodec)
 
 def decode_video(path: str | Path | bytes, indices: list[int] | None = None, size: int | None = None,
-                 expect_frames: int | None = None, name: str | None = None) -> torch.Tensor:
-    """uint8 frames (N, H, W, 3) of a video file, centre-cropped to a square and resized to `size` if given.
+                 expect_frames: int | None = None, name: str | None = None, panorama: bool = False) -> torch.Tensor:
+    """uint8 frames (N, H, W, 3) of a video file, centre-cropped to a square and resized to `size` if given
+    (`panorama`: equirectangular frames resized to size x 2 size, never cropped; flipray.foa.resize_panorama).
 
     `indices` selects frames (all when None). `path` may also be the file's bytes (an object from the clip store),
     which `name` then names in errors. Raises ClipDecodeError naming the file when it cannot be read or has
@@ -73,6 +74,9 @@ def decode_video(path: str | Path | bytes, indices: list[int] | None = None, siz
         raise ClipDecodeError(f"{path}: cannot decode video ({_first_line(e)})") from None
     if expect_frames is not None and indices is None and frames.shape[0] < expect_frames:
         raise ClipDecodeError(f"{path}: decoded {frames.shape[0]} frames, the manifest says {expect_frames}")
+    if panorama:
+        from .foa import resize_panorama
+        return resize_panorama(frames, size)
     return resize_square(frames, size)
 
 
@@ -139,6 +143,8 @@ class SampleParams:
     swap: bool              # the pretext task's negative (label 1): channels swapped / other clip / time-shifted
     audio_clip: int = -1    # clip whose audio is used (-1 = this clip; the mismatch task's negatives)
     audio_shift: int = 0    # audio window start minus video window start, in stored-video frames (shift task)
+    rotation_deg: float = 0.0  # rotate task's negative: FOA sound field rotated by this (flipray.foa.rotate_foa)
+    roll_deg: float = 0.0   # 360 clips: panorama AND sound field rotated by this (joint augmentation, label unchanged)
 
     @property
     def label(self) -> float:
@@ -172,17 +178,22 @@ def draw_params(cfg: Config, clip_frames: int, seed: int, epoch: int, index: int
         audio_clip = (index + 1 + min(int(u[8] * (n_clips - 1)), n_clips - 2)) % n_clips
     elif swap and cfg.train.task == "shift":
         start, audio_shift = _shifted_window(cfg, last_start, u[8], u[9], u[10])
+    rotation = 0.0
+    if swap and cfg.train.task == "rotate":
+        rotation = float(d.rotations_deg[min(int(u[8] * len(d.rotations_deg)), len(d.rotations_deg) - 1)])
+    pano = d.audio_channels == 4  # 360 clips: frames at crop x 2*crop, rolled (with the sound field), never cropped
     if not train:
-        margin = (d.resize - d.crop) // 2
-        return SampleParams(start, margin, margin, 1.0, 1.0, 1.0, False, swap, audio_clip, audio_shift)
-    j = d.color_jitter
+        margin = 0 if pano else (d.resize - d.crop) // 2
+        return SampleParams(start, margin, margin, 1.0, 1.0, 1.0, False, swap, audio_clip, audio_shift, rotation)
+    j, cols = d.color_jitter, 2 * d.crop
     return SampleParams(
         start_frame=start,
-        crop_x=min(int(u[1] * (d.resize - d.crop + 1)), d.resize - d.crop),
-        crop_y=min(int(u[2] * (d.resize - d.crop + 1)), d.resize - d.crop),
+        crop_x=0 if pano else min(int(u[1] * (d.resize - d.crop + 1)), d.resize - d.crop),
+        crop_y=0 if pano else min(int(u[2] * (d.resize - d.crop + 1)), d.resize - d.crop),
         brightness=1 + j * (2 * u[3] - 1), contrast=1 + j * (2 * u[4] - 1), saturation=1 + j * (2 * u[5] - 1),
         joint_flip=u[6] < d.joint_flip_p,
-        swap=swap, audio_clip=audio_clip, audio_shift=audio_shift)
+        swap=swap, audio_clip=audio_clip, audio_shift=audio_shift, rotation_deg=rotation,
+        roll_deg=360.0 * min(int(u[11] * cols), cols - 1) / cols if pano else 0.0)
 
 
 def _shifted_window(cfg: Config, last_start: int, u_size: float, u_sign: float, u_start: float) -> tuple[int, int]:
@@ -223,6 +234,16 @@ def window_frame_indices(cfg: Config, start_frame: int) -> list[int]:
     return [start_frame + (i * span) // n for i in range(n)]
 
 
+def take_frames(frames: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    """frames[indices] as a new tensor. Evenly spaced indices (every preset's) are a strided slice copied in one
+    pass: indexing with a Python list gathers element by element, 3 ms for the demo's 6 small frames and 23 ms for
+    the paper's 18 (docs/performance.md)."""
+    step = indices[1] - indices[0] if len(indices) > 1 else 1
+    if step > 0 and indices == list(range(indices[0], indices[-1] + 1, step)):
+        return frames[indices[0]:indices[-1] + 1:step].clone(memory_format=torch.contiguous_format)
+    return frames.index_select(0, torch.tensor(indices))
+
+
 def window_samples_range(cfg: Config, start_frame: int) -> tuple[int, int]:
     start = round(start_frame / cfg.data.fps * cfg.data.sample_rate)
     return start, start + cfg.window_samples
@@ -252,20 +273,22 @@ def joint_flip(frames: torch.Tensor, wave: torch.Tensor) -> tuple[torch.Tensor, 
     return frames.flip(width_axis), flip_channels(wave)
 
 
-def augment_frames(frames: torch.Tensor, p: SampleParams, crop: int) -> torch.Tensor:
-    """uint8 (T, H, W, 3) -> float (T, 3, crop, crop): crop, colour jitter, ImageNet normalisation."""
-    x = frames[:, p.crop_y:p.crop_y + crop, p.crop_x:p.crop_x + crop].permute(0, 3, 1, 2).float() / 255.0
+def augment_frames(frames: torch.Tensor, p: SampleParams, crop: int, crop_w: int | None = None) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float (T, 3, crop, crop_w or crop): crop, colour jitter, ImageNet normalisation."""
+    # HWC -> CHW in the one copy that converts to float, then every step in place on that fresh contiguous tensor:
+    # the strided, allocate-per-step version took 3-6x longer for the same values (docs/performance.md). Contiguous
+    # also because a channels-last input's weight gradients disagree with DDP's gradient buckets.
+    x = frames[:, p.crop_y:p.crop_y + crop, p.crop_x:p.crop_x + (crop_w or crop)].permute(0, 3, 1, 2).to(
+        torch.float32, memory_format=torch.contiguous_format, copy=True).div_(255.0)
     if p.brightness != 1.0:
-        x = x * p.brightness
+        x.mul_(p.brightness)
     gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
     if p.contrast != 1.0:
-        x = (x - gray.mean(dim=(2, 3), keepdim=True)) * p.contrast + gray.mean(dim=(2, 3), keepdim=True)
+        mean = gray.mean(dim=(2, 3), keepdim=True)
+        x.sub_(mean).mul_(p.contrast).add_(mean)
     if p.saturation != 1.0:
-        x = (x - gray) * p.saturation + gray
-    x = x.clamp(0.0, 1.0)
-    # contiguous: the HWC -> CHW permute would otherwise hand convolutions a channels-last tensor, whose weight
-    # gradients then disagree with DDP's gradient buckets (a warning and an extra copy every step)
-    return ((x - IMAGENET_MEAN) / IMAGENET_STD).contiguous()
+        x.sub_(gray).mul_(p.saturation).add_(gray)
+    return x.clamp_(0.0, 1.0).sub_(IMAGENET_MEAN).div_(IMAGENET_STD)
 
 
 class AudioFeatures(torch.nn.Module):
@@ -280,6 +303,7 @@ class AudioFeatures(torch.nn.Module):
         super().__init__()
         d = cfg.data
         self.variant, self.n_mels, self.sr = cfg.model.variant, d.n_mels, d.sample_rate
+        self.intensity = d.audio_channels == 4 and d.foa_intensity  # FOA: + 3 intensity-vector maps (flipray.foa)
         self.n_fft, self.hop, self.win = d.n_fft, d.hop_length, d.win_length
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=d.sample_rate, n_fft=d.n_fft, win_length=d.win_length, hop_length=d.hop_length,
@@ -290,6 +314,9 @@ class AudioFeatures(torch.nn.Module):
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         feats = [self.log_mel(wave)]
+        if self.intensity:
+            from .foa import intensity_features
+            feats.append(intensity_features(wave, self.mel.mel_scale.fb, self.n_fft, self.hop, self.win))
         if self.variant == "mono":
             feats.append(self.log_mel(wave.mean(dim=-2, keepdim=True)))
         elif self.variant == "gcc-phat":
@@ -318,12 +345,17 @@ def peak_normalise(wave: torch.Tensor) -> torch.Tensor:
 
 def make_sample(frames: torch.Tensor, wave: torch.Tensor, p: SampleParams, cfg: Config,
                 features: AudioFeatures) -> dict:
-    """Window frames (T, H, W, 3) uint8 at cfg.data.resize and window audio (2, S) -> one training sample."""
-    if p.joint_flip:
+    """Window frames (T, H, W, 3) uint8 at cfg.data.resize and window audio (2, S) -> one training sample.
+    360 clips (data.audio_channels=4): frames (T, crop, 2 crop, 3), FOA audio (4, S), flipray.foa.transform_sample."""
+    if cfg.data.audio_channels == 4:
+        from .foa import transform_sample
+        frames, wave = transform_sample(frames, wave, p)
+    elif p.joint_flip:
         frames, wave = joint_flip(frames, wave)
     if p.swap and cfg.train.task == "flip":  # the other tasks' negatives come from audio_window()
         wave = flip_channels(wave)
-    return {"video": augment_frames(frames, p, cfg.data.crop),
+    width = 2 * cfg.data.crop if cfg.data.audio_channels == 4 else None
+    return {"video": augment_frames(frames, p, cfg.data.crop, width),
             "audio": features(peak_normalise(wave)),
             "label": torch.tensor(p.label)}
 
@@ -387,13 +419,15 @@ class ClipDataset(Dataset):
 
     def _decode(self, clip: dict, indices=None) -> tuple[torch.Tensor, torch.Tensor]:
         video, vname = self._file(clip, "video")
-        frames = decode_video(video, indices, self.cfg.data.resize, expect_frames=clip["num_frames"], name=vname)
+        pano = self.cfg.data.audio_channels == 4  # 360 clips: equirectangular frames at crop x 2*crop
+        frames = decode_video(video, indices, self.cfg.data.crop if pano else self.cfg.data.resize,
+                              expect_frames=clip["num_frames"], name=vname, panorama=pano)
         return frames, self._decode_audio(clip)
 
     def _decode_audio(self, clip: dict) -> torch.Tensor:
         audio, aname = self._file(clip, "audio")
-        return decode_audio(audio, self.cfg.data.sample_rate, channels=2, expect_seconds=clip["duration_s"],
-                            name=aname)
+        return decode_audio(audio, self.cfg.data.sample_rate, channels=self.cfg.data.audio_channels,
+                            expect_seconds=clip["duration_s"], name=aname)
 
     def _file(self, clip: dict, field: str):
         """(local path, None), or for an S3 root (object bytes, URL), checked against the manifest's sha256."""
@@ -436,7 +470,7 @@ class ClipDataset(Dataset):
         try:
             if self.cache is not None:
                 frames, wave = self.cache[ci]
-                frames, wave = frames[idx], self.cache[audio_ci][1]
+                frames, wave = take_frames(frames, idx), self.cache[audio_ci][1]
             else:
                 frames, wave = self._decode(clip, idx)
                 if audio_ci != ci:
@@ -459,8 +493,10 @@ def collate(samples: list[dict | None]) -> dict:
     batch = {"skipped": len(samples) - len(kept)}
     if not kept:
         return batch
+    # default_collate stacks straight into shared memory inside a DataLoader worker, so handing the batch to the
+    # training process is not a second copy (a paper-preset batch of 64 is 0.7 GB of frames)
     for k in ("video", "audio", "label"):
-        batch[k] = torch.stack([s[k] for s in kept])
+        batch[k] = default_collate([s[k] for s in kept])
     batch["clip_id"] = [s["clip_id"] for s in kept]
     batch["start_s"] = torch.tensor([s["start_s"] for s in kept])
     return batch

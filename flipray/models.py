@@ -95,10 +95,11 @@ class VisualNet(nn.Module):
             self.reduce = nn.Sequential(nn.Conv2d(self.trunk.out_channels, m.visual_reduce, 1, bias=False),
                                         nn.BatchNorm2d(m.visual_reduce), nn.ReLU(inplace=True))
             side = cfg.data.crop
+            width = 2 * side if cfg.data.audio_channels == 4 else side  # 360 clips: crop x 2 crop panoramas
             for _ in range(5):  # conv1, maxpool, layer2..4 each halve the side (rounding up)
-                side = (side + 1) // 2
+                side, width = (side + 1) // 2, (width + 1) // 2
             self.map_size = side
-            self.out_dim = m.visual_reduce * side * side
+            self.out_dim = m.visual_reduce * side * width
 
     def feature_map(self, video: torch.Tensor) -> torch.Tensor:
         """(B, T, 3, H, W) -> (B, T, C, h, w): the reduced spatial map (for attention maps / Grad-CAM)."""
@@ -172,8 +173,11 @@ class AudioNet(nn.Module):
         return self.collapse(self.blocks(x)).squeeze(2)
 
 
-def audio_in_channels(variant: str) -> int:
-    """Feature channels `flipray.data.AudioFeatures` produces for a variant: L, R (+ mono) (+ 3 GCC-PHAT bands)."""
+def audio_in_channels(variant: str, audio_channels: int = 2, foa_intensity: bool = False) -> int:
+    """Feature channels `flipray.data.AudioFeatures` produces for a variant: L, R (+ mono) (+ 3 GCC-PHAT bands);
+    for FOA (audio_channels=4): W, Y, Z, X (+ 3 intensity-vector channels)."""
+    if audio_channels == 4:
+        return 7 if foa_intensity else 4
     return {"mono": 3, "gcc-phat": 5}.get(variant, 2)
 
 
@@ -189,6 +193,8 @@ class SpatialAlignmentNet(nn.Module):
         self.variant = variant
         self.visual = MotionNet(cfg) if variant == "motion" else VisualNet(cfg, pooled=variant == "pooled-visual")
         stereo_in = 5 if variant == "gcc-phat" else 2
+        if cfg.data.audio_channels == 4:  # 360 clips: FOA log-mels (+ intensity vectors)
+            stereo_in = audio_in_channels(variant, 4, cfg.data.foa_intensity)
         self.audio = AudioNet(stereo_in, m.audio_width, m.audio_dim, cfg.data.n_mels)
         # The `mono` ablation: a third stream that hears only the mono mix (timbre, not direction).
         self.mono_audio = AudioNet(1, m.audio_width, m.audio_dim, cfg.data.n_mels) if variant == "mono" else None
