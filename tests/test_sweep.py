@@ -121,3 +121,20 @@ def test_sweep_asha_mlflow_best_config_and_restore(synth_root, ray_local, tmp_pa
     artifacts = {a.path for a in client.list_artifacts(parent)}
     assert {"best.yaml", "trials.png"} <= artifacts
     json.dumps(summary)
+
+
+@pytest.mark.parametrize("task", ["localize", "spatialize", "separate", "doa"])
+def test_every_task_has_a_sweep_definition_that_fits_its_config(task):
+    import dataclasses
+    import importlib
+
+    from tuning.sweep import load_definition, search_space
+    d = load_definition(task)
+    module = importlib.import_module(f"flipray.{task}")
+    fields = {f.name for f in dataclasses.fields(module.Config)}
+    assert set(d["space"]) <= fields and set(d.get("fixed", {})) <= fields
+    assert d["method"] in module.METHODS and d.get("preset", "small") in module.PRESETS
+    space = search_space(d["space"])
+    assert space.keys() == d["space"].keys()
+    with pytest.raises(ValueError, match="unknown kind"):
+        search_space({"lr": {"gaussian": [0, 1]}})
