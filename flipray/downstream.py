@@ -34,7 +34,7 @@ import torch
 
 from .config import Config, load_config
 from .data import (AudioFeatures, ClipDecodeError, SampleParams, augment_frames, decode_audio, decode_video,
-                   peak_normalise, window_frame_indices)
+                   peak_normalise, take_frames, window_frame_indices)
 from .models import SpatialAlignmentNet
 from .store import Store
 
@@ -178,7 +178,7 @@ def load_clips(root: str, split: str, resize: int, sample_rate: int, max_clips: 
 def visual_input(clip: Clip, start_frame: int, pcfg: Config, mirror: bool = False) -> torch.Tensor:
     """The pretext network's view of the window starting at `start_frame`: float (T, 3, crop, crop), centre crop,
     no jitter (flipray.data's evaluation transform); `mirror` flips it left-right."""
-    frames = clip.frames[window_frame_indices(pcfg, start_frame)]
+    frames = take_frames(clip.frames, window_frame_indices(pcfg, start_frame))
     if mirror:
         frames = frames.flip(2)
     margin = (pcfg.data.resize - pcfg.data.crop) // 2
