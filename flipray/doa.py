@@ -23,7 +23,6 @@ per eval clip for the paired Wilcoxon tests; `acc` = fraction of clips on exactl
 """
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -37,10 +36,9 @@ import torch.nn.functional as F
 from . import foa
 from .config import Config as PretextConfig
 from .config import load_config
-from .data import AudioFeatures, ClipDecodeError, decode_audio, peak_normalise, sample_seed
-from .downstream import DownstreamConfig, param_groups, pretext_network, setup
+from .data import AudioFeatures, peak_normalise, sample_seed
+from .downstream import DownstreamConfig, load_clips, param_groups, pretext_network, setup
 from .models import SpatialAlignmentNet
-from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -115,28 +113,20 @@ def clip_azimuth(meta: dict, name: str) -> float:
 
 def load_doa_clips(root: str, split: str, sample_rate: int, step_deg: float, max_clips: int = 0
                    ) -> tuple[list[DoaClip], dict[str, str]]:
-    """The FOA audio and direction of every clip of a split (no video: DOA is audio only); corrupt clips are skipped
-    and counted. `max_clips` keeps the first clips in manifest order."""
-    from tqdm import tqdm
-    store = Store(root)
-    rows = store.read_manifest(split)
-    if not rows:
-        raise ValueError(f"{root}: no clips in split {split!r}")
-    if max_clips:
-        rows = rows[:max_clips]
+    """The FOA audio and direction of every clip of a split (no video: DOA is audio only); corrupt clips, and clips
+    without one sounding source in their sidecar, are skipped and counted. `max_clips` keeps the first clips in
+    manifest order."""
+    loaded, skipped = load_clips(root, split, 0, sample_rate, max_clips, channels=4, video=False)
     n_classes = round(360 / step_deg)
-    clips, skipped = [], {}
-    for row in tqdm(rows, desc=f"decoding {split} audio", unit="clip", leave=False):
+    clips = []
+    for c in loaded:
         try:
-            meta = json.loads(store.get(row["meta"]))
-            az = clip_azimuth(meta, store.url(row["meta"]))
-            wave = decode_audio(store.get(row["audio"], row.get("audio_sha256")), sample_rate, channels=4,
-                                expect_seconds=row.get("duration_s"), name=store.url(row["audio"]))
-        except (ClipDecodeError, FileNotFoundError, ValueError) as e:
-            skipped[row["clip_id"]] = str(e)
-            log.warning("skipping clip %s: %s", row["clip_id"], e)
+            az = clip_azimuth(c.meta, f"{root.rstrip('/')}/{c.row['meta']}")
+        except ValueError as e:
+            skipped[c.clip_id] = str(e)
+            log.warning("skipping clip %s: %s", c.clip_id, e)
             continue
-        clips.append(DoaClip(row["clip_id"], wave, az, int(round(az / step_deg)) % n_classes))
+        clips.append(DoaClip(c.clip_id, c.wave, az, int(round(az / step_deg)) % n_classes))
     if not clips:
         raise ValueError(f"{root}: every clip of split {split!r} failed to load: {skipped}")
     return clips, skipped

@@ -144,11 +144,12 @@ class Clip:
 
 
 def load_clips(root: str, split: str, resize: int, sample_rate: int, max_clips: int = 0,
-               channels: int | None = 2) -> tuple[list[Clip], dict[str, str]]:
+               channels: int | None = 2, video: bool = True) -> tuple[list[Clip], dict[str, str]]:
     """Decode a split once into RAM: (clips, skipped {clip_id: reason}). Corrupt clips are skipped and counted.
 
     Downstream sets are small (the paper's FAIR-Play: 2k clips); a task that outgrows RAM should move to the
-    pretext loaders. `max_clips` keeps the first clips in manifest order (deterministic)."""
+    pretext loaders. `max_clips` keeps the first clips in manifest order (deterministic). `video=False` reads audio
+    and sidecars only (Clip.frames empty): ~20x faster for the audio-only uses (embedding analysis, DOA)."""
     from tqdm import tqdm
     store = Store(root)
     rows = store.read_manifest(split)
@@ -157,12 +158,14 @@ def load_clips(root: str, split: str, resize: int, sample_rate: int, max_clips: 
     if max_clips:
         rows = rows[:max_clips]
     clips, skipped = [], {}
-    for row in tqdm(rows, desc=f"decoding {split} clips", unit="clip", leave=False):
+    for row in tqdm(rows, desc=f"decoding {split} {'clips' if video else 'audio'}", unit="clip", leave=False):
         try:
-            video = store.get(row["video"], row.get("video_sha256"))
             audio = store.get(row["audio"], row.get("audio_sha256"))
             meta = json.loads(store.get(row["meta"])) if row.get("meta") else {}
-            frames = decode_video(video, size=resize, expect_frames=row.get("num_frames"), name=store.url(row["video"]))
+            frames = torch.empty(0, dtype=torch.uint8)
+            if video:
+                frames = decode_video(store.get(row["video"], row.get("video_sha256")), size=resize,
+                                      expect_frames=row.get("num_frames"), name=store.url(row["video"]))
             wave = decode_audio(audio, sample_rate, channels=channels, expect_seconds=row.get("duration_s"),
                                 name=store.url(row["audio"]))
         except (ClipDecodeError, FileNotFoundError, ValueError) as e:
