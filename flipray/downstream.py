@@ -194,6 +194,11 @@ def audio_input(wave: torch.Tensor, features: AudioFeatures) -> torch.Tensor:
     return features(peak_normalise(wave))
 
 
+def to_device(x: torch.Tensor | None, device) -> torch.Tensor | None:
+    """x on `device`; None (a method without that input) stays None."""
+    return None if x is None else x.to(device)
+
+
 def sounding_objects(clip: Clip) -> list[dict]:
     return [o for o in clip.meta.get("objects", []) if o.get("sounding")]
 

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from . import metrics
 from .config import Config as PretextConfig
 from .data import AudioFeatures, sample_seed
-from .downstream import Clip, DownstreamConfig, load_clips, param_groups, pretext_network, setup
+from .downstream import Clip, DownstreamConfig, load_clips, param_groups, pretext_network, setup, to_device
 from .models import SpatialAlignmentNet
 from .spatialize import plot_history, prepare_clips
 from .unet import AudioUNet, Chunks, Spectrogram, overlap_add
@@ -249,10 +249,6 @@ def make_batch(clips: list[Clip], items: list[tuple], chunks: Chunks, pcfg: Pret
     return {"video": torch.stack(frames) if video else None, "a": torch.stack(a), "b": torch.stack(b)}
 
 
-def _to(x, device):
-    return None if x is None else x.to(device)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Train and evaluate
 
@@ -264,7 +260,7 @@ def train_one_epoch(model: Separator, clips, chunks, spec, pcfg, optimizer, cfg:
     bar = tqdm(range(0, len(items), cfg.batch_size), desc=f"epoch {epoch}", unit="batch", leave=False)
     for k in bar:
         batch = make_batch(clips, items[k:k + cfg.batch_size], chunks, pcfg, video=model.net is not None)
-        est, target, _ = forward_pairs(model, _to(batch["video"], device), batch["a"].to(device),
+        est, target, _ = forward_pairs(model, to_device(batch["video"], device), batch["a"].to(device),
                                        batch["b"].to(device), spec)
         loss = magnitude_l1(est.abs(), target.abs()).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -283,7 +279,7 @@ def evaluate(model: Separator, clips, pairs, chunks, spec, pcfg, device, batch_s
     losses = []
     for k in range(0, len(items), batch_size):
         batch = make_batch(clips, items[k:k + batch_size], chunks, pcfg, video=model.net is not None)
-        est, target, _ = forward_pairs(model, _to(batch["video"], device), batch["a"].to(device),
+        est, target, _ = forward_pairs(model, to_device(batch["video"], device), batch["a"].to(device),
                                        batch["b"].to(device), spec)
         losses.append(magnitude_l1(est.abs(), target.abs()).cpu())
     return float(torch.cat(losses).mean())
@@ -304,7 +300,7 @@ def separate_pair(model: Separator, a: Clip, b: Clip, chunks: Chunks, spec, pcfg
             clips = [a, b]
             items = [(x, f0, False, y, f0, False) for f0 in group]
             batch = make_batch(clips, items, chunks, pcfg, video=use_video)
-            est, target, _ = forward_pairs(model, _to(batch["video"], device), batch["a"].to(device),
+            est, target, _ = forward_pairs(model, to_device(batch["video"], device), batch["a"].to(device),
                                            batch["b"].to(device), spec)
             if s == 0:
                 l1.append(magnitude_l1(est.abs(), target.abs()).cpu())

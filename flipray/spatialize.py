@@ -38,7 +38,7 @@ import torch.nn as nn
 from . import metrics
 from .config import Config as PretextConfig
 from .data import peak_normalise, sample_seed
-from .downstream import Clip, DownstreamConfig, load_clips, param_groups, pretext_network, setup
+from .downstream import Clip, DownstreamConfig, load_clips, param_groups, pretext_network, setup, to_device
 from .models import SpatialAlignmentNet
 from .unet import AudioUNet, Chunks, Spectrogram, overlap_add
 
@@ -185,10 +185,6 @@ def train_items(clips: list[Clip], chunks: Chunks, cfg: Config, epoch: int) -> l
     return [items[i] for i in torch.randperm(len(items), generator=g).tolist()]
 
 
-def _to(x, device):
-    return None if x is None else x.to(device)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Train and evaluate
 
@@ -200,7 +196,7 @@ def train_one_epoch(model: Upmixer, clips, chunks, spec, pcfg, optimizer, cfg: C
     bar = tqdm(range(0, len(items), cfg.batch_size), desc=f"epoch {epoch}", unit="batch", leave=False)
     for i in bar:
         batch = make_batch(clips, items[i:i + cfg.batch_size], chunks, pcfg, video=model.net is not None)
-        pred, target, _ = forward_chunks(model, _to(batch["video"], device), batch["wave"].to(device), spec)
+        pred, target, _ = forward_chunks(model, to_device(batch["video"], device), batch["wave"].to(device), spec)
         loss = complex_l1(pred, target).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -218,7 +214,7 @@ def evaluate(model: Upmixer, clips, chunks, spec, pcfg, device, batch_size: int 
     losses = []
     for i in range(0, len(items), batch_size):
         batch = make_batch(clips, items[i:i + batch_size], chunks, pcfg, video=model.net is not None)
-        pred, target, _ = forward_chunks(model, _to(batch["video"], device), batch["wave"].to(device), spec)
+        pred, target, _ = forward_chunks(model, to_device(batch["video"], device), batch["wave"].to(device), spec)
         losses.append(complex_l1(pred, target).cpu())
     return float(torch.cat(losses).mean())
 
@@ -233,7 +229,7 @@ def upmix_clip(model: Upmixer, clip: Clip, chunks: Chunks, spec, pcfg, cfg: Conf
     for i in range(0, len(starts), cfg.batch_size):
         group = starts[i:i + cfg.batch_size]
         batch = make_batch([clip], [(0, f0, False) for f0 in group], chunks, pcfg, video=model.net is not None)
-        pred, target, _ = forward_chunks(model, _to(batch["video"], device), batch["wave"].to(device), spec)
+        pred, target, _ = forward_chunks(model, to_device(batch["video"], device), batch["wave"].to(device), spec)
         l1.append(complex_l1(pred, target).cpu())
         d = spec.inverse(pred, chunks.samples).cpu()
         pieces += [(chunks.start_sample(f0), d[k]) for k, f0 in enumerate(group)]

@@ -563,6 +563,19 @@ def _make_clip_task(task):
     return make_clip(*task)
 
 
+def render_clips(task_fn, tasks: list, workers: int | None, progress: bool, desc: str) -> list[dict]:
+    """task_fn(task) -> manifest row for every task, in `workers` processes (default: all cores); rows in clip_id
+    order. task_fn must be a module-level function (the pool pickles it)."""
+    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
+    bar = dict(total=len(tasks), unit="clip", disable=not progress, desc=desc)
+    if workers == 1:
+        rows = [task_fn(task) for task in tqdm(tasks, **bar)]
+    else:  # spawn: fresh interpreters, no fork of a parent that may hold threads
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            rows = list(tqdm(pool.imap_unordered(task_fn, tasks), **bar))
+    return sorted(rows, key=lambda row: row["clip_id"])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Dataset
 
@@ -575,14 +588,7 @@ def generate(out_dir, clips: int, seed: int = 0, workers: int | None = None, pro
         raise ValueError(f"clips must be >= 1, got {clips}")
     (Path(out_dir) / "clips").mkdir(parents=True, exist_ok=True)
     tasks = [(str(out_dir), cfg, seed, i // cfg.clips_per_scene, i % cfg.clips_per_scene) for i in range(clips)]
-    workers = max(1, min(workers or os.cpu_count() or 1, clips))
-    bar = dict(total=clips, unit="clip", disable=not progress, desc="synth")
-    if workers == 1:
-        rows = [make_clip(*task) for task in tqdm(tasks, **bar)]
-    else:  # spawn: fresh interpreters, no fork of a parent that may hold threads
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            rows = list(tqdm(pool.imap_unordered(_make_clip_task, tasks), **bar))
-    rows.sort(key=lambda row: row["clip_id"])
+    rows = render_clips(_make_clip_task, tasks, workers, progress, "synth")
     splits = assign_splits([row["scene_id"] for row in rows], seed=seed)
     for row in rows:
         row["split"] = splits[row["scene_id"]]

@@ -29,7 +29,6 @@ import argparse
 import collections
 import json
 import math
-import multiprocessing
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -39,11 +38,11 @@ import numpy as np
 import soundfile as sf
 from scipy.ndimage import zoom
 from scipy.signal import fftconvolve
-from tqdm import tqdm
 
 from flipray import foa
 from flipray.manifest import SPLITS, assign_splits, write_manifest
-from flipray.synth import SILENT_CLASSES, SOUNDING_CLASSES, _ffmpeg, _room_tails, _sprite, source_signal
+from flipray.synth import (SILENT_CLASSES, SOUNDING_CLASSES, _ffmpeg, _room_tails, _sprite, render_clips,
+                           source_signal)
 
 MOTIONS = ("static", "orbit", "wander")
 
@@ -319,14 +318,7 @@ def generate(out_dir, clips: int, seed: int = 0, workers: int | None = None, pro
     (Path(out_dir) / "clips").mkdir(parents=True, exist_ok=True)
     per_scene = 1 if cfg.doa else cfg.clips_per_scene
     tasks = [(str(out_dir), cfg, seed, i // per_scene, i % per_scene) for i in range(clips)]
-    workers = max(1, min(workers or os.cpu_count() or 1, clips))
-    bar = dict(total=clips, unit="clip", disable=not progress, desc="synth360")
-    if workers == 1:
-        rows = [make_clip(*task) for task in tqdm(tasks, **bar)]
-    else:  # spawn: fresh interpreters, no fork of a parent that may hold threads
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            rows = list(tqdm(pool.imap_unordered(_make_clip_task, tasks), **bar))
-    rows.sort(key=lambda row: row["clip_id"])
+    rows = render_clips(_make_clip_task, tasks, workers, progress, "synth360")
     if cfg.doa:
         splits = doa_splits(rows, seed)
         for row in rows:
