@@ -46,8 +46,8 @@ def machine() -> dict:
 
 
 def synthetic_data(clips: int, duration_s: float, seed: int = 0, cache: str | Path | None = None) -> Path:
-    """A synthetic dataset (flipray.synth), generated on first use and kept under ~/.cache/flipray (or `cache`)."""
-    from flipray.synth import generate
+    """A synthetic dataset (flipray.synth.scenes), generated on first use and kept under ~/.cache/flipray (or `cache`)."""
+    from flipray.synth.scenes import generate
     base = Path(cache) if cache else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flipray"
     root = base / f"bench-synth-{clips}x{duration_s:g}s-seed{seed}"
     if not (root / "manifest.jsonl").exists():

@@ -34,8 +34,8 @@ import torch
 
 from bench.common import machine, synthetic_data
 from flipray.config import load_config
-from flipray.data import ClipDataset, EpochSampler, collate, draw_params
-from flipray.store import Store, is_s3, upload_dataset
+from flipray.pretext.data import ClipDataset, EpochSampler, collate, draw_params
+from flipray.dataset.store import Store, is_s3, upload_dataset
 
 
 def bench_dali(cfg, root: str, split: str, batch_size: int, threads: int, device: str = "cpu",

@@ -4,9 +4,9 @@
     bench/gpu.sh --dry-run OUT               # tiny CPU settings: checks the script end to end anywhere
     python -m bench.gpu --out OUT [--clips 64] [--batch 32] [--steps 15]
 
-Everything runs on data it makes itself (flipray.synth, --clips 10-s clips; nothing is downloaded), in this order,
+Everything runs on data it makes itself (flipray.synth.scenes, --clips 10-s clips; nothing is downloaded), in this order,
 writing OUT/gpu.json after every part so a run cut short still leaves what it measured:
-  step       the library loop (flipray.train.train_one_epoch) on the paper preset with random inputs already on the
+  step       the library loop (flipray.pretext.train.train_one_epoch) on the paper preset with random inputs already on the
              GPU: fp32, bf16 autocast, bf16 + channels_last at batch --batch, then bf16 + channels_last at several
              batches; samples/s per GPU, ms per step, peak GPU memory (torch.cuda.max_memory_allocated)
   decode     DaliClipLoader samples/s over the synthetic clips: device="gpu" (NVDEC mixed decode + GPU augment and
@@ -35,8 +35,8 @@ import torch
 
 from bench.common import machine
 from flipray.config import load_config
-from flipray.models import SpatialAlignmentNet
-from flipray.train import make_optimizer, new_state, train_one_epoch
+from flipray.pretext.models import SpatialAlignmentNet
+from flipray.pretext.train import make_optimizer, new_state, train_one_epoch
 
 
 def gpu_info() -> dict:
@@ -149,7 +149,7 @@ def end_to_end(cfg, root: str, device, batch: int, threads: int, py_workers: int
 
 def make_data(root: Path, clips: int, duration_s: float) -> str:
     """Synthetic clips, every one in the train split (the loaders time one split)."""
-    from flipray.synth import generate
+    from flipray.synth.scenes import generate
     if not (root / "manifest.jsonl").exists():
         rows = generate(root, clips, seed=0, duration_s=duration_s)
         (root / "manifest.jsonl").write_text("".join(json.dumps({**r, "split": "train"}) + "\n" for r in rows))

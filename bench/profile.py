@@ -3,7 +3,7 @@
     python -m bench.profile                      # demo preset, the real loader (cached clips, in-process augment)
     python -m bench.profile --compare --rounds 4 # + the same profile and timings with the pre-fix data path
 
-The profile runs `flipray.train.train_one_epoch` on the demo preset with the loader `flipray.train.make_loader`
+The profile runs `flipray.pretext.train.train_one_epoch` on the demo preset with the loader `flipray.pretext.train.make_loader`
 builds, over `--steps` optimizer steps after a warm-up, and splits the time into regions: the next batch (data: our
 augmentation, log-mel, collate), the model's forward, the backward pass (autograd nodes), the optimizer, and the rest
 (the loop's Python). It prints those shares and the operators with the most self CPU time.
@@ -32,13 +32,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-import flipray.data
-import flipray.train
+import flipray.pretext.data
+import flipray.pretext.train
 from bench.common import machine, synthetic_data
 from flipray.config import load_config
-from flipray.data import IMAGENET_MEAN, IMAGENET_STD, ClipDataset, EpochSampler
-from flipray.models import SpatialAlignmentNet
-from flipray.train import make_loader, make_optimizer, new_state, train_one_epoch
+from flipray.pretext.data import IMAGENET_MEAN, IMAGENET_STD, ClipDataset, EpochSampler
+from flipray.pretext.models import SpatialAlignmentNet
+from flipray.pretext.train import make_loader, make_optimizer, new_state, train_one_epoch
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The code as it was before the profile (bodies of commit 81d1781), to measure the change in the same sitting
@@ -75,17 +75,17 @@ def take_frames_before(frames, indices):
     return frames[indices]
 
 
-CURRENT = {"augment_frames": flipray.data.augment_frames, "collate": flipray.data.collate,
-           "take_frames": flipray.data.take_frames}
+CURRENT = {"augment_frames": flipray.pretext.data.augment_frames, "collate": flipray.pretext.data.collate,
+           "take_frames": flipray.pretext.data.take_frames}
 
 
 def use(version: str) -> None:
     """Install the "before" or "after" data-path functions where the library looks them up."""
     before = version == "before"
-    flipray.data.augment_frames = augment_frames_before if before else CURRENT["augment_frames"]
-    flipray.data.take_frames = take_frames_before if before else CURRENT["take_frames"]
-    flipray.data.collate = collate_before if before else CURRENT["collate"]
-    flipray.train.collate = flipray.data.collate  # make_loader's collate_fn
+    flipray.pretext.data.augment_frames = augment_frames_before if before else CURRENT["augment_frames"]
+    flipray.pretext.data.take_frames = take_frames_before if before else CURRENT["take_frames"]
+    flipray.pretext.data.collate = collate_before if before else CURRENT["collate"]
+    flipray.pretext.train.collate = flipray.pretext.data.collate  # make_loader's collate_fn
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ def paper_loader_rate(dataset, batches: int, batch_size: int = 8, workers: int =
     from torch.utils.data import DataLoader
     order = [(1, i % len(dataset)) for i in range((batches + 1) * batch_size)]
     loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers,
-                        collate_fn=flipray.train.collate, multiprocessing_context="fork")
+                        collate_fn=flipray.pretext.train.collate, multiprocessing_context="fork")
     it = iter(loader)
     next(it)  # worker start-up
     t0 = time.perf_counter()

@@ -68,7 +68,7 @@ def model_cost(preset: str = "paper", overrides: list[str] | None = None) -> dic
     from torch.utils.flop_counter import FlopCounterMode
 
     from flipray.config import load_config
-    from flipray.models import SpatialAlignmentNet, count_parameters
+    from flipray.pretext.models import SpatialAlignmentNet, count_parameters
     cfg = load_config(preset, overrides)
     d = cfg.data
     with torch.device("meta"):  # shapes only: counts FLOPs without computing anything
@@ -102,7 +102,7 @@ def resnet50_cost() -> dict:
 
 def clip_bytes(root: str | Path) -> dict:
     """Mean stored bytes per clip (video + audio files) over a local dataset's manifest: what one sample fetches."""
-    from flipray.manifest import read_manifest
+    from flipray.dataset.manifest import read_manifest
     root = Path(root)
     rows = read_manifest(root)
     video = [(root / r["video"]).stat().st_size for r in rows]

@@ -4,7 +4,7 @@
     python -m bench.train --config paper --set train.batch_size=4 --samples 8 --warmup 1 --repeats 1
     python -m bench.train --samples 320 --repeats 5 --data data/demo --json-out bench.json
 
-All three modes run the library loop (`flipray.train.train_one_epoch`: forward, backward, optimizer step) on the same
+All three modes run the library loop (`flipray.pretext.train.train_one_epoch`: forward, backward, optimizer step) on the same
 model (the `demo` preset, or --config), the same clips (decoded into RAM with data.cache=true and read in the
 training process with data.num_workers=0, so decoding is not measured but augmentation and log-mel are; `--set
 data.cache=false` measures decoding too) and the same global batch (`train.batch_size`, split over the workers with
@@ -51,9 +51,9 @@ import torch
 
 from bench.common import machine, synthetic_data
 from flipray.config import config_from_dict, load_config
-from flipray.data import ClipDataset, EpochSampler
-from flipray.models import SpatialAlignmentNet, count_parameters
-from flipray.train import make_loader, make_optimizer, new_state, split_batch, train_one_epoch
+from flipray.pretext.data import ClipDataset, EpochSampler
+from flipray.pretext.models import SpatialAlignmentNet, count_parameters
+from flipray.pretext.train import make_loader, make_optimizer, new_state, split_batch, train_one_epoch
 
 MODES = ("plain", "ray_1", "ray_2")
 

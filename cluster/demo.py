@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not (data / "manifest.jsonl").exists():
         print(f"[1/6] synthesizing {args.clips} clips into {data}", flush=True)
-        from flipray.synth import generate
+        from flipray.synth.scenes import generate
         generate(data, clips=args.clips, seed=0, progress=True)
     else:
         print(f"[1/6] using the synthetic set in {data}", flush=True)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print("[3/6] uploading the set to s3://flipray/demo/", flush=True)
         os.environ.update(services.env)
-        from flipray.store import upload_dataset
+        from flipray.dataset.store import upload_dataset
         upload_dataset(data, "s3://flipray/demo/")
 
         stamp = time.strftime('%Y%m%d-%H%M%S')

@@ -1,4 +1,4 @@
-"""DALI pipeline for the flip pretext task: clips from the store -> the batch dict of `flipray.data.collate`.
+"""DALI pipeline for the flip pretext task: clips from the store -> the batch dict of `flipray.pretext.data.collate`.
 
     from dali_pipelines.pretext import DaliClipLoader
     loader = DaliClipLoader(cfg, "train", train=True, root="s3://bucket/ds", batch_size=32, device="gpu",
@@ -7,12 +7,12 @@
         batch["video"], batch["audio"], batch["label"], batch["clip_id"], batch["start_s"], batch["skipped"]
 
 Same samples as the torchcodec loader: sample k of an epoch is item `EpochSampler(..., rank=shard_id,
-world=num_shards).order()[k]` and its window, crop, jitter, flips and label are `flipray.data.draw_params(...)` for
+world=num_shards).order()[k]` and its window, crop, jitter, flips and label are `flipray.pretext.data.draw_params(...)` for
 that item, so `ClipDataset` + `EpochSampler` and this loader yield the same batches (frames within codec tolerance:
 DALI converts YUV to RGB with its own filter; log-mel within float tolerance).
 
 How: a per-sample `fn.external_source` callback (`ClipSource`) maps (epoch, position) to an item, draws its
-`SampleParams`, fetches the clip's two objects through `flipray.store` (S3 or a folder) and checks them against the
+`SampleParams`, fetches the clip's two objects through `flipray.dataset.store` (S3 or a folder) and checks them against the
 manifest's sha256. DALI then does the work: `fn.decoders.video` (CPU, or "mixed" = NVDEC on the GPU) decodes only the
 window (`start_frame`, `sequence_length`, `stride`), `fn.decoders.audio` the FLAC, and resize, mirror, crop, colour
 jitter, normalisation, channel swap, peak normalisation, STFT, mel filterbank and log10 run as DALI operators (on the
@@ -38,9 +38,9 @@ import numpy as np
 import torch
 
 from flipray.config import Config
-from flipray.data import (IMAGENET_MEAN, IMAGENET_STD, ClipDecodeError, EpochSampler, audio_window, decode_audio,
+from flipray.pretext.data import (IMAGENET_MEAN, IMAGENET_STD, ClipDecodeError, EpochSampler, audio_window, decode_audio,
                           decode_video, item_params, num_items, window_frame_indices, window_samples_range)
-from flipray.store import ChecksumError, Store
+from flipray.dataset.store import ChecksumError, Store
 
 log = logging.getLogger(__name__)
 
@@ -220,12 +220,12 @@ def build_pipeline(cfg: Config, source: ClipSource, device: str = "cpu", batch_s
         n_frames = frames.shape()
         frames = fn.pad(frames, axes=(0,), shape=(T,))  # uniform shapes; short samples are dropped anyway
         if (n_frames[1] != R) | (n_frames[2] != R):
-            # flipray.data.resize_square: centre square, antialiased linear resize, rounded to uint8 levels
+            # flipray.pretext.data.resize_square: centre square, antialiased linear resize, rounded to uint8 levels
             side = fn.cast(dmath.min(n_frames[1], n_frames[2]), dtype=types.FLOAT)
             frames = fn.crop(frames, crop_h=side, crop_w=side)
             frames = fn.resize(frames, resize_x=R, resize_y=R, antialias=True, interp_type=types.INTERP_LINEAR,
                                dtype=types.UINT8)
-        frames = fn.flip(frames, horizontal=flags[0])  # joint flip: mirror, then crop, as flipray.data does
+        frames = fn.flip(frames, horizontal=flags[0])  # joint flip: mirror, then crop, as flipray.pretext.data does
         frames = fn.slice(frames, start=crop_yx, shape=[d.crop, d.crop], axis_names="HW")  # pixel offsets
         if gpu:  # per-sample factors join GPU arithmetic on the GPU
             aug = aug.gpu()
@@ -264,7 +264,7 @@ class DaliClipLoader:
 
     `shard_id`/`num_shards` take this rank's share of each epoch (EpochSampler's per-rank order, padded so every
     rank gets the same count); `shuffle` reorders per epoch from `seed`; `start` resumes mid-epoch. The batch dict is
-    `flipray.data.collate`'s. device="gpu" decodes video on NVDEC and returns CUDA tensors; "cpu" runs anywhere.
+    `flipray.pretext.data.collate`'s. device="gpu" decodes video on NVDEC and returns CUDA tensors; "cpu" runs anywhere.
     """
 
     def __init__(self, cfg: Config, split: str, train: bool, root: str | None = None, batch_size: int | None = None,
@@ -413,7 +413,7 @@ def make_split_loader(cfg: Config, split: str, train: bool, batch_size: int | No
         raise ValueError(f"data.loader must be 'torchcodec' or 'dali', got {cfg.data.loader!r}")
     from torch.utils.data import DataLoader
 
-    from flipray.data import ClipDataset, collate
+    from flipray.pretext.data import ClipDataset, collate
     ds = ClipDataset(cfg, split, train=train, root=root)
     sampler = EpochSampler(len(ds), ds.seed, epoch, shuffle=train, rank=shard_id, world=num_shards, start=start)
     workers = cfg.data.num_workers

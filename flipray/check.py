@@ -7,7 +7,7 @@
 
 How a video is checked: the frames the model sees are taken on the model's frame grid (6 Hz for every preset: the
 frame shown at k/6 s, whatever the file's frame rate), centre-cropped to a square and resized to `data.resize`;
-the audio is resampled to 16 kHz by torchcodec. That is what training saw (`flipray.data`: resize_square,
+the audio is resampled to 16 kHz by torchcodec. That is what training saw (`flipray.pretext.data`: resize_square,
 window_frame_indices, the evaluation crop without jitter, peak_normalise, AudioFeatures), done by the same
 functions. A 2.87-s window slides over the whole video every `--hop` seconds (1 s: every moment is in about three
 windows; one more window ends at the end of the video). Each window is scored four times (test-time augmentation):
@@ -52,8 +52,8 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
-from .data import AudioFeatures, SampleParams, _first_line, make_sample, resize_square, window_frame_indices
+from flipray.config import Config
+from flipray.pretext.data import AudioFeatures, SampleParams, _first_line, make_sample, resize_square, window_frame_indices
 
 DEFAULT_MODEL = "models:/flipray-pretext/latest"
 EXIT_SWAPPED, EXIT_UNCHECKED, EXIT_NO_MODEL, EXIT_FFMPEG = 1, 2, 4, 5
@@ -107,7 +107,7 @@ class NoModelError(Exception):
 def load_check_model(spec: str | None = None, tracking: str | None = None):
     """(SpatialAlignmentNet in eval mode, Config) from a checkpoint path / run folder or a models:/ URI.
 
-    models:/ URIs go through jobs.tracking (MLflow, imported only here); a missing store or model, or a model trained
+    models:/ URIs go through flipray.tracking (MLflow, imported only here); a missing store or model, or a model trained
     for another pretext task, raises NoModelError with what to do about it.
     """
     spec = spec or DEFAULT_MODEL
@@ -122,17 +122,13 @@ def load_check_model(spec: str | None = None, tracking: str | None = None):
 def _load_model(spec: str, tracking: str | None):
     hint = "Run `make demo` (it trains the demo model and registers it as flipray-pretext), or pass --model PATH"
     if not spec.startswith("models:/"):
-        from .train import load_model
+        from flipray.pretext.train import load_model
         path = Path(spec)
         try:
             return load_model(path / "checkpoint.pt" if path.is_dir() else path)
         except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
             raise NoModelError(f"cannot load the model {spec}: {e}") from None
-    try:
-        from jobs.tracking import load_pretrained, tracking_uri
-    except ImportError:
-        raise NoModelError(f"{spec} needs the flipray repository's jobs/ package and MLflow (run from the "
-                           f"repository folder). {hint} to a checkpoint.pt.") from None
+    from flipray.tracking import load_pretrained, tracking_uri
     uri = tracking_uri(tracking)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         # MLflow would create an empty store there; say where we looked instead
@@ -571,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     except NoModelError as e:
         print(f"flipray check: {e}", file=sys.stderr)
         return EXIT_NO_MODEL
-    from .train import resolve_device
+    from flipray.pretext.train import resolve_device
     opts = CheckOptions(hop_s=args.hop, margin=args.margin, min_agree=args.min_agree, min_run=args.min_run,
                         silence_dbfs=args.silence_dbfs, device=str(resolve_device(args.device)))
     results = check_files(args.videos, model, cfg, opts, use_ray=args.ray)

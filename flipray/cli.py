@@ -13,10 +13,10 @@ import os
 import sys
 
 COMMANDS = {
-    "synth": ("flipray.synth", "generate synthetic spatial audio-visual clips"),
-    "synth360": ("flipray.synth360", "generate synthetic 360-degree clips with FOA audio (and DOA sets)"),
-    "train-pretext": ("flipray.train", "train the flip pretext task locally (plain PyTorch)"),
-    "ingest": ("jobs.ingest", "cut videos into 10-s clips and upload them to the clip store (a Ray job)"),
+    "synth": ("flipray.synth.scenes", "generate synthetic spatial audio-visual clips"),
+    "synth360": ("flipray.synth.scenes360", "generate synthetic 360-degree clips with FOA audio (and DOA sets)"),
+    "train-pretext": ("flipray.pretext.train", "train the flip pretext task locally (plain PyTorch)"),
+    "ingest": ("flipray.dataset.ingest", "cut videos into 10-s clips and upload them to the clip store (a Ray job)"),
     "check": ("flipray.check", "do a video's stereo channels look swapped? (verdict, timeline plot)"),
     "fix": ("flipray.check:fix_main", "write a copy of a video with its stereo channels swapped back"),
 }

@@ -201,10 +201,10 @@ def intensity_features(wave: torch.Tensor, mel_fb: torch.Tensor, n_fft: int, hop
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Samples of 360-degree clips (flipray.data.make_sample calls this when data.audio_channels = 4)
+# Samples of 360-degree clips (flipray.pretext.data.make_sample calls this when data.audio_channels = 4)
 
 def transform_sample(frames, wave, p):
-    """One window of a 360 clip as the sample parameters `p` (flipray.data.SampleParams) say: uint8 frames
+    """One window of a 360 clip as the sample parameters `p` (flipray.pretext.data.SampleParams) say: uint8 frames
     (T, H, 2H, 3) and FOA wave (4, S) -> the same. Joint augmentations keep the alignment: mirror the panorama AND
     negate Y (p.joint_flip), roll the panorama AND rotate the sound field by p.roll_deg. The rotate task's negative
     (label 1) then rotates the sound field alone by p.rotation_deg, the picture untouched."""

@@ -9,9 +9,9 @@ every method (flip, mismatch, shift pretext weights; random weights) as a Ray ta
         --pretext flip=models:/flipray-pretext/latest
 
 Writes <out>/analyze/analyze.{md,json} and per method scatter.png, tracking.png, gradcam.png, result.json.
-Metrics and their definitions: flipray/analyze.py. Options: jobs/downstream.py.
+Metrics and their definitions: flipray/tasks/analyze.py. Options: jobs/downstream.py.
 """
-from flipray import analyze
+from flipray.tasks import analyze
 from jobs.downstream import table_main
 
 main = table_main(analyze)

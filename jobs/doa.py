@@ -1,4 +1,4 @@
-"""Table 6: direction-of-arrival estimation from FOA audio (flipray/doa.py), every row as a Ray task, tracked in MLflow.
+"""Table 6: direction-of-arrival estimation from FOA audio (flipray/tasks/doa.py), every row as a Ray task, tracked in MLflow.
 
     flipray synth360 --out data/doa-demo --doa --per-direction 20 --seed 1 --duration 3 --height 128
     python -m jobs.doa --data data/doa-demo --preset demo --pretext rotate=runs/rotate-demo/checkpoint.pt \
@@ -9,7 +9,7 @@
 Rows: scratch, rotate (the rotate pretext network, `flipray train-pretext --set train.task=rotate` on 360 clips),
 svm-random, svm-rotate (one-shot linear SVMs on frozen embeddings) and intensity (active intensity vector).
 """
-from flipray import doa
+from flipray.tasks import doa
 from jobs.downstream import table_main
 
 main = table_main(doa)

@@ -29,8 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-from flipray.downstream import apply, write_json
-from jobs import tracking
+from flipray.tasks.base import apply, write_json
+from flipray import tracking
 
 log = logging.getLogger("jobs.downstream")
 

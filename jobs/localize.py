@@ -5,9 +5,9 @@
     ray job submit --working-dir . -- python -m jobs.localize --data s3://flipray/demo/ --preset small \
         --pretext flip=models:/flipray-pretext/latest
 
-Methods, metrics and ground truth: flipray/localize.py. Options: jobs/downstream.py.
+Methods, metrics and ground truth: flipray/tasks/localize.py. Options: jobs/downstream.py.
 """
-from flipray import localize
+from flipray.tasks import localize
 from jobs.downstream import table_main
 
 main = table_main(localize)

@@ -4,7 +4,7 @@
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
         python -m jobs.pretext --config demo --set data.root=s3://flipray/demo/ --set cluster.workers=2
 
-Every Ray Train worker runs `flipray.train.fit`, the loop `flipray train-pretext` runs locally, on its shard of each
+Every Ray Train worker runs `flipray.pretext.train.fit`, the loop `flipray train-pretext` runs locally, on its shard of each
 epoch (DDP over gloo on CPU, NCCL on GPU), reading with the loader `data.loader` names (DALI's GPU decoder on GPU
 workers). The global batch stays `train.batch_size` whatever the worker count (gradient accumulation when
 `train.micro_batch_size` is smaller), and the learning rate follows samples seen. Checkpoints go to
@@ -30,11 +30,11 @@ import torch
 import yaml
 
 from flipray.config import config_from_dict, load_config
-from flipray.data import ClipDataset, EpochSampler
-from flipray.models import SpatialAlignmentNet, count_parameters
-from flipray.train import (evaluate, evaluate_splits, fit, load_checkpoint, make_loader, make_optimizer, new_state,
+from flipray.pretext.data import ClipDataset, EpochSampler
+from flipray.pretext.models import SpatialAlignmentNet, count_parameters
+from flipray.pretext.train import (evaluate, evaluate_splits, fit, load_checkpoint, make_loader, make_optimizer, new_state,
                            plot_curves, save_checkpoint, split_batch)
-from jobs import tracking
+from flipray import tracking
 
 log = logging.getLogger("jobs.pretext")
 

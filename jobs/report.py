@@ -26,7 +26,7 @@ which writes `<out_dir>/<task>.json` and `<out_dir>/<task>.md` from a dict
      "notes": "..."}                    # optional free text; other keys (e.g. "config") are kept as they are
 
 and adds "wilcoxon": {"best": method, "metric": paired metric, "vs": {method: {"p_value", "statistic", "n",
-"median_diff"} or {"p_value": null, "reason": ...}}}: a two-sided Wilcoxon signed-rank test (flipray.metrics.wilcoxon,
+"median_diff"} or {"p_value": null, "reason": ...}}}: a two-sided Wilcoxon signed-rank test (flipray.tasks.metrics.wilcoxon,
 as the paper tests Tables 4-5) of the best method by `primary` against every other method on the per-clip values,
 paired by clip id (clips missing from either side, or with NaN / inf values, are left out of that pair). Non-finite
 numbers are written as null (JSON has no NaN).
@@ -53,8 +53,8 @@ import sys
 import time
 from pathlib import Path
 
-from flipray import metrics as M
-from jobs.tracking import init_tracking
+from flipray.tasks import metrics as M
+from flipray.tracking import init_tracking
 
 log = logging.getLogger("jobs.report")
 
@@ -73,7 +73,7 @@ PAPER_TABLES: dict[str, dict[str, dict[str, float]]] = {
         "gcc-phat": {"acc_asmr": 80.1, "acc_fairplay": 94.1},
     },
     # Sec. 5.1 (text, no table): Pearson R of the audio embedding, and of the visual attention, with the source's
-    # approximate position from the left/right log-energy difference; named as flipray.analyze's closest metrics
+    # approximate position from the left/right log-energy difference; named as flipray.tasks.analyze's closest metrics
     # (first principal component of the audio features; horizontal centre of the Grad-CAM map).
     "analyze": {
         "flip": {"r_pca_energy": 0.790, "r_gradcam_energy": 0.286},
@@ -115,7 +115,7 @@ PAPER_TABLES: dict[str, dict[str, dict[str, float]]] = {
         "flip+supervised": {"l1_mag_asmr": 0.0863, "l1_mag_fairplay": 0.350},
     },
     # Table 6: DOA on TAU Spatial Sound (FOA), mean azimuth error in degrees (random = 90). "Ours" here is the 360
-    # extension of the flip task, the rotate task (flipray/doa.py names its rows rotate / svm-rotate).
+    # extension of the flip task, the rotate task (flipray/tasks/doa.py names its rows rotate / svm-rotate).
     "doa": {
         "scratch": {"doa_err": 20.5},
         "rotate": {"doa_err": 17.5},
@@ -406,7 +406,7 @@ def fetch_tables(uri: str | None, dest: Path) -> list[Path]:
     flipray-downstream (jobs/downstream.py logs them there) into dest/<task>/."""
     from mlflow import MlflowClient
 
-    from jobs import tracking
+    from flipray import tracking
     client = MlflowClient(tracking.tracking_uri(uri))
     exp = client.get_experiment_by_name("flipray-downstream")
     if exp is None:

@@ -1,5 +1,5 @@
 """Table 5: audio-visual source separation (stereo mix-and-separate) with every method as a Ray task
-(flipray/separate.py).
+(flipray/tasks/separate.py).
 
     python -m jobs.separate --data data/demo --preset demo --local --no-mlflow \
         --pretext flip=runs/dev-demo/checkpoint.pt --pretext mismatch=runs/dev-mismatch/checkpoint.pt \
@@ -9,7 +9,7 @@
 Writes <out>/separate/separate.{md,json} (the table, with Wilcoxon tests on per-clip SDR), per-method result.json,
 curves and FLAC examples (mixture, estimate, truth) under <out>/separate/<method>/. Options: jobs/downstream.py.
 """
-from flipray import separate
+from flipray.tasks import separate
 from jobs.downstream import table_main
 
 main = table_main(separate)

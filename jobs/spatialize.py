@@ -1,4 +1,4 @@
-"""Table 4: audio spatialization (mono -> stereo upmixing) with every method as a Ray task (flipray/spatialize.py).
+"""Table 4: audio spatialization (mono -> stereo upmixing) with every method as a Ray task (flipray/tasks/spatialize.py).
 
     python -m jobs.spatialize --data data/demo --preset demo --local --no-mlflow \
         --pretext flip=runs/dev-demo/checkpoint.pt --pretext mismatch=runs/dev-mismatch/checkpoint.pt \
@@ -8,7 +8,7 @@
 Writes <out>/spatialize/spatialize.{md,json} (the table, with Wilcoxon tests on per-clip STFT distance), per-method
 result.json, curves and stereo FLAC examples under <out>/spatialize/<method>/. Options: jobs/downstream.py.
 """
-from flipray import spatialize
+from flipray.tasks import spatialize
 from jobs.downstream import table_main
 
 main = table_main(spatialize)

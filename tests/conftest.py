@@ -133,7 +133,7 @@ def ingested(source_videos, ray_local, tmp_path_factory):
     """The source videos ingested once into an S3 dataset: (s3 root, report). Shared by the store, ingest and DALI
     tests, which only read it."""
     import boto3
-    from jobs.ingest import run_ingest
+    from flipray.dataset.ingest import run_ingest
     name = f"flipray-{uuid.uuid4().hex[:10]}"
     boto3.client("s3").create_bucket(Bucket=name)
     root = f"s3://{name}/videos-v1"
@@ -144,7 +144,7 @@ def ingested(source_videos, ray_local, tmp_path_factory):
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     """A small rendered synthetic dataset (16 clips of 4 s, 8 scenes) shared by the library tests. Read-only."""
-    from flipray.synth import generate
+    from flipray.synth.scenes import generate
     root = tmp_path_factory.mktemp("synth")
     generate(root, clips=16, seed=3, workers=2, duration_s=4.0, two_source_prob=0.0, max_distractors=1)
     return root
@@ -156,7 +156,8 @@ def demo_run(tmp_path_factory) -> dict:
     2 idle cores). Yields {"data": dataset folder, "run_dir": run folder, "checkpoint": checkpoint.pt, "report": the
     report dict}. Read-only for its users: test_demo checks the accuracy, test_check and the downstream tests use the
     trained model."""
-    from flipray import synth, train
+    from flipray.synth.scenes import scenes as synth
+    from flipray.pretext import train
     base = tmp_path_factory.mktemp("demo")
     data = base / "demo"
     synth.generate(data, clips=600, seed=0, workers=2)

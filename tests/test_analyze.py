@@ -1,4 +1,4 @@
-"""Embedding analysis (flipray/analyze.py, jobs/analyze.py): the energy-difference position, PC1 and the ridge probe,
+"""Embedding analysis (flipray/tasks/analyze.py, jobs/analyze.py): the energy-difference position, PC1 and the ridge probe,
 Grad-CAM / saliency maps, and the Sec. 5.1 job end to end (locally and on Ray).
 
     .venv/bin/python -m pytest tests/test_analyze.py -x -q
@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from flipray import analyze as A
+from flipray.tasks import analyze as A
 from flipray.config import load_config
-from flipray.models import SpatialAlignmentNet
+from flipray.pretext.models import SpatialAlignmentNet
 
 torch.set_num_threads(1)
 

@@ -16,7 +16,7 @@ import pytest
 from bench import all as bench_all
 from bench.project import Assumptions, project
 from flipray.config import load_config
-from flipray.models import SpatialAlignmentNet, count_parameters
+from flipray.pretext.models import SpatialAlignmentNet, count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"decode": {"clips": 2, "batch_size": 2},

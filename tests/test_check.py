@@ -21,7 +21,7 @@ import soundfile as sf
 import torch
 
 from flipray import check, cli
-from flipray.manifest import read_manifest
+from flipray.dataset.manifest import read_manifest
 
 torch.set_num_threads(1)
 

@@ -14,9 +14,9 @@ import torch
 
 from dali_pipelines.pretext import DaliClipLoader
 from flipray.config import load_config
-from flipray.data import IMAGENET_MEAN, IMAGENET_STD, ClipDataset, EpochSampler, collate, draw_params
-from flipray.manifest import MANIFEST_NAME
-from flipray.store import Store
+from flipray.pretext.data import IMAGENET_MEAN, IMAGENET_STD, ClipDataset, EpochSampler, collate, draw_params
+from flipray.dataset.manifest import MANIFEST_NAME
+from flipray.dataset.store import Store
 
 # Full-size frames (the stored 256 px, no resize) cropped to 224, 6 of the window's 18 frames, 64 mels.
 OVERRIDES = ["data.cache=false", "data.resize=256", "data.crop=224"]

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from flipray.config import load_config
-from flipray.data import (AudioFeatures, ClipDataset, ClipDecodeError, EpochSampler, collate, decode_audio,
+from flipray.pretext.data import (AudioFeatures, ClipDataset, ClipDecodeError, EpochSampler, collate, decode_audio,
                           decode_video, draw_params, flip_channels, item_params, joint_flip, make_sample,
                           peak_normalise, window_frame_indices, window_samples_range)
-from flipray.manifest import read_manifest
+from flipray.dataset.manifest import read_manifest
 
 
 def _sounding(meta):

@@ -1,4 +1,4 @@
-"""Direction-of-arrival evaluation (flipray/doa.py, jobs/doa.py) on a tiny synthetic 360 DOA set: the classical
+"""Direction-of-arrival evaluation (flipray/tasks/doa.py, jobs/doa.py) on a tiny synthetic 360 DOA set: the classical
 intensity-vector estimate is accurate, the one-shot SVM sees one clip per direction, and the job runs every row end
 to end from a rotate-task pretext checkpoint trained here (locally, and the non-learned row through Ray)."""
 import json
@@ -7,9 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from flipray import doa, foa, synth360
-from flipray.downstream import apply
-from flipray.manifest import read_manifest
+from flipray import foa
+
+from flipray.tasks import doa
+
+from flipray.synth.scenes import scenes360 as synth360
+from flipray.tasks.base import apply
+from flipray.dataset.manifest import read_manifest
 
 STEP = 45.0  # 8 directions keep the set tiny; the demo set uses 36 (10 deg)
 
@@ -31,7 +35,7 @@ def doa_set(tmp_path_factory):
 @pytest.fixture(scope="module")
 def rotate_checkpoint(doa_set, tmp_path_factory):
     """A rotate-task pretext network trained for a few steps on the 360 clips (shape and plumbing, not quality)."""
-    from flipray.train import main as train_main
+    from flipray.pretext.train import main as train_main
     out = tmp_path_factory.mktemp("runs")
     report = train_main(["--config", "demo", "--run-name", "rot", "--set", "train.task=rotate",
                          "--set", f"data.root={doa_set}", "--set", "train.total_samples=48",

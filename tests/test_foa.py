@@ -1,4 +1,4 @@
-"""360-degree clips with first-order ambisonics (flipray/foa.py, flipray/synth360.py) and the rotate pretext task:
+"""360-degree clips with first-order ambisonics (flipray/foa.py, flipray/synth/scenes360.py) and the rotate pretext task:
 the rotation and its inverse, plane waves decoded where the rotation sends them, the panorama roll turning the same
 way as the sound field, the synthetic clips' ground truth, and the rotate task's samples and joint augmentations."""
 import json
@@ -8,10 +8,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from flipray import foa, synth360
+from flipray import foa
+
+from flipray.synth.scenes import scenes360 as synth360
 from flipray.config import load_config
-from flipray.data import AudioFeatures, ClipDataset, SampleParams, collate, decode_video, draw_params
-from flipray.manifest import read_manifest
+from flipray.pretext.data import AudioFeatures, ClipDataset, SampleParams, collate, decode_video, draw_params
+from flipray.dataset.manifest import read_manifest
 
 SR = 16000
 

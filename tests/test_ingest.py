@@ -1,4 +1,4 @@
-"""The ingest job (jobs/ingest.py) on real encoded videos, into a real S3 endpoint (moto) through Ray tasks: the clips
+"""The ingest job (flipray/dataset/ingest.py) on real encoded videos, into a real S3 endpoint (moto) through Ray tasks: the clips
 that land and their format, the skip counts and reasons, re-runs that resume without re-transcoding, and the
 YouTube-ASMR CSV mode.
 
@@ -14,9 +14,9 @@ import boto3
 import numpy as np
 import soundfile as sf
 
-from flipray.manifest import MANIFEST_NAME, REQUIRED_FIELDS
-from flipray.store import Store, sha256
-from jobs.ingest import Options, folder_sources, main, run_ingest
+from flipray.dataset.manifest import MANIFEST_NAME, REQUIRED_FIELDS
+from flipray.dataset.store import Store, sha256
+from flipray.dataset.ingest import Options, folder_sources, main, run_ingest
 
 SKIPPED = {"mono audio": "mono.mp4", "no audio stream": "silent.mp4", "unreadable": "corrupt.mp4",
            "empty file": "empty.mkv", "too short": "short.mp4"}
@@ -140,7 +140,7 @@ def test_youtube_asmr_csv_into_a_folder_and_resume_after_a_lost_sidecar(source_v
 
 
 def test_synthetic_dataset_goes_through_the_same_upload(bucket, tmp_path, capsys):
-    from flipray import synth
+    from flipray.synth.scenes import scenes as synth
     synth.generate(tmp_path / "synth", 2, seed=1, workers=1, duration_s=3.0, size=64)
     out = f"s3://{bucket}/synth"
     for ingested, existing in ((2, 0), (0, 2)):  # the second run finds every object in place

@@ -1,4 +1,4 @@
-"""Sounding-object tracking (flipray/localize.py, jobs/localize.py): heads, YOLOv2 loss, targets, face pseudo-labels,
+"""Sounding-object tracking (flipray/tasks/localize.py, jobs/localize.py): heads, YOLOv2 loss, targets, face pseudo-labels,
 learning, and the Table 3 job end to end (locally and on Ray).
 
     .venv/bin/python -m pytest tests/test_localize.py -x -q
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from flipray import localize as L
+from flipray.tasks import localize as L
 from flipray.config import load_config
-from flipray.data import AudioFeatures
-from flipray.downstream import load_clips
-from flipray.models import SpatialAlignmentNet
+from flipray.pretext.data import AudioFeatures
+from flipray.tasks.base import load_clips
+from flipray.pretext.models import SpatialAlignmentNet
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""flipray.metrics against hand-computed values and independent implementations.
+"""flipray.tasks.metrics against hand-computed values and independent implementations.
 
     .venv/bin/python -m pytest tests/test_metrics.py -q
 """
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from flipray import metrics
+from flipray.tasks import metrics
 
 torch.set_num_threads(1)
 
@@ -234,7 +234,7 @@ def test_pearson_r():
 def test_importable_without_ray_or_mlflow():
     import subprocess
     import sys
-    code = ("import sys; import flipray.metrics; "
+    code = ("import sys; import flipray.tasks.metrics; "
             "bad = [m for m in ('ray', 'mlflow', 'nvidia.dali') if m in sys.modules]; assert not bad, bad")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]  # the child asserts no Ray / MLflow / DALI module was imported

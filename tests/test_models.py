@@ -3,7 +3,7 @@ import torch
 import torchvision
 
 from flipray.config import load_config
-from flipray.models import SpatialAlignmentNet, audio_in_channels, count_parameters
+from flipray.pretext.models import SpatialAlignmentNet, audio_in_channels, count_parameters
 
 
 def _inputs(cfg, batch=2):

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from cluster import local
-from flipray.store import upload_dataset
+from flipray.dataset.store import upload_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["data.num_frames=3", "data.eval_windows=1", "data.resize=40", "data.crop=32", "data.n_mels=32",
@@ -82,7 +82,7 @@ def test_ray_job_trains_survives_a_lost_worker_and_registers_the_model(cluster_s
     assert {"curves.png", "model"} <= artifacts
 
     # The registered model loads back as flipray's class with the final weights
-    from jobs.tracking import load_pretrained
+    from flipray.tracking import load_pretrained
     versions = client.search_model_versions("name = 'flipray-pretext'")
     newest = max(versions, key=lambda v: int(v.version))
     assert newest.run_id == r.info.run_id and "config" in newest.tags

@@ -1,4 +1,4 @@
-"""Audio-visual source separation (flipray/separate.py) and the Table 5 job.
+"""Audio-visual source separation (flipray/tasks/separate.py) and the Table 5 job.
 
     .venv/bin/python -m pytest tests/test_separate.py -x -q
 """
@@ -11,12 +11,14 @@ import pytest
 import soundfile as sf
 import torch
 
-from flipray import metrics, separate
+from flipray.tasks import metrics
+
+from flipray.tasks import separate
 from flipray.config import load_config
-from flipray.downstream import apply, load_clips
-from flipray.models import SpatialAlignmentNet
-from flipray.separate import prepare_sources
-from flipray.unet import Spectrogram
+from flipray.tasks.base import apply, load_clips
+from flipray.pretext.models import SpatialAlignmentNet
+from flipray.tasks.separate import prepare_sources
+from flipray.tasks.unet import Spectrogram
 
 torch.set_num_threads(1)
 

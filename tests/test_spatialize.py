@@ -1,4 +1,4 @@
-"""Audio spatialization (flipray/spatialize.py), the shared audio U-Net (flipray/unet.py) and the Table 4 job.
+"""Audio spatialization (flipray/tasks/spatialize.py), the shared audio U-Net (flipray/tasks/unet.py) and the Table 4 job.
 
     .venv/bin/python -m pytest tests/test_spatialize.py -x -q
 """
@@ -11,11 +11,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from flipray import spatialize
+from flipray.tasks import spatialize
 from flipray.config import load_config
-from flipray.downstream import apply, load_clips
-from flipray.models import SpatialAlignmentNet
-from flipray.unet import AudioUNet, Chunks, Spectrogram, overlap_add
+from flipray.tasks.base import apply, load_clips
+from flipray.pretext.models import SpatialAlignmentNet
+from flipray.tasks.unet import AudioUNet, Chunks, Spectrogram, overlap_add
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""The clip store (flipray/store.py) against a real S3 endpoint (moto's server): objects and checksums, the manifest
+"""The clip store (flipray/dataset/store.py) against a real S3 endpoint (moto's server): objects and checksums, the manifest
 written last, idempotent uploads, an upload killed mid-way that resumes without duplicates, and the torchcodec
 dataset reading an s3:// root.
 
@@ -16,15 +16,15 @@ import boto3
 import pytest
 
 from flipray.config import load_config
-from flipray.data import ClipDataset, collate
-from flipray.manifest import MANIFEST_NAME, REQUIRED_FIELDS
-from flipray.store import ChecksumError, Store, sha256, upload_dataset
+from flipray.pretext.data import ClipDataset, collate
+from flipray.dataset.manifest import MANIFEST_NAME, REQUIRED_FIELDS
+from flipray.dataset.store import ChecksumError, Store, sha256, upload_dataset
 
 
 @pytest.fixture(scope="module")
 def synth_dataset(tmp_path_factory):
     """Six short synthetic clips (3 scenes) in a local folder: what `flipray synth` writes."""
-    from flipray import synth
+    from flipray.synth.scenes import scenes as synth
     root = tmp_path_factory.mktemp("synth")
     synth.generate(root, 6, seed=3, workers=1, duration_s=4.0, size=64)
     return root
@@ -93,7 +93,7 @@ def test_killed_upload_resumes_without_duplicates_and_manifest_only_at_the_end(s
     script = tmp_path / "upload_then_die.py"
     script.write_text(textwrap.dedent(f"""
         import os, signal
-        from flipray import store
+        from flipray.dataset import store
         put, sent = store.Store.put, []
         def put_then_die(self, key, data, digest=None):
             if len(sent) == 7:

@@ -18,10 +18,10 @@ import pytest
 import torch
 import yaml
 
-from flipray import localize
+from flipray.tasks import localize
 from flipray.config import load_config
-from flipray.downstream import apply
-from flipray.models import SpatialAlignmentNet
+from flipray.tasks.base import apply
+from flipray.pretext.models import SpatialAlignmentNet
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""The synthetic scene generator (flipray/synth.py): interaural cues of every sounding class, the clip files and their
+"""The synthetic scene generator (flipray/synth/scenes.py): interaural cues of every sounding class, the clip files and their
 ground truth against docs/clip-format.md, determinism across worker counts, the manifest and its splits."""
 import json
 import subprocess
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from flipray import synth
-from flipray.manifest import REQUIRED_FIELDS, SPLITS, read_manifest
+from flipray.synth.scenes import scenes as synth
+from flipray.dataset.manifest import REQUIRED_FIELDS, SPLITS, read_manifest
 
 SR = 16000
 SMALL = dict(duration_s=3.0, size=128)  # short, small clips keep the file fast

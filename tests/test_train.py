@@ -6,9 +6,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from flipray.config import load_config
-from flipray.data import ClipDataset, EpochSampler, collate
-from flipray.models import SpatialAlignmentNet
-from flipray.train import evaluate, load_checkpoint, load_model, lr_at, main, make_optimizer, train_one_epoch
+from flipray.pretext.data import ClipDataset, EpochSampler, collate
+from flipray.pretext.models import SpatialAlignmentNet
+from flipray.pretext.train import evaluate, load_checkpoint, load_model, lr_at, main, make_optimizer, train_one_epoch
 
 FAST = ["data.num_frames=3", "data.eval_windows=1", "data.resize=40", "data.crop=32", "data.n_mels=32",
         "model.visual_width=8", "model.audio_width=8", "model.audio_dim=32", "model.fusion_dim=32",

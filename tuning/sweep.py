@@ -33,8 +33,8 @@ from pathlib import Path
 
 import yaml
 
-from flipray.downstream import apply
-from jobs import tracking
+from flipray.tasks.base import apply
+from flipray import tracking
 from jobs.downstream import resolve_pretext
 
 log = logging.getLogger("tuning.sweep")

@@ -11,7 +11,7 @@ Flattening the visual map instead of pooling it keeps *where* things are, which 
 `pooled-visual` variant pools anyway to show the difference. For the paper's shapes (18 x 3 x 224 x 224 video,
 2 x 128 x 288 log-mel) the map is 16 x 7 x 7 = 784 channels and both streams have 18 time steps.
 
-    python -c "from flipray.models import *; from flipray.config import load_config; \
+    python -c "from flipray.pretext.models import *; from flipray.config import load_config; \
                print(count_parameters(SpatialAlignmentNet(load_config('paper'))))"
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock
 from torchvision.models.video import mc3_18
 
-from .config import Config
+from flipray.config import Config
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -174,7 +174,7 @@ class AudioNet(nn.Module):
 
 
 def audio_in_channels(variant: str, audio_channels: int = 2, foa_intensity: bool = False) -> int:
-    """Feature channels `flipray.data.AudioFeatures` produces for a variant: L, R (+ mono) (+ 3 GCC-PHAT bands);
+    """Feature channels `flipray.pretext.data.AudioFeatures` produces for a variant: L, R (+ mono) (+ 3 GCC-PHAT bands);
     for FOA (audio_channels=4): W, Y, Z, X (+ 3 intensity-vector channels)."""
     if audio_channels == 4:
         return 7 if foa_intensity else 4

@@ -1,7 +1,7 @@
 """Synthetic spatial audio-visual scenes: training data for the flip task without downloading anything.
 
     flipray synth --out data/synth --clips 1000 --seed 0            # 10-s clips, 6 fps, 256x256, all cores
-    python -m flipray.synth --out data/synth --clips 1000 --seed 0  # the same without the CLI dispatcher
+    python -m flipray.synth.scenes --out data/synth --clips 1000 --seed 0  # the same without the CLI dispatcher
 
 A scene is a procedural background plus a set of objects: one or two sounding objects (6 classes, each with its own
 look and its own sound family) and a few silent distractors (mostly silent-only classes, sometimes look-alikes of
@@ -45,7 +45,7 @@ from scipy.ndimage import zoom
 from scipy.signal import fftconvolve, lfilter
 from tqdm import tqdm
 
-from flipray.manifest import assign_splits, write_manifest
+from flipray.dataset.manifest import assign_splits, write_manifest
 
 
 @dataclass

@@ -47,7 +47,7 @@ log(w / anchor_w), log(h / anchor_h), times `coord_weight`; objectness BCE with 
 other anchor, times `noobj_weight`, except predictions whose decoded box overlaps a true box by more than
 `ignore_iou`. The objectness bias starts at the prior log(p / (1 - p)), p = 1 / (S * S * anchors).
 
-Metrics (flipray.metrics), all in % like the paper's Table 3:
+Metrics (flipray.tasks.metrics), all in % like the paper's Table 3:
   ap50     VOC average precision at IOU 0.5 over all evaluation frames (after NMS at `nms_iou`, `max_boxes` per frame)
   iou      mean IOU of each frame's highest-scoring box with its ground truth
   x_err, y_err   mean |centre difference| of that top box and its matched true box, % of frame width / height
@@ -80,10 +80,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import metrics
-from .data import AudioFeatures, SampleParams, augment_frames, decode_video, flip_channels
-from .downstream import Clip, DownstreamConfig, audio_input, load_clips, param_groups, pretext_network, setup
-from .store import Store
+from flipray.tasks import metrics
+from flipray.pretext.data import AudioFeatures, SampleParams, augment_frames, decode_video, flip_channels
+from flipray.tasks.base import Clip, DownstreamConfig, audio_input, load_clips, param_groups, pretext_network, setup
+from flipray.dataset.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -617,7 +617,7 @@ def cached_clips(root: str, split: str, resize: int, sample_rate: int, max_clips
 
 def run_trial(cfg: Config, report=None) -> dict:
     """Train one method (cfg.method) on cfg.train_split, evaluate it on cfg.eval_split (the contract in
-    flipray/downstream.py)."""
+    flipray/tasks/base.py)."""
     if cfg.method not in METHODS:
         raise ValueError(f"unknown localize method {cfg.method!r}; methods are {list(METHODS)}")
     spec = METHODS[cfg.method]

@@ -2,13 +2,13 @@
 
     python -m jobs.separate --data data/demo --preset demo --local --no-mlflow \
         --pretext flip=runs/dev-demo/checkpoint.pt --out /tmp/sep      # every method, one after another, here
-    python -c "from flipray.downstream import apply; from flipray import separate as t; \
+    python -c "from flipray.tasks.base import apply; from flipray.tasks import separate as t; \
         print(t.run_trial(apply(t.Config(pretext='runs/dev-demo/checkpoint.pt'), t.PRESETS['demo']))['metrics'])"
                                         # one method (flip)
 
 Mix-and-separate (Sound of Pixels) adapted to stereo (2.5D Visual Sound): two clips of different scenes are added,
-and the model recovers the one whose frames it is shown. An example is a 0.63-s chunk (as flipray/spatialize.py):
-    mixture a + b (stereo) -> |STFT| of L and R, log(1 + x) -> AudioUNet (flipray/unet.py) -> sigmoid ratio mask
+and the model recovers the one whose frames it is shown. An example is a 0.63-s chunk (as flipray/tasks/spatialize.py):
+    mixture a + b (stereo) -> |STFT| of L and R, log(1 + x) -> AudioUNet (flipray/tasks/unet.py) -> sigmoid ratio mask
         per channel; target estimate = mask * STFT(mixture) (the mixture's phase)
     condition at the U-Net's bottleneck: the pretext network's *fused audio-visual* features of the target's frames
         and the mixture's audio ("Pretrained audio-visual features are concatenated to the innermost layer"; the
@@ -19,7 +19,7 @@ The pretext network is frozen in the demo/small presets (lr_backbone=0), fine-tu
 Evaluation: each of the first `eval_clips` eval clips is the target of one whole-clip pair with a partner of another
 scene, drawn with a fixed seed (EVAL_SEED, not cfg.seed: every method and every seed scores the same pairs). The
 chunk slides over both clips every `infer_hop_frames` frames; estimates are averaged where windows overlap. The model
-separates both sources of the pair (once shown each clip's frames), BSS Eval (flipray.metrics.bss_eval, mir_eval's
+separates both sources of the pair (once shown each clip's frames), BSS Eval (flipray.tasks.metrics.bss_eval, mir_eval's
 bss_eval_sources per channel, averaged over L and R) scores the target's SDR / SIR / SAR, and `sdr_mixture` is the
 mixture's own SDR as the target's estimate (the floor). `l1_mag` is the training criterion over the target's windows
 (Table 5's number). BSS Eval costs about a second of CPU per pair (two 1024 x 1024 solves per source and channel),
@@ -43,13 +43,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import metrics
-from .config import Config as PretextConfig
-from .data import AudioFeatures, sample_seed
-from .downstream import Clip, DownstreamConfig, load_clips, param_groups, pretext_network, setup, to_device
-from .models import SpatialAlignmentNet
-from .spatialize import plot_history, prepare_clips
-from .unet import AudioUNet, Chunks, Spectrogram, overlap_add
+from flipray.tasks import metrics
+from flipray.config import Config as PretextConfig
+from flipray.pretext.data import AudioFeatures, sample_seed
+from flipray.tasks.base import Clip, DownstreamConfig, load_clips, param_groups, pretext_network, setup, to_device
+from flipray.pretext.models import SpatialAlignmentNet
+from flipray.tasks.spatialize import plot_history, prepare_clips
+from flipray.tasks.unet import AudioUNet, Chunks, Spectrogram, overlap_add
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ TABLE = {
              "frames condition the U-Net. SDR/SIR/SAR (dB) by BSS Eval (mir_eval), per channel, averaged over L/R; "
              "sdr_mixture = the mixture's own SDR (the floor); l1_mag = the training L1 of magnitude spectrograms "
              "(the paper's Table 5 number, lower is better). flip+second: the paper's 'Ours + supervised' with a "
-             "second visual feature set in place of ImageNet's (see flipray/separate.py).",
+             "second visual feature set in place of ImageNet's (see flipray/tasks/separate.py).",
 }
 
 METHODS = {
@@ -80,7 +80,7 @@ METHODS = {
 
 @dataclass
 class Config(DownstreamConfig):
-    chunk_s: float = 0.63             # audio per training example (as flipray/spatialize.py)
+    chunk_s: float = 0.63             # audio per training example (as flipray/tasks/spatialize.py)
     ngf: int = 64                     # U-Net base width
     cond_proj: int = 64               # features are projected to this many channels at the bottleneck
     flip_p: float = 0.5               # training: each source mirrored (frames flipped, L/R swapped) with this p
@@ -167,8 +167,8 @@ def forward_pairs(model: Separator, video, a: torch.Tensor, b: torch.Tensor, spe
 
 def second_network(cfg: Config, pcfg: PretextConfig) -> SpatialAlignmentNet:
     """flip+second's second visual stream: `second_pretext`'s weights, or a random network seeded seed + 1."""
-    from .config import config_from_dict
-    from .train import load_checkpoint
+    from flipray.config import config_from_dict
+    from flipray.pretext.train import load_checkpoint
     if not cfg.second_pretext:
         torch.manual_seed(cfg.seed + 1)
         return SpatialAlignmentNet(pcfg)
@@ -186,7 +186,7 @@ def second_network(cfg: Config, pcfg: PretextConfig) -> SpatialAlignmentNet:
 # Sources and pairs
 
 def prepare_sources(clips: list[Clip], cfg: Config, pcfg: PretextConfig) -> Chunks:
-    """flipray.spatialize.prepare_clips, then every clip at the same RMS (`source_rms`): sources are mixed at equal
+    """flipray.tasks.spatialize.prepare_clips, then every clip at the same RMS (`source_rms`): sources are mixed at equal
     loudness, as Sound of Pixels mixes at comparable levels. Peak-normalised clips differ in loudness by up to
     15 dB (a talker with pauses against a steady buzzer), which would leave the quieter source unrecoverable and
     make the mixture's SDR, not the model, decide a pair's score."""

@@ -5,7 +5,7 @@ store `.flipray/local/mlflow.db` (the one `make demo` and `python -m cluster.loc
 registered as a state_dict artifact (`checkpoint.pt` + `config.yaml`), not a pickled class, so they load back as
 flipray's own SpatialAlignmentNet with `torch.load(..., weights_only=True)`:
 
-    from jobs.tracking import load_pretrained
+    from flipray.tracking import load_pretrained
     model, cfg = load_pretrained("models:/flipray-pretext/latest")      # or /3, @alias, or a checkpoint.pt path
 """
 from __future__ import annotations
@@ -58,8 +58,8 @@ def register_checkpoint(run_id: str, checkpoint_dir: str | Path, name: str, tags
     client = MlflowClient()
     client.log_artifacts(run_id, str(checkpoint_dir), artifact_path="model")
     try:
-        client.create_registered_model(name, description="flipray Spatial Alignment Network (flipray.models); "
-                                                          "load with jobs.tracking.load_pretrained")
+        client.create_registered_model(name, description="flipray Spatial Alignment Network (flipray.pretext.models); "
+                                                          "load with flipray.tracking.load_pretrained")
     except MlflowException as e:
         if "already exists" not in str(e):
             raise
@@ -74,7 +74,7 @@ def register_checkpoint(run_id: str, checkpoint_dir: str | Path, name: str, tags
 def load_pretrained(uri: str, tracking: str | None = None):
     """(SpatialAlignmentNet in eval mode, Config) from `models:/NAME/VERSION`, `models:/NAME@ALIAS`,
     `models:/NAME/latest`, a run folder, or a checkpoint.pt path."""
-    from flipray.train import load_model
+    from flipray.pretext.train import load_model
     if not uri.startswith("models:/"):
         path = Path(uri)
         return load_model(path / "checkpoint.pt" if path.is_dir() else path)

@@ -6,11 +6,11 @@ U-Net (Gao & Grauman, CVPR 2019) with pretext features concatenated at the inner
                                                                              tiled over the F/32 frequency rows
         -> 5 x [ConvTranspose2d k4 s2 + BN + ReLU] with skip connections -> (B, out_ch, F, T), tanh or sigmoid
 
-    python -c "from flipray.unet import AudioUNet; import torch; \
+    python -c "from flipray.tasks.unet import AudioUNet; import torch; \
                print(AudioUNet(2, 2, ngf=16, cond_dim=144)(torch.randn(1, 2, 256, 288), torch.randn(1, 144, 6)).shape)"
 
-One class serves both heads: upmixing (flipray/spatialize.py: the mono mix's real/imag STFT in, a tanh complex
-mask out) and separation (flipray/separate.py: the mixture's L/R magnitudes in, sigmoid ratio masks out).
+One class serves both heads: upmixing (flipray/tasks/spatialize.py: the mono mix's real/imag STFT in, a tanh complex
+mask out) and separation (flipray/tasks/separate.py: the mixture's L/R magnitudes in, sigmoid ratio masks out).
 The condition keeps its time axis (the pretext streams give one vector per time step) and is resampled onto the
 bottleneck's time steps rather than pooled, so a source moving across the frame stays aligned with its sound;
 a (B, cond_dim) vector is tiled over time instead. `cond_dim=0` is the "no visual features" U-Net.
@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import Config
-from .data import SampleParams, augment_frames
+from flipray.config import Config
+from flipray.pretext.data import SampleParams, augment_frames
 
 DEPTH = 5  # stride-2 levels: F and T are padded to multiples of 2**DEPTH
 
@@ -84,7 +84,7 @@ class AudioUNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Spectrograms and chunks (shared by flipray/spatialize.py and flipray/separate.py)
+# Spectrograms and chunks (shared by flipray/tasks/spatialize.py and flipray/tasks/separate.py)
 
 class Spectrogram:
     """Complex STFT (..., n_fft/2, frames) with the pretext's n_fft / hop / Hann window, centred frames; the Nyquist
@@ -150,7 +150,7 @@ class Chunks:
 
     def video(self, frames: torch.Tensor, f0: int, pcfg: Config, mirror: bool = False) -> torch.Tensor:
         """uint8 (N, R, R, 3) frames at pcfg.data.resize -> float (frames, 3, crop, crop), centre crop, as the
-        pretext network evaluates (flipray.downstream.visual_input); `mirror` flips left-right."""
+        pretext network evaluates (flipray.tasks.base.visual_input); `mirror` flips left-right."""
         x = frames[f0:f0 + self.frames]
         if mirror:
             x = x.flip(2)

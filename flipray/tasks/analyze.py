@@ -14,7 +14,7 @@ Per window it records
   - Grad-CAM and saliency maps of the flip evidence over the visual stream's spatial map, and their horizontal
     centres of mass.
 
-Metrics (Pearson R from flipray.metrics.pearson_r):
+Metrics (Pearson R from flipray.tasks.metrics.pearson_r):
 
   r_pca_energy     PC1 of the audio embedding vs the energy difference: the paper's R = 0.790. PCA is fitted on the
                    train-split windows and PC1's sign is fixed there by its correlation with the energy difference (a
@@ -58,9 +58,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import metrics
-from .data import AudioFeatures, window_frame_indices, window_samples_range
-from .downstream import (Clip, DownstreamConfig, audio_input, load_clips, pretext_network, setup, sounding_objects,
+from flipray.tasks import metrics
+from flipray.pretext.data import AudioFeatures, window_frame_indices, window_samples_range
+from flipray.tasks.base import (Clip, DownstreamConfig, audio_input, load_clips, pretext_network, setup, sounding_objects,
                          visual_input)
 
 log = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ def attention_centers(net, clips: list[Clip], windows: list[Window], pcfg, batch
     """{"gradcam" | "saliency": ((N,) horizontal centre of mass of each window's map, averaged over its frames, in
     stored-frame pixels; the maps (N, h, w))}."""
     from tqdm import tqdm
-    from .data import flip_channels
+    from flipray.pretext.data import flip_channels
     features = AudioFeatures(pcfg)
     margin, crop = (pcfg.data.resize - pcfg.data.crop) / 2, pcfg.data.crop
     out = {"gradcam": ([], []), "saliency": ([], [])}

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader
 
-from .config import Config, apply_overrides, config_from_dict, load_config
-from .data import ClipDataset, EpochSampler, collate
-from .models import SpatialAlignmentNet, count_parameters
+from flipray.config import Config, apply_overrides, config_from_dict, load_config
+from flipray.pretext.data import ClipDataset, EpochSampler, collate
+from flipray.pretext.models import SpatialAlignmentNet, count_parameters
 
 log = logging.getLogger(__name__)
 

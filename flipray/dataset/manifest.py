@@ -74,7 +74,7 @@ def parse_manifest(text: str, source: str = MANIFEST_NAME) -> list[dict]:
 
 
 def read_manifest(root: str | os.PathLike, split: str | None = None) -> list[dict]:
-    """Rows of a local dataset's manifest, optionally only one split. (S3 roots: `flipray.store`.)"""
+    """Rows of a local dataset's manifest, optionally only one split. (S3 roots: `flipray.dataset.store`.)"""
     path = Path(root) / MANIFEST_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path}: no manifest; a dataset root holds {MANIFEST_NAME} (written last by "

@@ -1,6 +1,6 @@
 """What every downstream task shares: its clips in RAM, the pretext network it starts from, and the trial contract.
 
-A downstream task (flipray/localize.py, spatialize.py, separate.py, analyze.py, doa.py) is a module with
+A downstream task (flipray/tasks/localize.py, spatialize.py, separate.py, analyze.py, doa.py) is a module with
 
     TABLE = {"task": ..., "table": "Table 3", "metrics": [...], "primary": ..., "higher_is_better": {...}}
     METHODS = {"flip": {"label": "Flip (ours)", "pretext": "flip"},      # the table's rows, in order; "pretext"
@@ -18,7 +18,7 @@ A downstream task (flipray/localize.py, spatialize.py, separate.py, analyze.py, 
 
 Plain PyTorch, no Ray or MLflow: `jobs/downstream.py` runs the methods of a table as Ray tasks and logs them,
 `tuning/sweep.py` runs trials of one method under Ray Tune. Pretext weights arrive as checkpoint paths
-(`jobs.tracking.load_pretrained` resolves models:/ URIs on the job side).
+(`flipray.tracking.load_pretrained` resolves models:/ URIs on the job side).
 """
 from __future__ import annotations
 
@@ -32,11 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config, load_config
-from .data import (AudioFeatures, ClipDecodeError, SampleParams, augment_frames, decode_audio, decode_video,
+from flipray.config import Config, load_config
+from flipray.pretext.data import (AudioFeatures, ClipDecodeError, SampleParams, augment_frames, decode_audio, decode_video,
                    peak_normalise, take_frames, window_frame_indices)
-from .models import SpatialAlignmentNet
-from .store import Store
+from flipray.pretext.models import SpatialAlignmentNet
+from flipray.dataset.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,8 @@ def pretext_network(cfg: DownstreamConfig) -> tuple[SpatialAlignmentNet, Config]
     """(network, its pretext Config): the weights of cfg.pretext, or (pretrained=False) a fresh network of the same
     shape, so "no pretraining" rows differ from the others in their weights only. Without a checkpoint the shape
     comes from the `cfg.arch` preset. Seeded by cfg.seed."""
-    from .config import config_from_dict
-    from .train import load_checkpoint
+    from flipray.config import config_from_dict
+    from flipray.pretext.train import load_checkpoint
     torch.manual_seed(cfg.seed)
     if not cfg.pretext:
         if cfg.pretrained:
@@ -180,7 +180,7 @@ def load_clips(root: str, split: str, resize: int, sample_rate: int, max_clips: 
 
 def visual_input(clip: Clip, start_frame: int, pcfg: Config, mirror: bool = False) -> torch.Tensor:
     """The pretext network's view of the window starting at `start_frame`: float (T, 3, crop, crop), centre crop,
-    no jitter (flipray.data's evaluation transform); `mirror` flips it left-right."""
+    no jitter (flipray.pretext.data's evaluation transform); `mirror` flips it left-right."""
     frames = take_frames(clip.frames, window_frame_indices(pcfg, start_frame))
     if mirror:
         frames = frames.flip(2)

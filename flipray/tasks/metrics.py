@@ -1,7 +1,7 @@
 """Metrics of the paper's downstream tasks (Tables 3-6), the 2.5D Visual Sound audio distances, BSS Eval, and the
 paired tests the report uses. torch / numpy / scipy (+ mir_eval for BSS Eval), no Ray or MLflow.
 
-    from flipray import metrics
+    from flipray.tasks import metrics
     metrics.ap50(pred_boxes, pred_scores, pred_image_ids, gt_boxes, gt_image_ids)      # Table 3, AP50
     metrics.stft_distance(pred_lr, gt_lr), metrics.envelope_distance(pred_lr, gt_lr)   # upmixing (2.5D Visual Sound)
     metrics.bss_eval(reference_sources, estimated_sources)                              # separation: SDR/SIR/SAR

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 import torchaudio
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from .config import Config
-from .manifest import read_manifest
-from .store import Store, is_s3
+from flipray.config import Config
+from flipray.dataset.manifest import read_manifest
+from flipray.dataset.store import Store, is_s3
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def decode_video(path: str | Path | bytes, indices: list[int] | None = None, siz
     if expect_frames is not None and indices is None and frames.shape[0] < expect_frames:
         raise ClipDecodeError(f"{path}: decoded {frames.shape[0]} frames, the manifest says {expect_frames}")
     if panorama:
-        from .foa import resize_panorama
+        from flipray.foa import resize_panorama
         return resize_panorama(frames, size)
     return resize_square(frames, size)
 
@@ -315,7 +315,7 @@ class AudioFeatures(torch.nn.Module):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         feats = [self.log_mel(wave)]
         if self.intensity:
-            from .foa import intensity_features
+            from flipray.foa import intensity_features
             feats.append(intensity_features(wave, self.mel.mel_scale.fb, self.n_fft, self.hop, self.win))
         if self.variant == "mono":
             feats.append(self.log_mel(wave.mean(dim=-2, keepdim=True)))
@@ -348,7 +348,7 @@ def make_sample(frames: torch.Tensor, wave: torch.Tensor, p: SampleParams, cfg: 
     """Window frames (T, H, W, 3) uint8 at cfg.data.resize and window audio (2, S) -> one training sample.
     360 clips (data.audio_channels=4): frames (T, crop, 2 crop, 3), FOA audio (4, S), flipray.foa.transform_sample."""
     if cfg.data.audio_channels == 4:
-        from .foa import transform_sample
+        from flipray.foa import transform_sample
         frames, wave = transform_sample(frames, wave, p)
     elif p.joint_flip:
         frames, wave = joint_flip(frames, wave)
@@ -394,7 +394,7 @@ class EpochSampler(Sampler):
 
 
 class ClipDataset(Dataset):
-    """One split of a dataset root (a folder, or s3://bucket/prefix through flipray.store), decoded with torchcodec.
+    """One split of a dataset root (a folder, or s3://bucket/prefix through flipray.dataset.store), decoded with torchcodec.
 
     Train mode: item (epoch, i) is a random window of clip i with random augmentation and label.
     Eval mode: data.eval_windows fixed, unaugmented windows per clip, each as recorded and swapped (`item_params`),
@@ -405,7 +405,7 @@ class ClipDataset(Dataset):
     def __init__(self, cfg: Config, split: str, train: bool, root: str | None = None, seed: int | None = None):
         self.cfg, self.train = cfg, train
         root = str(root or cfg.data.root)
-        self.store = Store(root) if is_s3(root) else None  # s3://: manifest and objects come through flipray.store
+        self.store = Store(root) if is_s3(root) else None  # s3://: manifest and objects come through flipray.dataset.store
         self.root = root if self.store else Path(root)
         self.seed = cfg.train.seed if seed is None else seed
         self.clips = self.store.read_manifest(split) if self.store else read_manifest(self.root, split)

@@ -2,12 +2,12 @@
 
     python -m jobs.spatialize --data data/demo --preset demo --local --no-mlflow \
         --pretext flip=runs/dev-demo/checkpoint.pt --out /tmp/sp        # every method, one after another, here
-    python -c "from flipray.downstream import apply; from flipray import spatialize as t; \
+    python -c "from flipray.tasks.base import apply; from flipray.tasks import spatialize as t; \
         print(t.run_trial(apply(t.Config(pretext='runs/dev-demo/checkpoint.pt'), t.PRESETS['demo']))['metrics'])"
                                         # one method (flip)
 
 An example is a 0.63-s chunk of a clip (2.5D Visual Sound's length; `chunk_s`), starting on a video frame:
-    mono = L + R  -> STFT (512/160/400, 256 bins) as real/imag channels -> AudioUNet (flipray/unet.py)
+    mono = L + R  -> STFT (512/160/400, 256 bins) as real/imag channels -> AudioUNet (flipray/tasks/unet.py)
     frames shown during the chunk -> the pretext network's visual stream (B, Dv, frames) -> the U-Net's bottleneck
     tanh complex mask M;  predicted difference D^ = M * STFT(mono) (complex product);  loss L1(D^, STFT(L - R))
     L^ = (mono + istft(D^)) / 2,  R^ = (mono - istft(D^)) / 2
@@ -18,7 +18,7 @@ came out of pretext training) and fine-tuned at 1e-4 in `paper`, as Mono2Binaura
 Evaluation runs on whole clips: the chunk slides over the clip every `infer_hop_frames` video frames and the predicted
 difference waveforms are averaged where they overlap (2.5D Visual Sound slides 0.63 s by 0.05 s; ours start on
 frames, 1/6 s apart). Metrics: `l1_complex` (the training criterion, Table 4's number, mean over the clip's
-windows), and 2.5D Visual Sound's `stft_distance` and `envelope_distance` (flipray.metrics, peak-normalised as its
+windows), and 2.5D Visual Sound's `stft_distance` and `envelope_distance` (flipray.tasks.metrics, peak-normalised as its
 evaluate.py) over the part of the clip the windows cover; `*_mono` are the same distances for copying the mono mix
 to both channels (D^ = 0), the floor an upmixer has to beat. The first `examples` eval clips are written as stereo
 FLAC (predicted, true, mono) to out_dir/examples/.
@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import metrics
-from .config import Config as PretextConfig
-from .data import peak_normalise, sample_seed
-from .downstream import Clip, DownstreamConfig, load_clips, param_groups, pretext_network, setup, to_device
-from .models import SpatialAlignmentNet
-from .unet import AudioUNet, Chunks, Spectrogram, overlap_add
+from flipray.tasks import metrics
+from flipray.config import Config as PretextConfig
+from flipray.pretext.data import peak_normalise, sample_seed
+from flipray.tasks.base import Clip, DownstreamConfig, load_clips, param_groups, pretext_network, setup, to_device
+from flipray.pretext.models import SpatialAlignmentNet
+from flipray.tasks.unet import AudioUNet, Chunks, Spectrogram, overlap_add
 
 log = logging.getLogger(__name__)
 

@@ -3,12 +3,12 @@
     flipray synth360 --out data/doa-demo --doa --per-direction 20 --seed 1 --duration 3 --height 128
     python -m jobs.doa --data data/doa-demo --preset demo --pretext rotate=runs/rotate-demo/checkpoint.pt \
         --local --no-mlflow --out /tmp/doa                             # every row, one after another, here
-    python -c "from flipray.doa import *; print(run_trial(apply(Config(method='intensity'), PRESETS['demo'])))"
+    python -c "from flipray.tasks.doa import *; print(run_trial(apply(Config(method='intensity'), PRESETS['demo'])))"
 
 An example is one 2.87-s window (the pretext window) of a clip with one static source, labelled with the nearest of
 360 / step_deg directions (36 every 10 deg, like the TAU Spatial Sound set the paper uses):
     FOA (4, S) -> peak-normalised log-mel of W, Y, Z, X (+ 3 intensity-vector channels, as the pretext network was
-    trained; flipray.data.AudioFeatures) -> the pretext network's audio stream (B, audio_dim, S/16) -> mean over time
+    trained; flipray.pretext.data.AudioFeatures) -> the pretext network's audio stream (B, audio_dim, S/16) -> mean over time
     -> Linear -> 36 logits (cross-entropy)
 
 Rows (Table 6; the paper's numbers are on real TAU data, for orientation only):
@@ -33,12 +33,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import foa
-from .config import Config as PretextConfig
-from .config import load_config
-from .data import AudioFeatures, peak_normalise, sample_seed
-from .downstream import DownstreamConfig, load_clips, param_groups, pretext_network, setup
-from .models import SpatialAlignmentNet
+from flipray import foa
+from flipray.config import Config as PretextConfig
+from flipray.config import load_config
+from flipray.pretext.data import AudioFeatures, peak_normalise, sample_seed
+from flipray.tasks.base import DownstreamConfig, load_clips, param_groups, pretext_network, setup
+from flipray.pretext.models import SpatialAlignmentNet
 
 log = logging.getLogger(__name__)
 

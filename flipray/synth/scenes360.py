@@ -5,7 +5,7 @@
     flipray synth360 --out data/doa --doa --per-direction 20 --seed 1 --duration 3 --height 128   # 36 directions
 
 A scene is an equirectangular panorama (a seamless backdrop: sky, horizon, ground) with objects of the classes of
-flipray/synth.py drawn at (azimuth, elevation), and what a first-order ambisonics microphone at the camera hears:
+flipray/synth/scenes.py drawn at (azimuth, elevation), and what a first-order ambisonics microphone at the camera hears:
 every sounding object's sound (synth.py's sound families) encoded in ACN/SN3D from its direction sample by sample,
 so moving sources move, plus optional reverberation (early reflections from random directions and an isotropic
 diffuse tail) and diffuse background noise. Objects stand still, orbit (azimuth drifts, wrapping around the seam)
@@ -21,7 +21,7 @@ the splits are stratified by direction (every direction in every split), with th
 
 Files: the clip contract (docs/clip-format.md): clips/<id>.webm (VP9, W x H = 2H x H, keyframe every second),
 clips/<id>.flac (16 kHz, 4 channels, 16-bit), clips/<id>.json (per-frame azimuth/elevation/boxes of every object),
-manifest.jsonl written last (flipray.manifest). Deterministic from the seed, whatever --workers is.
+manifest.jsonl written last (flipray.dataset.manifest). Deterministic from the seed, whatever --workers is.
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ from scipy.ndimage import zoom
 from scipy.signal import fftconvolve
 
 from flipray import foa
-from flipray.manifest import SPLITS, assign_splits, write_manifest
-from flipray.synth import (SILENT_CLASSES, SOUNDING_CLASSES, _ffmpeg, _room_tails, _sprite, render_clips,
+from flipray.dataset.manifest import SPLITS, assign_splits, write_manifest
+from flipray.synth.scenes import (SILENT_CLASSES, SOUNDING_CLASSES, _ffmpeg, _room_tails, _sprite, render_clips,
                            source_signal)
 
 MOTIONS = ("static", "orbit", "wander")

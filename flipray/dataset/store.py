@@ -1,7 +1,7 @@
 """The clip store: a dataset on S3 (`s3://bucket/prefix/`) or in a local folder, with the same layout.
 
     flipray ingest --dataset data/synth --out s3://my-bucket/synth-v1/    # upload a local dataset (resumable)
-    python -c "from flipray.store import Store; print(len(Store('s3://my-bucket/synth-v1').read_manifest()))"
+    python -c "from flipray.dataset.store import Store; print(len(Store('s3://my-bucket/synth-v1').read_manifest()))"
 
 Layout (docs/clip-format.md): one object per file, `clips/<clip_id>.webm|.flac|.json`, and `manifest.jsonl` at the
 root, written last. Why one object per file rather than tar shards: a training sample reads one 2.87-s window of one
@@ -30,7 +30,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .manifest import MANIFEST_NAME, SPLITS, parse_manifest, write_manifest
+from flipray.dataset.manifest import MANIFEST_NAME, SPLITS, parse_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 _CLIENT_LOCK = threading.Lock()
@@ -197,7 +197,7 @@ class Store:
             raise ValueError(f"{self.root}: manifest rows repeat a clip_id")
         if not self.s3:
             return str(write_manifest(self.root, rows))
-        with tempfile.TemporaryDirectory() as tmp:  # flipray.manifest validates and serialises, one place for both
+        with tempfile.TemporaryDirectory() as tmp:  # flipray.dataset.manifest validates and serialises, one place for both
             text = write_manifest(tmp, rows).read_bytes()
         self.put(MANIFEST_NAME, text)
         return self.url(MANIFEST_NAME)
