@@ -158,6 +158,7 @@ def _job_args(synth_root, ckpt, out, *extra):
             "--set", "hop_s=0.5", "--set", "batch_size=16", *extra]
 
 
+@pytest.mark.slow
 def test_job_writes_the_table_and_figures(synth_root, analyze_checkpoint, tmp_path):
     from jobs.analyze import main
     summary = main(_job_args(synth_root, analyze_checkpoint, tmp_path, "--local", "--methods", "flip,scratch"))
@@ -187,6 +188,7 @@ def test_job_writes_the_table_and_figures(synth_root, analyze_checkpoint, tmp_pa
     assert set(summary["results"]) == {"flip", "scratch"}
 
 
+@pytest.mark.slow
 def test_job_on_ray(synth_root, analyze_checkpoint, tmp_path, ray_local):
     from jobs.analyze import main
     summary = main(_job_args(synth_root, analyze_checkpoint, tmp_path, "--methods", "scratch", "--set", "cam=false"))

@@ -24,6 +24,7 @@ TINY = {"decode": {"clips": 2, "batch_size": 2},
         "paper": {"overrides": ["train.batch_size=1"], "samples": 1, "repeats": 1, "warmup": 1}}
 
 
+@pytest.mark.slow
 def test_bench_all_reports_positive_figures_with_ratios_to_the_same_run(synth_root):
     report = bench_all.run(quick=True, data=str(synth_root), threads=1, modes=("plain",), settings=TINY,
                            clips_root=str(synth_root))
@@ -80,6 +81,7 @@ def test_bench_all_reports_positive_figures_with_ratios_to_the_same_run(synth_ro
     assert rows[-1]["samples_per_s"] <= a.s3_get_per_s_per_prefix / 2 + 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_gpu_sh_dry_run_writes_its_json(synth_root, tmp_path):
     # the script makes its own clips; hand it four of the fixture's so the test does not wait for synthesis

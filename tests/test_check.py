@@ -94,6 +94,7 @@ def results(videos, model) -> list[tuple[check.CheckResult, check.CheckResult]]:
     return list(zip(flat[0::2], flat[1::2]))
 
 
+@pytest.mark.slow
 def test_verdicts_on_reencoded_videos_match_the_test_accuracy(videos, model, results, demo_run):
     from torchcodec.decoders import AudioDecoder, VideoDecoder
     _, cfg = model
@@ -118,6 +119,7 @@ def test_verdicts_on_reencoded_videos_match_the_test_accuracy(videos, model, res
     assert p_swap - p_orig > 0.5
 
 
+@pytest.mark.slow
 def test_a_swapped_stretch_is_found_where_it_is(videos, results, model, tmp_path):
     """An edit: 10 s as recorded, 10 s swapped, 10 s as recorded -> undecidable, with the swapped stretch located."""
     net, cfg = model
@@ -137,6 +139,7 @@ def test_a_swapped_stretch_is_found_where_it_is(videos, results, model, tmp_path
     assert f"swapped in {start:.1f}-{end:.1f} s" in check.describe(r)
 
 
+@pytest.mark.slow
 def test_fix_swaps_the_audio_back_and_copies_the_video(videos, results, demo_run, tmp_path, capsys):
     from torchcodec.decoders import AudioDecoder
     # the clip the model gets right most surely, so "the verdict flips" tests fix, not the model's weak spots
@@ -188,6 +191,7 @@ def _bad_inputs(folder: Path) -> dict[str, tuple[str, str]]:
             "notes.mp4": ("not-a-video", "not a video ffmpeg can read")}
 
 
+@pytest.mark.slow
 def test_bad_inputs_get_one_line_each_and_exit_codes(videos, demo_run, tmp_path, capsys):
     bad = _bad_inputs(tmp_path)
     ckpt = str(demo_run["checkpoint"])
@@ -208,6 +212,7 @@ def test_bad_inputs_get_one_line_each_and_exit_codes(videos, demo_run, tmp_path,
     assert "mono audio" in capsys.readouterr().err and not (tmp_path / "x.mp4").exists()
 
 
+@pytest.mark.slow
 def test_no_model_says_how_to_get_one(videos, tmp_path, monkeypatch, capsys):
     video = str(videos[0][0])
     assert cli.main(["check", video, "--model", str(tmp_path / "none.pt")]) == check.EXIT_NO_MODEL
@@ -220,6 +225,7 @@ def test_no_model_says_how_to_get_one(videos, tmp_path, monkeypatch, capsys):
     assert not store.exists()  # looking did not create an empty store
 
 
+@pytest.mark.slow
 def test_plot_and_json(videos, results, demo_run, tmp_path, capsys):
     import matplotlib.image
     swapped = videos[0][1]
@@ -234,6 +240,7 @@ def test_plot_and_json(videos, results, demo_run, tmp_path, capsys):
     assert img.shape[1] == 1100 and 300 < img.shape[0] < 800 and img.std() > 0.05  # a picture, not a blank page
 
 
+@pytest.mark.slow
 def test_ray_batch_gives_the_in_process_results(ray_local, videos, results, model):
     net, cfg = model
     paths = [str(p) for p in videos[1]]

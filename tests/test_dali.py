@@ -18,6 +18,8 @@ from flipray.pretext.data import IMAGENET_MEAN, IMAGENET_STD, ClipDataset, Epoch
 from flipray.dataset.manifest import MANIFEST_NAME
 from flipray.dataset.store import Store
 
+pytestmark = pytest.mark.slow  # every test reads the `ingested` dataset (moto S3 + Ray)
+
 # Full-size frames (the stored 256 px, no resize) cropped to 224, 6 of the window's 18 frames, 64 mels.
 OVERRIDES = ["data.cache=false", "data.resize=256", "data.crop=224"]
 

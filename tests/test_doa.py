@@ -74,6 +74,7 @@ def test_one_shot_takes_one_clip_per_direction(doa_set):
         float(foa.angular_error(p * STEP, c.azimuth_deg)) for p, c in zip([0, 4, 2], clips[:3])]
 
 
+@pytest.mark.slow
 def test_doa_job_runs_every_row_end_to_end(doa_set, rotate_checkpoint, tmp_path):
     from jobs.doa import main
     summary = main(["--data", str(doa_set), "--preset", "demo", "--pretext", f"rotate={rotate_checkpoint}",
@@ -95,6 +96,7 @@ def test_doa_job_runs_every_row_end_to_end(doa_set, rotate_checkpoint, tmp_path)
     assert "Table 6" in (tmp_path / "doa" / "doa.md").read_text()
 
 
+@pytest.mark.slow
 def test_doa_rows_as_ray_tasks(doa_set, rotate_checkpoint, ray_local, tmp_path):
     from jobs.doa import main
     summary = main(["--data", str(doa_set), "--preset", "demo", "--methods", "intensity,svm-rotate",

@@ -217,6 +217,7 @@ def test_face_pseudo_labels_follow_the_face(tmp_path):
         L.face_pseudo_labels(frames[..., 0])
 
 
+@pytest.mark.slow
 def test_training_overfits_a_batch(tracks, pretext):
     """The full model, its YOLOv2 loss and the decoder learn together: 60 AdamW steps on 8 fixed samples bring the
     loss down tenfold and every top box onto its true box, from top boxes that missed before."""
@@ -248,6 +249,7 @@ def test_training_overfits_a_batch(tracks, pretext):
     assert before.mean() < 0.3 and torch.all(after > 0.5) and after.mean() > before.mean() + 0.5, (before, after)
 
 
+@pytest.mark.slow
 def test_run_trial_contract(synth_root, localize_checkpoint):
     """run_trial trains on one split and scores another: the epoch loss falls, report() sees every epoch, and the
     result has the contract's keys with one per-clip value per eval clip."""
@@ -280,6 +282,7 @@ def _job_args(synth_root, ckpt, out, *extra):
             "--set", "epochs=1", "--set", "samples_per_clip=1", "--set", "figure_clips=1", *extra]
 
 
+@pytest.mark.slow
 def test_job_writes_the_table(synth_root, localize_checkpoint, tmp_path):
     from jobs.localize import main
     summary = main(_job_args(synth_root, localize_checkpoint, tmp_path, "--local",
@@ -302,6 +305,7 @@ def test_job_writes_the_table(synth_root, localize_checkpoint, tmp_path):
     assert set(summary["results"]) == {"flip", "frozen-scratch", "visual-context"}
 
 
+@pytest.mark.slow
 def test_job_on_ray(synth_root, localize_checkpoint, tmp_path, ray_local):
     from jobs.localize import main
     summary = main(_job_args(synth_root, localize_checkpoint, tmp_path, "--methods", "stereo-audio"))

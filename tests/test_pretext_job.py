@@ -16,6 +16,8 @@ import yaml
 from cluster import local
 from flipray.dataset.store import upload_dataset
 
+pytestmark = pytest.mark.slow  # starts moto, MLflow and a Ray head
+
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["data.num_frames=3", "data.eval_windows=1", "data.resize=40", "data.crop=32", "data.n_mels=32",
         "model.visual_width=8", "model.audio_width=8", "model.audio_dim=32", "model.fusion_dim=32", "train.log_every=1"]

@@ -79,6 +79,7 @@ def test_eval_pairs_are_fixed_and_cross_scenes(synth_root):
         separate.eval_pairs(clips[:2])  # the first two clips are one scene
 
 
+@pytest.mark.slow
 def test_head_learns_to_separate_a_fixed_batch(synth_root):
     """Gradients reach the mask and the estimate (mixture phase, inverse STFT) improves on the mixture itself."""
     pcfg = load_config("demo")
@@ -109,6 +110,7 @@ def test_head_learns_to_separate_a_fixed_batch(synth_root):
     assert sdr_est > sdr_mix + 1.0
 
 
+@pytest.mark.slow
 def test_run_trial_reports_every_epoch_and_scores_pairs(synth_root, separate_checkpoint):
     cfg = apply(separate.Config(data_root=str(synth_root), pretext=str(separate_checkpoint), pretrained=False,
                                 method="scratch", eval_split="train", max_clips=6),
@@ -125,6 +127,7 @@ def test_run_trial_reports_every_epoch_and_scores_pairs(synth_root, separate_che
     assert result["metrics"]["sar"] > result["metrics"]["sdr"]  # SDR counts interference and artifacts, SAR one
 
 
+@pytest.mark.slow
 def test_job_writes_table_results_and_flac(synth_root, separate_checkpoint, tmp_path):
     from jobs.separate import main
     summary = main(["--data", str(synth_root), "--preset", "demo", "--local", "--no-mlflow",

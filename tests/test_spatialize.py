@@ -124,6 +124,7 @@ def test_head_shapes_and_loss_on_a_tiny_batch(synth_root, spatialize_checkpoint)
     assert torch.allclose(zero, (target.real.abs() + target.imag.abs()).mean(dim=(-2, -1)) / 2)
 
 
+@pytest.mark.slow
 def test_training_learns_and_beats_the_untrained_upmixer(synth_root, spatialize_checkpoint):
     cfg = apply(spatialize.Config(data_root=str(synth_root), pretext=str(spatialize_checkpoint), pretrained=False,
                                   method="scratch", eval_split="train", max_clips=6),
@@ -149,6 +150,7 @@ def test_training_learns_and_beats_the_untrained_upmixer(synth_root, spatialize_
     assert all(len(v) == 6 for v in result["per_clip"].values())
 
 
+@pytest.mark.slow
 def test_job_runs_methods_as_ray_tasks_and_writes_table_and_stereo_flac(synth_root, spatialize_checkpoint, tmp_path,
                                                                          ray_local):
     from jobs.spatialize import main

@@ -43,6 +43,7 @@ def _trial_runs(uri: str) -> list:
     return client.search_runs(exps, filter_string="tags.`flipray.trial_id` != ''") if exps else []
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_sweep_asha_mlflow_best_config_and_restore(synth_root, ray_local, tmp_path):
     # A flip "pretext" checkpoint of the demo shape (random weights: the sweep's mechanics are under test here).

@@ -26,6 +26,7 @@ def test_lr_schedule_counts_samples():
     assert lr_at(0, constant) == lr_at(5000, constant) == constant.train.lr
 
 
+@pytest.mark.slow
 def test_a_short_run_lowers_the_loss(synth_root):
     """Fit a fixed set of 4 clip windows: the loss must fall well below chance (0.693) within a few passes."""
     torch.manual_seed(0)
@@ -44,6 +45,7 @@ def test_a_short_run_lowers_the_loss(synth_root):
     assert after < before - 0.2, (before, after)
 
 
+@pytest.mark.slow
 def test_train_checkpoint_resume_is_exact_and_reports(synth_root, tmp_path, capsys):
     common = FAST + ["train.batch_size=4", f"data.root={synth_root}", f"train.out_dir={tmp_path}", "data.cache=true",
                      "train.checkpoint_every_samples=8", "train.eval_every_samples=16"]
