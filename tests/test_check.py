@@ -123,15 +123,18 @@ def test_verdicts_on_reencoded_videos_match_the_test_accuracy(videos, model, res
 def test_a_swapped_stretch_is_found_where_it_is(videos, results, model, tmp_path):
     """An edit: 10 s as recorded, 10 s swapped, 10 s as recorded -> undecidable, with the swapped stretch located."""
     net, cfg = model
-    same_format = range(0, len(videos), len(FORMATS))  # concatenated clips need one size and frame rate
-    right = [j for j in same_format if (results[j][0].verdict, results[j][1].verdict) == ("correct", "swapped")]
-    if len(right) < 3:
-        pytest.skip(f"the model got only {len(right)} clips of one format right; the accuracy test says more")
+    right = [j for j in range(len(videos)) if (results[j][0].verdict, results[j][1].verdict) == ("correct", "swapped")]
+    # fewer than 3 of 8 clips right has probability < 1e-4 for a model at the demo's >= 90% test accuracy: a failure
+    # here is a broken model or check, not bad luck
+    assert len(right) >= 3, f"only clips {right} of {len(videos)} got both verdicts right"
     a, b, c = right[:3]
+    # concat wants one size and frame rate: every part in FORMATS[0] (the other format's square scaled into it)
+    parts = [f"[{k}:v]{FORMATS[0][0] if j % len(FORMATS) else 'null'},setsar=1[v{k}];"
+             f"[{k}:a]aresample={FORMATS[0][1]}[a{k}];" for k, j in enumerate((a, b, c))]
     edit = tmp_path / "edit.mp4"
     _ffmpeg("-i", str(videos[a][0]), "-i", str(videos[b][1]), "-i", str(videos[c][0]), "-filter_complex",
-            "[0:v][0:a][1:v][1:a][2:v][2:a]concat=n=3:v=1:a=1[v][a]", "-map", "[v]", "-map", "[a]", *H264,
-            "-c:a", "aac", "-b:a", "128k", str(edit))
+            "".join(parts) + "[v0][a0][v1][a1][v2][a2]concat=n=3:v=1:a=1[v][a]", "-map", "[v]", "-map", "[a]",
+            *H264, "-c:a", "aac", "-b:a", "128k", str(edit))
     [r] = check.check_files([str(edit)], net, cfg, progress=False)
     assert r.verdict == "undecidable" and r.windows == 28
     [(start, end)] = r.swapped_segments

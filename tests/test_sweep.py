@@ -131,7 +131,7 @@ def test_every_task_has_a_sweep_definition_that_fits_its_config(task):
 
     from tuning.sweep import load_definition, search_space
     d = load_definition(task)
-    module = importlib.import_module(f"flipray.{task}")
+    module = importlib.import_module(f"flipray.tasks.{task}")
     fields = {f.name for f in dataclasses.fields(module.Config)}
     assert set(d["space"]) <= fields and set(d.get("fixed", {})) <= fields
     assert d["method"] in module.METHODS and d.get("preset", "small") in module.PRESETS
