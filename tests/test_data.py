@@ -104,7 +104,7 @@ def test_params_are_deterministic_per_seed_epoch_index():
     assert a == draw_params(cfg, 60, seed=0, epoch=3, index=7, train=True)
     others = [draw_params(cfg, 60, seed=0, epoch=e, index=7, train=True) for e in range(4, 40)]
     assert any(o != a for o in others)
-    assert 0.5 < np.mean([o.swap for o in others]) + 0.25 and 0 <= a.start_frame <= 60 - 18
+    assert 0.25 < np.mean([o.swap for o in others]) < 0.75 and 0 <= a.start_frame <= 60 - 18  # p = 0.5, 36 draws
     assert {o.joint_flip for o in others} == {True, False}
     assert all(0 <= o.crop_x <= 32 and 0 <= o.crop_y <= 32 for o in others)
     ev = draw_params(cfg, 60, seed=0, epoch=0, index=7, train=False, swap=True)

@@ -270,7 +270,7 @@ def test_run_trial_contract(synth_root, localize_checkpoint):
     assert result["eval_windows"] == len(windows) and result["moving_clips"] == sum(tc.moving for tc in tracks)
     m, per = result["metrics"], result["per_clip"]
     assert set(m) == set(L.TABLE["metrics"])
-    assert all(0 <= m[k] <= 100 for k in m)
+    assert min(per["iou"]) - 1e-6 <= m["iou"] <= max(per["iou"]) + 1e-6  # the windows' mean lies among the clips'
     assert set(per) == {"ap50", "iou", "x_err", "y_err"} and all(len(v) == len(tracks) for v in per.values())
     assert np.mean(per["iou"]) == pytest.approx(m["iou"], rel=0.2)  # clips have similar window counts
     assert result["figures"] == {}  # no out_dir: nothing written
