@@ -3,7 +3,8 @@
     .venv/bin/python -m pytest tests/test_store.py tests/test_ingest.py tests/test_dali.py -x -q
 
 Services are started by the fixtures that need them, each in its own process group, and stopped by PID; nothing is
-left running. The AWS variables set here are moto's dummies, not credentials.
+left running. Only tests marked `slow` use them, so `make test-fast` (`-m "not slow"`) starts none
+(tests/test_lanes.py checks). The AWS variables set here are moto's dummies, not credentials.
 """
 from __future__ import annotations
 
