@@ -217,6 +217,7 @@ def test_face_pseudo_labels_follow_the_face(tmp_path):
         L.face_pseudo_labels(frames[..., 0])
 
 
+@pytest.mark.slow
 def test_training_overfits_a_batch(tracks, pretext):
     """The full model, its YOLOv2 loss and the decoder learn together: 60 AdamW steps on 8 fixed samples bring the
     loss down tenfold and every top box onto its true box, from top boxes that missed before."""
@@ -248,6 +249,7 @@ def test_training_overfits_a_batch(tracks, pretext):
     assert before.mean() < 0.3 and torch.all(after > 0.5) and after.mean() > before.mean() + 0.5, (before, after)
 
 
+@pytest.mark.slow
 def test_run_trial_contract(synth_root, localize_checkpoint):
     """run_trial trains on one split and scores another: the epoch loss falls, report() sees every epoch, and the
     result has the contract's keys with one per-clip value per eval clip."""
@@ -268,7 +270,7 @@ def test_run_trial_contract(synth_root, localize_checkpoint):
     assert result["eval_windows"] == len(windows) and result["moving_clips"] == sum(tc.moving for tc in tracks)
     m, per = result["metrics"], result["per_clip"]
     assert set(m) == set(L.TABLE["metrics"])
-    assert all(0 <= m[k] <= 100 for k in m)
+    assert min(per["iou"]) - 1e-6 <= m["iou"] <= max(per["iou"]) + 1e-6  # the windows' mean lies among the clips'
     assert set(per) == {"ap50", "iou", "x_err", "y_err"} and all(len(v) == len(tracks) for v in per.values())
     assert np.mean(per["iou"]) == pytest.approx(m["iou"], rel=0.2)  # clips have similar window counts
     assert result["figures"] == {}  # no out_dir: nothing written
@@ -280,6 +282,7 @@ def _job_args(synth_root, ckpt, out, *extra):
             "--set", "epochs=1", "--set", "samples_per_clip=1", "--set", "figure_clips=1", *extra]
 
 
+@pytest.mark.slow
 def test_job_writes_the_table(synth_root, localize_checkpoint, tmp_path):
     from jobs.localize import main
     summary = main(_job_args(synth_root, localize_checkpoint, tmp_path, "--local",
@@ -290,7 +293,8 @@ def test_job_writes_the_table(synth_root, localize_checkpoint, tmp_path):
     assert table["metrics"] == L.TABLE["metrics"] and table["paired_metric"] == "iou"
     assert "Table 3" in (out / "localize.md").read_text()
     for row in table["rows"]:
-        assert 0 <= row["metrics"]["iou"] <= 100 and 0 <= row["metrics"]["ap50"] <= 100
+        iou = row["per_clip"]["iou"]  # the set's IOU averages the windows of these clips: it lies among them
+        assert min(iou) - 1e-6 <= row["metrics"]["iou"] <= max(iou) + 1e-6 and 0 <= row["metrics"]["ap50"] <= 100
         assert len(row["per_clip"]["iou"]) == len(row["clip_ids"]) == 2  # the test split: 2 clips
         assert row["metrics"]["iou_moving"] is not None  # one of them moves diagonally
     assert table["config"]["frozen-scratch"]["pretrained"] is False
@@ -302,9 +306,15 @@ def test_job_writes_the_table(synth_root, localize_checkpoint, tmp_path):
     assert set(summary["results"]) == {"flip", "frozen-scratch", "visual-context"}
 
 
+@pytest.mark.slow
 def test_job_on_ray(synth_root, localize_checkpoint, tmp_path, ray_local):
     from jobs.localize import main
     summary = main(_job_args(synth_root, localize_checkpoint, tmp_path, "--methods", "stereo-audio"))
     table = json.loads((tmp_path / "localize" / "localize.json").read_text())
     assert [r["method"] for r in table["rows"]] == ["stereo-audio"]
-    assert summary["results"]["stereo-audio"]["iou"] >= 0
+    # the Ray task gives the in-process result: same seed, same clips, same numbers
+    here = main(_job_args(synth_root, localize_checkpoint, tmp_path / "here", "--local", "--methods", "stereo-audio"))
+    [row] = json.loads((tmp_path / "here" / "localize" / "localize.json").read_text())["rows"]
+    assert table["rows"][0]["per_clip"]["iou"] == pytest.approx(row["per_clip"]["iou"], rel=1e-4, abs=1e-6)
+    assert summary["results"]["stereo-audio"]["iou"] == pytest.approx(here["results"]["stereo-audio"]["iou"],
+                                                                      rel=1e-4)
