@@ -53,6 +53,8 @@ from pathlib import Path
 import torch
 
 from flipray.config import Config
+from flipray.optional import require
+from flipray.tracking import NoModelError, load_pretrained
 from flipray.pretext.data import AudioFeatures, SampleParams, _first_line, make_sample, resize_square, window_frame_indices
 
 DEFAULT_MODEL = "models:/flipray-pretext/latest"
@@ -97,49 +99,22 @@ class CheckError(Exception):
         self.reason = reason
 
 
-class NoModelError(Exception):
-    """No trained model where --model (or the default registered model) points."""
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The model
 
 def load_check_model(spec: str | None = None, tracking: str | None = None):
     """(SpatialAlignmentNet in eval mode, Config) from a checkpoint path / run folder or a models:/ URI.
 
-    models:/ URIs go through flipray.tracking (MLflow, imported only here); a missing store or model, or a model trained
-    for another pretext task, raises NoModelError with what to do about it.
+    Resolved by flipray.tracking.load_pretrained; a missing store or model, or a model trained for another pretext
+    task, raises NoModelError with what to do about it.
     """
     spec = spec or DEFAULT_MODEL
-    model, cfg = _load_model(spec, tracking)
+    model, cfg = load_pretrained(spec, tracking)
     task, channels = getattr(cfg.train, "task", "flip"), getattr(cfg.data, "audio_channels", 2)
     if task != "flip" or channels != 2:
         raise NoModelError(f"{spec} was trained for the {task!r} pretext task on {channels}-channel audio; flipray "
                            f"check needs a stereo flip-task model (flipray-pretext, as `make demo` trains)")
     return model, cfg
-
-
-def _load_model(spec: str, tracking: str | None):
-    hint = "Run `make demo` (it trains the demo model and registers it as flipray-pretext), or pass --model PATH"
-    if not spec.startswith("models:/"):
-        from flipray.pretext.train import load_model
-        path = Path(spec)
-        try:
-            return load_model(path / "checkpoint.pt" if path.is_dir() else path)
-        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
-            raise NoModelError(f"cannot load the model {spec}: {e}") from None
-    from flipray.tracking import load_pretrained, tracking_uri
-    uri = tracking_uri(tracking)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        # MLflow would create an empty store there; say where we looked instead
-        raise NoModelError(f"no trained model: no MLflow store at {uri[len('sqlite:///'):]}. {hint} "
-                           f"(or set MLFLOW_TRACKING_URI).")
-    try:
-        return load_pretrained(spec, tracking)
-    except Exception as e:  # noqa: BLE001 - MLflow's own exception types for a missing model mean "no model here"
-        why = _why(e)
-        raise NoModelError(f"no trained model: {why}; or pass --model PATH" if "make demo" in why else
-                           f"no trained model at {spec} in {uri}: {why}. {hint}.") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -341,7 +316,7 @@ def check_files(paths: list[str], model, cfg: Config, opts: CheckOptions | None 
     from tqdm import tqdm
     opts = opts or CheckOptions()
     if use_ray and connect_ray():
-        import ray
+        ray = require("ray")
         remote = ray.remote(num_cpus=1)(_check_task)
         model_ref = ray.put((model.cpu(), cfg))
         # workers run elsewhere (another folder, maybe another node: the files must be on a shared file system)
@@ -373,7 +348,7 @@ def _check_task(path: str, model_and_cfg, opts: CheckOptions) -> CheckResult:
 def connect_ray() -> bool:
     """Connect to the running Ray cluster (RAY_ADDRESS, e.g. from `eval "$(python -m cluster.local env)"`, or one
     started on this machine with `ray start`); False, after saying so, when none is running."""
-    import ray
+    ray = require("ray")
     if ray.is_initialized():
         return True
     try:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from flipray.tasks.base import apply, write_json
 from flipray import tracking
+from flipray.tracking import resolve_pretext
 
 log = logging.getLogger("jobs.downstream")
 
@@ -53,33 +54,6 @@ def parse_args(task_module, argv):
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--no-mlflow", action="store_true")
     return p.parse_args(argv)
-
-
-def resolve_pretext(specs: list[str], needed: set[str], out: Path, tracking_uri: str | None) -> dict[str, str]:
-    """{pretext task: local checkpoint.pt} for the pretext tasks the methods need; models:/ URIs are downloaded
-    into out/pretext/<task>/ so Ray tasks on any node read a plain file. Missing models are left out."""
-    import torch
-    given = dict(s.split("=", 1) for s in specs)
-    unknown = set(given) - {"flip", "mismatch", "shift", "rotate"}
-    if unknown:
-        raise ValueError(f"--pretext takes flip=URI, mismatch=URI, shift=URI or rotate=URI, got {sorted(unknown)}")
-    paths = {}
-    for task in sorted(needed):
-        uri = given.get(task, f"models:/{tracking.pretext_model_name(task)}/latest")
-        try:
-            model, cfg = tracking.load_pretrained(uri, tracking_uri)
-        except (ValueError, FileNotFoundError) as e:
-            if task in given:
-                raise
-            log.warning("no %s pretext model (%s): its methods are left out. Train it with `python -m jobs.pretext "
-                        "--set train.task=%s`.", task, e, task)
-            continue
-        path = out / "pretext" / task / "checkpoint.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, path)
-        paths[task] = str(path)
-        log.info("pretext %s: %s", task, uri)
-    return paths
 
 
 # Fields a config file may not carry over from another run: they say which row and weights a trial is.

@@ -35,7 +35,8 @@ import yaml
 
 from flipray.tasks.base import apply
 from flipray import tracking
-from jobs.downstream import resolve_pretext
+from flipray.dataset.store import storage_location
+from flipray.tracking import resolve_pretext
 
 log = logging.getLogger("tuning.sweep")
 
@@ -201,8 +202,6 @@ def main(argv: list[str] | None = None) -> dict:
     from mlflow import MlflowClient
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-
-    from jobs.pretext import storage_location
 
     d = load_definition(args.task, args.definition)
     task = importlib.import_module(f"flipray.{args.task}")
