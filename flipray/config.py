@@ -177,6 +177,30 @@ class Config:
 VARIANTS = ("base", "motion", "mono", "gcc-phat", "pooled-visual")
 TASKS = ("flip", "mismatch", "shift", "rotate")
 
+# The paper's numbers (Yang, Russell & Salamon, CVPR 2020) as printed, on real data (YouTube-ASMR, FAIR-Play,
+# TAU), for orientation; flipray.tasks.tables puts them beside ours. numbers: {method: {metric: value}}.
+PAPER = {
+    # Table 2: pretext (flip) test accuracy, %, of the architecture ablations.
+    "pretext": {
+        "table": "Table 2", "data": "YouTube-ASMR and FAIR-Play test sets",
+        "units": {"acc_asmr": "%", "acc_fairplay": "%"},
+        "labels": {
+            "imagenet": "Pretrained on ImageNet",
+            "base": "Ours",
+            "motion": "Motion",
+            "mono": "+Mono Audio",
+            "gcc-phat": "+GCC-Phat",
+        },
+        "numbers": {
+            "imagenet": {"acc_asmr": 80.4, "acc_fairplay": 92.6},
+            "base": {"acc_asmr": 80.1, "acc_fairplay": 93.6},
+            "motion": {"acc_asmr": 80.4, "acc_fairplay": 71.3},
+            "mono": {"acc_asmr": 81.3, "acc_fairplay": 96.3},
+            "gcc-phat": {"acc_asmr": 80.1, "acc_fairplay": 94.1},
+        },
+    },
+}
+
 
 def _preset(name: str) -> Config:
     if name == "paper":

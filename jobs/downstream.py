@@ -1,10 +1,11 @@
 """Run one paper table: every method of a downstream task as a Ray task, tracked in MLflow, written as a table.
 
-    python -m jobs.localize   --data data/demo --preset small --pretext flip=models:/flipray-pretext/latest \
-        --pretext mismatch=models:/flipray-pretext-mismatch/latest --pretext shift=models:/flipray-pretext-shift/latest
+    python -m jobs.downstream --task localize --data data/demo --preset small \
+        --pretext flip=models:/flipray-pretext/latest --pretext mismatch=models:/flipray-pretext-mismatch/latest
     ray job submit --working-dir . -- python -m jobs.spatialize --data s3://flipray/demo/ --preset small ...
 
-Each `jobs/<task>.py` is `main = table_main(flipray.<task>)`. Options:
+Any task of flipray.tasks.registry() runs with `--task NAME`; `python -m jobs.<task>` (jobs/localize.py, ...) is the
+same job for the tasks that have one. Options:
     --data ROOT           dataset root (folder or s3://), default $FLIPRAY_DATA or data/demo
     --preset NAME         the task's PRESETS entry (demo | small | paper)
     --pretext TASK=URI    pretext weights per pretext task (flip, mismatch, shift): models:/NAME/VERSION|latest or a
@@ -16,7 +17,7 @@ Each `jobs/<task>.py` is `main = table_main(flipray.<task>)`. Options:
     --cpus N              CPUs per method (Ray task resources); --local runs the methods one after another here
 
 Methods whose pretext weights are missing are left out with a warning naming the model to train. The table goes
-through `jobs.report.write_table` (markdown + JSON with the paper's numbers and Wilcoxon p-values); MLflow gets a
+through `flipray.tasks.tables.write_table` (markdown + JSON with the paper's numbers and Wilcoxon p-values); MLflow gets a
 parent run for the table and one nested run per method (params, per-epoch metrics, final metrics, figures).
 """
 from __future__ import annotations
@@ -29,7 +30,9 @@ import sys
 import time
 from pathlib import Path
 
+from flipray import tasks
 from flipray.tasks.base import apply, write_json
+from flipray.tasks.tables import paper_tables, write_table
 from flipray import tracking
 from flipray.tracking import resolve_pretext
 
@@ -40,7 +43,7 @@ EXPERIMENT = "flipray-downstream"
 
 def parse_args(task_module, argv):
     name = task_module.TABLE["task"]
-    p = argparse.ArgumentParser(prog=f"python -m jobs.{name}", description=__doc__,
+    p = argparse.ArgumentParser(prog=f"python -m jobs.downstream --task {name}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=os.environ.get("FLIPRAY_DATA", "data/demo"))
     p.add_argument("--preset", default="small", choices=sorted(task_module.PRESETS))
@@ -136,12 +139,11 @@ def _trial(module_name: str, cfg, pretext_bytes: bytes | None):
 
 
 def build_table(task_module, args, configs: dict, results: dict) -> dict:
-    from jobs.report import PAPER_TABLES
     t = task_module.TABLE
     rows = [{"method": m, "label": task_module.METHODS[m]["label"], "metrics": r["metrics"],
              "per_clip": r.get("per_clip", {}), "clip_ids": r.get("clip_ids", [])} for m, r in results.items()]
     return {**t, "dataset": args.data, "preset": args.preset, "rows": rows,
-            "paper": PAPER_TABLES.get(t["task"], {}),
+            "paper": paper_tables().get(t["task"], {}),
             "config": {m: dataclasses.asdict(c) for m, c in configs.items()}}
 
 
@@ -176,11 +178,10 @@ def log_mlflow(task_module, args, configs, results, table_files, uri: str) -> st
 
 
 def table_main(task_module):
-    """The `main(argv)` of jobs/<task>.py for a task module of flipray/."""
+    """The `main(argv)` of one task's table job (a module of flipray.tasks)."""
     def main(argv: list[str] | None = None) -> dict:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        from jobs.report import write_table
         args = parse_args(task_module, argv)
         task = task_module.TABLE["task"]
         out = Path(args.out) / task
@@ -208,5 +209,21 @@ def table_main(task_module):
     return main
 
 
+def entrypoint(module_file: str):
+    """`main` of a thin jobs/<task>.py: the table job of the task named like the file (README's commands)."""
+    return table_main(tasks.get(Path(module_file).stem))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`python -m jobs.downstream --task NAME [the task's options]`: any registered task."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--task" not in argv or argv.index("--task") + 1 >= len(argv):
+        sys.exit(f"usage: python -m jobs.downstream --task {{{','.join(tasks.registry())}}} [options] "
+                 f"(--task NAME --help for a task's options)")
+    i = argv.index("--task")
+    name = argv[i + 1]
+    return table_main(tasks.get(name))(argv[:i] + argv[i + 2:])
+
+
 if __name__ == "__main__":
-    sys.exit("run a task's job instead: python -m jobs.localize | spatialize | separate | analyze")
+    main()

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from flipray import tasks
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURES = REPO / "tests" / "k8s_fixtures"
@@ -30,10 +32,9 @@ _spec.loader.exec_module(validate)
 JOB_ENTRYPOINTS = {
     "flipray-ingest": "python -m jobs.ingest --videos /data/raw --out s3://flipray/dataset/",
     "flipray-pretext": "python -m jobs.pretext --config /config/pretext.yaml",
-    "flipray-localize": "python -m jobs.localize --preset paper --out /tmp/flipray/downstream",
-    "flipray-spatialize": "python -m jobs.spatialize --preset paper --out /tmp/flipray/downstream",
-    "flipray-separate": "python -m jobs.separate --preset paper --out /tmp/flipray/downstream",
-    "flipray-analyze": "python -m jobs.analyze --preset paper --out /tmp/flipray/downstream",
+    # one table job per registered task that runs on the stereo set (flipray.tasks; doa needs 360 clips)
+    **{f"flipray-{task}": f"python -m jobs.{task} --preset paper --out /tmp/flipray/downstream"
+       for task in tasks.starting_from("flip")},
     "flipray-report": "python -m jobs.report --from-mlflow --runs /tmp/flipray/report",
     "flipray-sweep-localize": "python -m tuning.sweep --task localize --samples 16",
 }

@@ -60,11 +60,12 @@ import torch.nn.functional as F
 
 from flipray.tasks import metrics
 from flipray.pretext.data import AudioFeatures, window_frame_indices, window_samples_range
-from flipray.tasks.base import (Clip, DownstreamConfig, audio_input, load_clips, pretext_network, setup, sounding_objects,
-                         visual_input)
+from flipray.tasks.base import (Clip, DownstreamConfig, audio_input, load_clips, method_spec, pretext_network, setup,
+                                sounding_objects, visual_input)
 
 log = logging.getLogger(__name__)
 
+ORDER = 1  # where its table comes in the report (the paper's order)
 TABLE = {
     "task": "analyze",
     "table": "Section 5.1",
@@ -87,6 +88,24 @@ METHODS = {
     "mismatch": {"label": "Mismatch task", "pretext": "mismatch"},
     "shift": {"label": "Shift task", "pretext": "shift"},
     "scratch": {"label": "No pretraining (random weights)", "pretext": None},
+}
+
+# The paper's numbers (Yang, Russell & Salamon, CVPR 2020) as printed, on real data (YouTube-ASMR, FAIR-Play,
+# TAU), for orientation; flipray.tasks.tables puts them beside ours. numbers: {method: {metric: value}}.
+PAPER = {
+    # Sec. 5.1 (text, no table): Pearson R of the audio embedding, and of the visual attention, with the source's
+    # approximate position from the left/right log-energy difference; named as flipray.tasks.analyze's closest metrics
+    # (first principal component of the audio features; horizontal centre of the Grad-CAM map).
+    "analyze": {
+        "table": "Sec. 5.1", "data": "YouTube-ASMR held-out clips (numbers from the text)",
+        "units": {},
+        "labels": {
+            "flip": "Ours (flip task)",
+        },
+        "numbers": {
+            "flip": {"r_pca_energy": 0.79, "r_gradcam_energy": 0.286},
+        },
+    },
 }
 
 
@@ -339,6 +358,7 @@ def _window_wave(clip: Clip, w: Window, pcfg) -> torch.Tensor:
 # The trial
 
 def run_trial(cfg: Config, report=None) -> dict:
+    method_spec(cfg, METHODS)
     device = setup(cfg)
     net, pcfg = pretext_network(cfg)
     net.eval().to(device).requires_grad_(False)

@@ -83,6 +83,14 @@ def apply(cfg, overrides: dict | list[str] | None):
     return cfg
 
 
+def method_spec(cfg: DownstreamConfig, methods: dict) -> dict:
+    """The task's METHODS entry of cfg.method (the table row this trial is); an unknown one raises, naming them all."""
+    if cfg.method not in methods:
+        raise ValueError(f"unknown method {cfg.method!r} for {type(cfg).__module__.rsplit('.', 1)[-1]}; methods are "
+                         f"{list(methods)}")
+    return methods[cfg.method]
+
+
 def setup(cfg: DownstreamConfig) -> torch.device:
     """Seed everything from cfg.seed, set torch threads, pick the device."""
     random.seed(cfg.seed)

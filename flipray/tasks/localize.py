@@ -82,11 +82,13 @@ import torch.nn.functional as F
 
 from flipray.tasks import metrics
 from flipray.pretext.data import AudioFeatures, SampleParams, augment_frames, decode_video, flip_channels
-from flipray.tasks.base import Clip, DownstreamConfig, audio_input, load_clips, param_groups, pretext_network, setup
+from flipray.tasks.base import (Clip, DownstreamConfig, audio_input, load_clips, method_spec, param_groups, pretext_network,
+                                setup)
 from flipray.dataset.store import Store
 
 log = logging.getLogger(__name__)
 
+ORDER = 3  # where its table comes in the report (the paper's order)
 TABLE = {
     "task": "localize",
     "table": "Table 3",
@@ -114,6 +116,50 @@ METHODS = {
                        "frozen": True},
     "frozen-flip": {"label": "+ Pretext (frozen)", "pretext": "flip", "audio": "stereo", "visual": True,
                     "frozen": True},
+}
+
+# The paper's numbers (Yang, Russell & Salamon, CVPR 2020) as printed, on real data (YouTube-ASMR, FAIR-Play,
+# TAU), for orientation; flipray.tasks.tables puts them beside ours. numbers: {method: {metric: value}}.
+PAPER = {
+    # Table 3, rows 1-4 (full test set, fine-tuned) and 9-10 (sub-networks frozen): AP50 and IOU in %, X/Y error in
+    # % of the frame width / height.
+    "localize": {
+        "table": "Table 3", "data": "YouTube-ASMR test set, sounding-face boxes from RetinaFace",
+        "units": {"ap50": "%", "iou": "%", "x_err": "% width", "y_err": "% height"},
+        "labels": {
+            "mono-audio": "Mono audio",
+            "stereo-audio": "Stereo audio",
+            "visual-context": "Visual context",
+            "flip": "Ours",
+            "frozen-scratch": "- Pretext (frozen)",
+            "frozen-flip": "+ Pretext (frozen)",
+        },
+        "numbers": {
+            "mono-audio": {"ap50": 10.2, "iou": 30.6, "x_err": 11.9, "y_err": 10.4},
+            "stereo-audio": {"ap50": 15.1, "iou": 34.8, "x_err": 10.0, "y_err": 10.7},
+            "visual-context": {"ap50": 27.9, "iou": 41.0, "x_err": 12.9, "y_err": 5.5},
+            "flip": {"ap50": 43.4, "iou": 47.1, "x_err": 9.1, "y_err": 5.5},
+            "frozen-scratch": {"ap50": 23.9, "iou": 35.1, "x_err": 12.4, "y_err": 8.9},
+            "frozen-flip": {"ap50": 34.9, "iou": 39.5, "x_err": 12.3, "y_err": 6.5},
+        },
+    },
+    # Table 3, rows 5-8: the test clips filtered for faces moving left-right with the audio's log-energy difference.
+    "localize-filtered": {
+        "table": "Table 3 (rows 5-8)", "data": "YouTube-ASMR test clips with moving faces",
+        "units": {"ap50": "%", "iou": "%", "x_err": "% width", "y_err": "% height"},
+        "labels": {
+            "mono-audio": "Mono audio",
+            "stereo-audio": "Stereo audio",
+            "visual-context": "Visual context",
+            "flip": "Ours",
+        },
+        "numbers": {
+            "mono-audio": {"ap50": 13.9, "iou": 23.8, "x_err": 17.3, "y_err": 10.0},
+            "stereo-audio": {"ap50": 26.0, "iou": 39.0, "x_err": 9.7, "y_err": 9.6},
+            "visual-context": {"ap50": 21.6, "iou": 27.0, "x_err": 20.7, "y_err": 6.5},
+            "flip": {"ap50": 44.1, "iou": 45.0, "x_err": 10.8, "y_err": 5.9},
+        },
+    },
 }
 
 
@@ -618,9 +664,7 @@ def cached_clips(root: str, split: str, resize: int, sample_rate: int, max_clips
 def run_trial(cfg: Config, report=None) -> dict:
     """Train one method (cfg.method) on cfg.train_split, evaluate it on cfg.eval_split (the contract in
     flipray/tasks/base.py)."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"unknown localize method {cfg.method!r}; methods are {list(METHODS)}")
-    spec = METHODS[cfg.method]
+    spec = method_spec(cfg, METHODS)
     frozen = bool(spec.get("frozen"))
     if frozen:
         cfg = dataclasses.replace(cfg, lr_backbone=0.0)
