@@ -115,7 +115,7 @@ def resolve_pretext(specs: list[str], needed: set[str], out: Path, tracking_uri:
     given = dict(s.split("=", 1) for s in specs)
     unknown = set(given) - set(TASKS)
     if unknown:
-        raise ValueError(f"--pretext takes TASK=URI for a pretext task in {list(TASKS)}, got {sorted(unknown)}")
+        raise ValueError(f"--pretext takes {', '.join(f'{t}=URI' for t in TASKS)}, got {sorted(unknown)}")
     paths = {}
     for task in sorted(needed):
         uri = given.get(task, f"models:/{pretext_model_name(task)}/latest")

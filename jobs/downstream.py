@@ -31,7 +31,9 @@ import time
 from pathlib import Path
 
 from flipray import tasks
-from flipray.tasks.base import apply, write_json
+from flipray import overrides
+from flipray.overrides import apply, read_yaml
+from flipray.tasks.base import write_json
 from flipray.tasks.tables import paper_tables, write_table
 from flipray import tracking
 from flipray.tracking import resolve_pretext
@@ -49,8 +51,7 @@ def parse_args(task_module, argv):
     p.add_argument("--preset", default="small", choices=sorted(task_module.PRESETS))
     p.add_argument("--pretext", action="append", default=[], metavar="TASK=URI")
     p.add_argument("--methods", default="", help=f"comma-separated subset of {list(task_module.METHODS)}")
-    p.add_argument("--config-file", default=None, help="YAML of task config fields (e.g. tuning's best.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    overrides.add_arguments(p, "task config")  # --config-file (e.g. tuning's best.yaml), --set
     p.add_argument("--out", default="runs/downstream")
     p.add_argument("--cpus", type=float, default=1.0)
     p.add_argument("--local", action="store_true", help="run the methods in this process, without Ray")
@@ -67,12 +68,8 @@ def method_configs(task_module, args, pretext: dict[str, str]) -> dict[str, obje
     """One config per method: the preset, then --config-file (minus PER_METHOD fields), the method's pretext weights
     (or the flip network's shape with random weights), then --set."""
     from_file = {}
-    if args.config_file:
-        import yaml
-        raw = yaml.safe_load(Path(args.config_file).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{args.config_file}: expected a mapping of {task_module.TABLE['task']} config fields")
-        from_file = {k: v for k, v in raw.items() if k not in PER_METHOD}
+    for path in args.config_file:
+        from_file |= {k: v for k, v in read_yaml(path).items() if k not in PER_METHOD}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] or list(task_module.METHODS)
     bad = [m for m in methods if m not in task_module.METHODS]
     if bad:

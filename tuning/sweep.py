@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from flipray.tasks.base import apply
+from flipray.overrides import apply
 from flipray import tasks, tracking
 from flipray.dataset.store import storage_location
 from flipray.tracking import resolve_pretext

@@ -45,6 +45,7 @@ from scipy.ndimage import zoom
 from scipy.signal import fftconvolve, lfilter
 from tqdm import tqdm
 
+from flipray import overrides
 from flipray.dataset.manifest import assign_splits, write_manifest
 
 
@@ -617,13 +618,14 @@ def main(argv=None):
     p.add_argument("--max-distractors", type=int, default=defaults.max_distractors, help="silent objects per scene")
     p.add_argument("--two-source-prob", type=float, default=defaults.two_source_prob,
                    help="probability of two sounding objects in a scene")
+    overrides.add_arguments(p, "SynthConfig")
     args = p.parse_args(argv)
-    options = dict(fps=args.fps, size=args.size, duration_s=args.duration, clips_per_scene=args.clips_per_scene,
-                   lossy_audio_prob=args.lossy_audio_prob, reverb_prob=args.reverb_prob, noise=args.noise,
-                   max_distractors=args.max_distractors, two_source_prob=args.two_source_prob)
+    flags = dict(fps="fps", size="size", duration="duration_s", clips_per_scene="clips_per_scene",
+                 lossy_audio_prob="lossy_audio_prob", reverb_prob="reverb_prob", noise="noise",
+                 max_distractors="max_distractors", two_source_prob="two_source_prob")
     try:
-        SynthConfig(**options)
-    except ValueError as e:
+        options = asdict(overrides.config_from_args(SynthConfig, args, p, flags))
+    except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     if args.clips < 1:
         p.error(f"--clips must be >= 1, got {args.clips}")

@@ -39,7 +39,7 @@ import soundfile as sf
 from scipy.ndimage import zoom
 from scipy.signal import fftconvolve
 
-from flipray import foa
+from flipray import foa, overrides
 from flipray.dataset.manifest import SPLITS, assign_splits, write_manifest
 from flipray.synth.scenes import (SILENT_CLASSES, SOUNDING_CLASSES, _ffmpeg, _room_tails, _sprite, render_clips,
                            source_signal)
@@ -349,14 +349,16 @@ def main(argv=None):
     p.add_argument("--doa", action="store_true", help="a DOA set: one static source per clip on an azimuth grid")
     p.add_argument("--per-direction", type=int, default=0, help="DOA sets: clips per direction (sets --clips)")
     p.add_argument("--doa-step", type=float, default=d.doa_step_deg, help="DOA grid step, degrees (divides 360)")
+    overrides.add_arguments(p, "Synth360Config")
     args = p.parse_args(argv)
-    options = dict(height=args.height, fps=args.fps, duration_s=args.duration, clips_per_scene=args.clips_per_scene,
-                   reverb_prob=args.reverb_prob, noise=args.noise, max_distractors=args.max_distractors,
-                   doa=args.doa, doa_step_deg=args.doa_step)
+    flags = dict(height="height", fps="fps", duration="duration_s", clips_per_scene="clips_per_scene",
+                 reverb_prob="reverb_prob", noise="noise", max_distractors="max_distractors", doa="doa",
+                 doa_step="doa_step_deg")
     try:
-        cfg = Synth360Config(**options)
-    except ValueError as e:
+        cfg = overrides.config_from_args(Synth360Config, args, p, flags)
+    except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
+    options = asdict(cfg)
     clips = args.per_direction * cfg.directions if args.doa and args.per_direction else args.clips
     if clips < 1:
         p.error("give --clips N (or, with --doa, --per-direction N)")

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from flipray.config import Config, load_config
+from flipray.overrides import apply  # noqa: F401  (tasks' configs take overrides like every config)
 from flipray.pretext.data import (AudioFeatures, ClipDecodeError, SampleParams, augment_frames, decode_audio, decode_video,
                    peak_normalise, take_frames, window_frame_indices)
 from flipray.pretext.models import SpatialAlignmentNet
@@ -60,27 +61,6 @@ class DownstreamConfig:
     device: str = "auto"              # auto | cpu | cuda
     threads: int = 0                  # torch CPU threads; 0 = torch's default
     out_dir: str = ""                 # where figures and examples go ("" = none written)
-
-
-def apply(cfg, overrides: dict | list[str] | None):
-    """Set dataclass fields from {"lr": 1e-3} or ["lr=1e-3"] (strings parsed as YAML scalars); unknown keys raise."""
-    import yaml
-    if not overrides:
-        return cfg
-    items = overrides.items() if isinstance(overrides, dict) else (o.split("=", 1) for o in overrides)
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    for key, value in items:
-        if key not in fields:
-            raise ValueError(f"unknown {type(cfg).__name__} field {key!r}; fields are {sorted(fields)}")
-        current = getattr(cfg, key)
-        if isinstance(value, str) and not isinstance(current, str):
-            value = yaml.safe_load(value)
-        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if type(value) is not type(current):
-            raise ValueError(f"{type(cfg).__name__}.{key} must be {type(current).__name__}, got {value!r}")
-        setattr(cfg, key, value)
-    return cfg
 
 
 def method_spec(cfg: DownstreamConfig, methods: dict) -> dict:
