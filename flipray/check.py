@@ -55,7 +55,8 @@ import torch
 from flipray.config import Config
 from flipray.optional import require
 from flipray.tracking import NoModelError, load_pretrained
-from flipray.pretext.data import AudioFeatures, SampleParams, _first_line, make_sample, resize_square, window_frame_indices
+from flipray.pretext.data import (AudioFeatures, SampleParams, first_line, make_sample, resize_square,
+                                  window_frame_indices)
 
 DEFAULT_MODEL = "models:/flipray-pretext/latest"
 EXIT_SWAPPED, EXIT_UNCHECKED, EXIT_NO_MODEL, EXIT_FFMPEG = 1, 2, 4, 5
@@ -195,7 +196,7 @@ def open_media(path: str | Path, cfg: Config, opts: CheckOptions) -> Media:
 
 
 def _why(e: Exception) -> str:
-    return _first_line(e).strip().rstrip(".")
+    return first_line(e).strip().rstrip(".")
 
 
 def _db(x: torch.Tensor) -> float:

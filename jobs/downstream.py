@@ -17,8 +17,8 @@ same job for the tasks that have one. Options:
     --cpus N              CPUs per method (Ray task resources); --local runs the methods one after another here
 
 Methods whose pretext weights are missing are left out with a warning naming the model to train. The table goes
-through `flipray.tasks.tables.write_table` (markdown + JSON with the paper's numbers and Wilcoxon p-values); MLflow gets a
-parent run for the table and one nested run per method (params, per-epoch metrics, final metrics, figures).
+through `flipray.tasks.tables.write_table` (markdown + JSON with the paper's numbers and Wilcoxon p-values); MLflow
+gets a parent run for the table and one nested run per method (params, per-epoch metrics, final metrics, figures).
 """
 from __future__ import annotations
 

@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--runs {args.runs}: no such folder")
     tables = load_tables(args.runs)
     if not tables:
-        raise SystemExit(f"no table JSONs under {args.runs} (files with 'task' and 'rows', as flipray.tasks.tables.write_table "
-                         "writes them); run a downstream job first, e.g. python -m jobs.localize")
+        raise SystemExit(f"no table JSONs under {args.runs} (files with 'task' and 'rows', as "
+                         "flipray.tasks.tables.write_table writes them); run a downstream job first, e.g. python -m jobs.localize")
     out = Path(args.out or args.runs)
     out.mkdir(parents=True, exist_ok=True)
     report = out / "report.md"

@@ -41,8 +41,8 @@ from scipy.signal import fftconvolve
 
 from flipray import foa, overrides
 from flipray.dataset.manifest import SPLITS, assign_splits, write_manifest
-from flipray.synth.scenes import (SILENT_CLASSES, SOUNDING_CLASSES, _ffmpeg, _room_tails, _sprite, render_clips,
-                           source_signal)
+from flipray.synth.scenes import (SILENT_CLASSES, SOUNDING_CLASSES, _ffmpeg, render_clips, room_tails,  # noqa: F401
+                                  source_signal, sprite)  # _ffmpeg: until flipray/media.py (reliability) replaces it
 
 MOTIONS = ("static", "orbit", "wander")
 
@@ -159,7 +159,7 @@ def _diffuse_foa(rng, n):
 def _foa_room(rng, sr, rt60, drr_db):
     """Diffuse reverberation tails (4, L) in FOA: four independent decaying-noise tails from synth.py's room model
     (pre-delay, frequency-dependent decay), W at 10^(-drr/10) of the direct energy, X/Y/Z at a third of that."""
-    pairs = [_room_tails(rng, sr, rt60, drr_db)[0] for _ in range(2)]  # each (2, L): two rooms' pre-delays differ
+    pairs = [room_tails(rng, sr, rt60, drr_db)[0] for _ in range(2)]  # each (2, L): two rooms' pre-delays differ
     tails = np.zeros((4, max(pair.shape[-1] for pair in pairs)))
     tails[:2, :pairs[0].shape[-1]], tails[2:, :pairs[1].shape[-1]] = pairs
     return tails * np.array([1.0, 1 / math.sqrt(3), 1 / math.sqrt(3), 1 / math.sqrt(3)])[:, None]
@@ -201,7 +201,7 @@ def make_clip(out_dir, cfg: Synth360Config, seed: int, scene: int, k: int) -> di
         family, look = {**SOUNDING_CLASSES, **SILENT_CLASSES}[cls]
         w = max(int(srng.uniform(*cfg.object_deg) / 360 * W), 4)
         h = min(max(int(w * srng.uniform(0.8, 1.25)), 4), H // 2)
-        rgb, cover = _sprite(look, w, h, srng)
+        rgb, cover = sprite(look, w, h, srng)
         objects.append(dict(id=i, cls=str(cls), family=family, sounding=i < n_sounding, w=w, h=h, rgb=rgb, cover=cover))
 
     rng = np.random.default_rng([seed, scene, k])

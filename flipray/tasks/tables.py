@@ -20,10 +20,10 @@ A downstream job (jobs.downstream) calls `write_table(table, out_dir)`, which wr
      "notes": "..."}                    # optional free text; other keys (e.g. "config") are kept as they are
 
 and adds "wilcoxon": {"best": method, "metric": paired metric, "vs": {method: {"p_value", "statistic", "n",
-"median_diff"} or {"p_value": null, "reason": ...}}}: a two-sided Wilcoxon signed-rank test (flipray.tasks.metrics.wilcoxon,
-as the paper tests Tables 4-5) of the best method by `primary` against every other method on the per-clip values,
-paired by clip id (clips missing from either side, or with NaN / inf values, are left out of that pair). Non-finite
-numbers are written as null (JSON has no NaN).
+"median_diff"} or {"p_value": null, "reason": ...}}}: a two-sided Wilcoxon signed-rank test
+(flipray.tasks.metrics.wilcoxon, as the paper tests Tables 4-5) of the best method by `primary` against every other
+method on the per-clip values, paired by clip id (clips missing from either side, or with NaN / inf values, are left
+out of that pair). Non-finite numbers are written as null (JSON has no NaN).
 
 Method names, shared by all tables so rows mean the same thing everywhere: `flip` (weights from the flip pretext
 task, the paper's "ours"), `mismatch`, `shift` (the other pretext tasks, Table 4-5 baselines), `scratch` (the same
