@@ -122,8 +122,10 @@ def build(path: Path) -> list[dict[str, Any]]:
 
 
 def pinned_version(package: str, pyproject: Path = PYPROJECT) -> str:
-    """The exact version `package==X` pinned in pyproject.toml's [project].dependencies."""
-    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    """The exact version `package==X` pinned in pyproject.toml's [project] dependencies or optional-dependencies
+    (ray and mlflow are extras)."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    deps = project["dependencies"] + [d for extra in project.get("optional-dependencies", {}).values() for d in extra]
     for dep in deps:
         req = Requirement(dep)
         if req.name.lower() == package.lower():
