@@ -1,14 +1,17 @@
 """What every downstream task shares: its clips in RAM, the pretext network it starts from, and the trial contract.
 
-A downstream task (flipray/tasks/localize.py, spatialize.py, separate.py, analyze.py, doa.py) is a module with
+A downstream task is a module of flipray/tasks/ (flipray.tasks.registry() finds it) with
 
+    ORDER = 3                                                             # its place in the report (paper order)
     TABLE = {"task": ..., "table": "Table 3", "metrics": [...], "primary": ..., "higher_is_better": {...}}
     METHODS = {"flip": {"label": "Flip (ours)", "pretext": "flip"},      # the table's rows, in order; "pretext"
                "scratch": {"label": "No pretraining", "pretext": None}}   # names the pretext task's weights (None:
                                                                           # same network, random weights)
-    @dataclass class <Task>Config(DownstreamConfig): ...                  # its own knobs, commented defaults
+    PAPER = {"<table>": {"table", "data", "units", "labels", "numbers": {method: {metric: value}}}}  # the paper's
+    @dataclass class Config(DownstreamConfig): ...                        # its own knobs, commented defaults
     PRESETS = {"demo": {...}, "small": {...}, "paper": {...}}             # overrides of that dataclass
     def run_trial(cfg, report=None) -> dict                               # one method, trained and evaluated
+    SHAPE_FROM = "rotate"                                                 # optional: pretext task of its networks
 
 `run_trial` trains on cfg.train_split and scores cfg.eval_split, calls `report(epoch, metrics)` after every epoch
 (Ray Tune's ASHA stops a trial by raising there), and returns
@@ -16,9 +19,8 @@ A downstream task (flipray/tasks/localize.py, spatialize.py, separate.py, analyz
     {"metrics": {name: float}, "per_clip": {name: [float, ...]}, "clip_ids": [...], "history": [{epoch, ...}],
      "figures": {name: png path}}
 
-Plain PyTorch, no Ray or MLflow: `jobs/downstream.py` runs the methods of a table as Ray tasks and logs them,
-`tuning/sweep.py` runs trials of one method under Ray Tune. Pretext weights arrive as checkpoint paths
-(`flipray.tracking.load_pretrained` resolves models:/ URIs on the job side).
+Plain PyTorch, no Ray or MLflow: jobs/downstream.py runs a table's methods as Ray tasks, tuning/sweep.py runs trials
+under Ray Tune. Pretext weights arrive as checkpoint paths (flipray.tracking resolves models:/ URIs job-side).
 """
 from __future__ import annotations
 
@@ -34,8 +36,8 @@ import torch
 
 from flipray.config import Config, load_config
 from flipray.overrides import apply  # noqa: F401  (tasks' configs take overrides like every config)
-from flipray.pretext.data import (AudioFeatures, ClipDecodeError, SampleParams, augment_frames, decode_audio, decode_video,
-                   peak_normalise, take_frames, window_frame_indices)
+from flipray.pretext.data import (AudioFeatures, ClipDecodeError, SampleParams, augment_frames, decode_audio,
+                                  decode_video, peak_normalise, take_frames, window_frame_indices)
 from flipray.pretext.models import SpatialAlignmentNet
 from flipray.dataset.store import Store
 

@@ -5,21 +5,9 @@
         --local --no-mlflow --out /tmp/doa                             # every row, one after another, here
     python -c "from flipray.tasks.doa import *; print(run_trial(apply(Config(method='intensity'), PRESETS['demo'])))"
 
-An example is one 2.87-s window (the pretext window) of a clip with one static source, labelled with the nearest of
-360 / step_deg directions (36 every 10 deg, like the TAU Spatial Sound set the paper uses):
-    FOA (4, S) -> peak-normalised log-mel of W, Y, Z, X (+ 3 intensity-vector channels, as the pretext network was
-    trained; flipray.pretext.data.AudioFeatures) -> the pretext network's audio stream (B, audio_dim, S/16) -> mean over time
-    -> Linear -> 36 logits (cross-entropy)
-
-Rows (Table 6; the paper's numbers are on real TAU data, for orientation only):
-  scratch     the audio network with random weights, trained end to end with the classifier
-  rotate      the same, initialised from the rotate pretext task (360 video: sound field rotated or not)
-  svm-random  a linear SVM on frozen, time-averaged embeddings of the random network, ONE train example per direction
-  svm-rotate  the same on the rotate network's embeddings
-  intensity   the classical active-intensity-vector DOA (flipray.foa.intensity_doa), no learning, snapped to the grid
-scratch and rotate share every hyperparameter (lr_backbone = lr: a network from scratch must learn); only the initial
-weights differ. Metric: mean absolute azimuth error in degrees on the circle (0-180; a random guess averages 90),
-per eval clip for the paired Wilcoxon tests; `acc` = fraction of clips on exactly the right direction.
+A 36-way classifier on the pretext audio stream's FOA embedding (random weights, rotate-task weights, or one-shot
+SVMs on frozen embeddings) against the classical active intensity vector; mean azimuth error in degrees (random =
+90). Rows and design: docs/tasks.md.
 """
 from __future__ import annotations
 

@@ -4,67 +4,13 @@ using Stereo Sound", Table 3).
     python -m jobs.localize --data data/demo --preset demo --pretext flip=runs/dev-demo/checkpoint.pt \
         --local --no-mlflow --out /tmp/loc --methods flip,scratch,visual-context,stereo-audio
 
-The task. Predict the box of the sounding object in the frame at time t from (1) the one-second stereo audio window
-centred on t and (2) a *reference* frame taken from another part of the same clip. The reference frame says where
-the objects are (visual context) but not where they are at t; the audio says which way the sound comes from now.
-
-The model (Figure 3(b) of the paper, built around the pretext sub-networks):
-
-    reference frame (B, 3, R, R) -> pretext visual trunk + 1x1 reduction -> map (B, 16, h, w)
-    audio window (B, 2, n_mels, ~100) -> pretext audio network -> (B, audio_dim, T') -> mean over time -> tiled on h x w
-    [map, tiled audio, 2 coordinate channels] -> two 3x3 conv-BN-ReLU -> `deconvs` stride-2 deconvolution blocks
-    (after the first: + the trunk's layer3 map, 2x finer, + tiled audio + coordinates -> 3x3 conv-BN-ReLU)
-    -> 1x1 conv -> per grid cell (S = h * 2**deconvs) and anchor: tx, ty, tw, th, objectness (YOLOv2)
-
-R is the pretext `data.resize` (88 for the demo, 256 for the paper): the *whole* stored frame at the scale the
-pretext network saw (it trained on `crop` px centre crops of that), so every box is in view; h = 3 for the demo, 8
-for the paper. The paper concatenates both embeddings into one vector before deconvolving; flipray keeps the visual
-map spatial and tiles the audio over it (plus the cell's coordinates, so an audio-only model can still map a
-direction to a column), which keeps the pretext network's spatial layout and needs no large fully connected layer.
-The layer3 skip (`skip`, FPN-style) is there because a 3x3 map of 16 channels places a box only coarsely; both maps
-come from the pretext visual sub-network.
-
-Ground truth, per frame, in [0, 1] frame coordinates [x0, y0, x1, y1]:
-  - synthetic clips: the sidecar boxes of every object with `sounding: true`. Two-source scenes (a quarter of
-    `flipray synth`'s) keep both sources as targets, as a detector would: AP matches each, the top box is scored
-    against the true box it overlaps most (the louder source is not identifiable from `level_db` alone, rooms and
-    distances change what reaches the ears);
-  - real clips (sidecar `objects: []`, e.g. from `flipray ingest`): pseudo-labels from OpenCV's bundled Haar
-    frontal-face cascade (`face_pseudo_labels`; opencv-python-headless, `cv2.data.haarcascades`; the paper used
-    RetinaFace, which does not ship weights in a pip package), run on the stored 256-px frames (decoded once more:
-    at the demo's 88 px faces are too small for the cascade). The largest face per frame is the target; frames
-    without a detection are no target, clips without any are skipped. `pseudo_labels="none"` skips such clips.
-
-Samples. Target frames t are those whose 1-s window lies inside the clip. Training draws `samples_per_clip` (t,
-reference) pairs per clip and epoch, the reference at least `ref_min_gap_s` from t (capped at half the clip), and
-mirrors frame + boxes while swapping the channels (`joint_flip_p`, alignment kept). Evaluation takes a target every
-`eval_hop_s` seconds with the reference frame half a clip away ((t + N/2) mod N): the same windows for every method.
-
-Anchors: k-means with 1 - IOU distance (YOLOv2) on the training targets' (w, h), `anchors` of them, deterministic.
-Loss (YOLOv2): for each true box, the cell holding its centre and the anchor of best shape IOU are responsible:
-squared error of (sigmoid(tx), sigmoid(ty)) against the centre's offset in the cell and of (tw, th) against
-log(w / anchor_w), log(h / anchor_h), times `coord_weight`; objectness BCE with target 1 there, and target 0 for every
-other anchor, times `noobj_weight`, except predictions whose decoded box overlaps a true box by more than
-`ignore_iou`. The objectness bias starts at the prior log(p / (1 - p)), p = 1 / (S * S * anchors).
-
-Metrics (flipray.tasks.metrics), all in % like the paper's Table 3:
-  ap50     VOC average precision at IOU 0.5 over all evaluation frames (after NMS at `nms_iou`, `max_boxes` per frame)
-  iou      mean IOU of each frame's highest-scoring box with its ground truth
-  x_err, y_err   mean |centre difference| of that top box and its matched true box, % of frame width / height
-  *_moving the same on the "moving" subset, the paper's filtered rows 5-8: eval clips whose sounding object's
-           azimuth range over the clip is at least `moving_min_deg` (pseudo-labelled clips: box-centre x range of at
-           least `moving_min_x` of the width). On data/demo this is exactly the left-right and diagonal movers.
-per_clip (for the report's paired Wilcoxon tests, `paired_metric` = iou): per eval clip, iou / x_err / y_err are the
-means over that clip's frames, and per_clip["ap50"] is the clip's hit rate, the % of its frames whose top box has
-IOU >= 0.5 (AP itself is a set-level number with no per-clip value).
-
-Methods: the paper's rows. `flip` (stereo + visual, flip weights, fine-tuned), `stereo-audio` / `mono-audio` (audio
-only; mono = (L+R)/2 fed to both input channels), `visual-context` (reference frame only), `scratch`, `mismatch`,
-`shift` (the full model from other weights), and `frozen-flip` / `frozen-scratch` (sub-networks frozen,
-lr_backbone = 0, BatchNorm statistics frozen too: the paper's rows 9-10). The input ablations use the flip weights.
-
-Figures in cfg.out_dir: tracking.png (per clip the reference frame, then target frames over time with the true box
-in green and the top predicted box in red) and curves.png (training loss, eval AP50 and IOU per epoch).
+Predict the box of the sounding object at time t from the 1-s stereo window centred on t and a *reference* frame
+from elsewhere in the clip: the frame says where the objects are, the audio which way the sound comes from now. The
+detector (flipray/tasks/detector.py) is a YOLOv2 head on the pretext sub-networks; ground truth is the synthetic
+sidecars' boxes, or face pseudo-labels (OpenCV's Haar cascade) on real clips. Metrics, in % like Table 3: ap50, iou,
+x_err, y_err, and the same on the clips whose source moves (*_moving, the paper's filtered rows). Methods are the
+paper's rows (input ablations, other pretext weights, frozen sub-networks). Design, sampling and metric definitions:
+docs/tasks.md.
 """
 from __future__ import annotations
 

@@ -6,30 +6,10 @@
         print(t.run_trial(apply(t.Config(pretext='runs/dev-demo/checkpoint.pt'), t.PRESETS['demo']))['metrics'])"
                                         # one method (flip)
 
-Mix-and-separate (Sound of Pixels) adapted to stereo (2.5D Visual Sound): two clips of different scenes are added,
-and the model recovers the one whose frames it is shown. An example is a 0.63-s chunk (as flipray/tasks/spatialize.py):
-    mixture a + b (stereo) -> |STFT| of L and R, log(1 + x) -> AudioUNet (flipray/tasks/unet.py) -> sigmoid ratio mask
-        per channel; target estimate = mask * STFT(mixture) (the mixture's phase)
-    condition at the U-Net's bottleneck: the pretext network's *fused audio-visual* features of the target's frames
-        and the mixture's audio ("Pretrained audio-visual features are concatenated to the innermost layer"; the
-        target's own audio is what is being estimated, so the network hears the mixture, as at test time)
-    loss: L1 of predicted and true magnitude spectrograms of the target, mean over channels and bins (the paper's)
-The pretext network is frozen in the demo/small presets (lr_backbone=0), fine-tuned at 1e-4 in `paper`.
-
-Evaluation: each of the first `eval_clips` eval clips is the target of one whole-clip pair with a partner of another
-scene, drawn with a fixed seed (EVAL_SEED, not cfg.seed: every method and every seed scores the same pairs). The
-chunk slides over both clips every `infer_hop_frames` frames; estimates are averaged where windows overlap. The model
-separates both sources of the pair (once shown each clip's frames), BSS Eval (flipray.tasks.metrics.bss_eval, mir_eval's
-bss_eval_sources per channel, averaged over L and R) scores the target's SDR / SIR / SAR, and `sdr_mixture` is the
-mixture's own SDR as the target's estimate (the floor). `l1_mag` is the training criterion over the target's windows
-(Table 5's number). BSS Eval costs about a second of CPU per pair (two 1024 x 1024 solves per source and channel),
-which is why the demo scores 20 pairs.
-
-Rows (Table 5): no features, random weights, mismatch, shift, flip, and flip + a second visual feature set. The
-paper's second set is ImageNet ResNet-18 ("Ours + supervised"); there are no ImageNet weights here, so by default
-it is the visual stream of a second, differently seeded random network of the same shape (a control for the extra
-width), or the visual stream of any pretext checkpoint given as `second_pretext` (e.g. the mismatch task's,
-which, like ImageNet features, learns what things are rather than where).
+Two clips of different scenes are mixed; a U-Net (flipray/tasks/unet.py) conditioned on the pretext network's fused
+audio-visual features of one clip's frames masks the mixture's spectrogram to recover that clip. Scored by BSS Eval
+(SDR / SIR / SAR, mir_eval) on fixed pairs and l1_mag (Table 5's number). Design and the "second visual features"
+row: docs/tasks.md.
 """
 from __future__ import annotations
 
