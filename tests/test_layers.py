@@ -85,3 +85,24 @@ def test_a_missing_optional_dependency_names_its_extra(monkeypatch):
     with pytest.raises(ImportError, match=r"flipray\[dali\]"):
         optional.require("nvidia.dali.fn")
     assert optional.require("json").dumps([1]) == "[1]"  # not optional: imported as it is
+
+
+def test_readme_and_architecture_describe_the_tree():
+    """The README's layout table names every top-level folder and every flipray/ subpackage and module; the
+    architecture picture names every layer and subpackage."""
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| folder | what it holds |"):readme.index("## The synthetic scenes")]
+    arch = (REPO / "docs" / "architecture.md").read_text()
+    folders = {p.name for p in REPO.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
+               and p.name not in ("data", "runs", "mlruns")}
+    assert {f for f in folders if f"`{f}/`" not in table} == set()
+    subpackages = {p.name for p in (REPO / "flipray").iterdir() if (p / "__init__.py").exists()}
+    assert {s for s in subpackages if f"`{s}/`" not in table or f"{s}/" not in arch} == set()
+    for path in (REPO / "flipray").rglob("*.py"):
+        if path.name != "__init__.py":
+            assert path.stem in table, f"README layout table does not mention {path.relative_to(REPO)}"
+    assert all(f"{layer}/" in arch for layer in LAYERS)
+    assert readme.splitlines()[1:3] == [
+        "make demo    # fresh machine: installs, synthesizes scenes -> S3 -> Ray Train (2 workers) -> MLflow -> "
+        "downstream tables",
+        "make test    # fresh machine: installs, then runs the test suite"]
