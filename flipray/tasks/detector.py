@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from flipray.tasks.metrics import box_iou
+
 
 
 def kmeans_anchors(wh: torch.Tensor, k: int, iters: int = 30) -> torch.Tensor:
@@ -148,14 +150,6 @@ def decode(out: torch.Tensor, anchors: torch.Tensor) -> tuple[torch.Tensor, torc
     h = anchors[:, 1].view(1, a, 1, 1) * out[:, :, 3].clamp(max=4).exp()
     boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1).clamp(0, 1)
     return boxes.reshape(b, -1, 4), out[:, :, 4].sigmoid().reshape(b, -1)
-
-
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IOU of boxes a (N, 4) and b (M, 4), [x0, y0, x1, y1] -> (N, M)."""
-    lt, rb = torch.maximum(a[:, None, :2], b[None, :, :2]), torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp_min(0).prod(-1)
-    area = lambda x: (x[:, 2:] - x[:, :2]).clamp_min(0).prod(-1)  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None] - inter).clamp_min(1e-9)
 
 
 def yolo_loss(out: torch.Tensor, boxes: list[torch.Tensor], anchors: torch.Tensor, cfg

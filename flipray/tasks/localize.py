@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from flipray.tasks import metrics
-from flipray.tasks.detector import LocalizationNet, box_iou, decode, kmeans_anchors, yolo_loss
+from flipray.tasks.detector import LocalizationNet, decode, kmeans_anchors, yolo_loss
+from flipray.tasks.metrics import box_iou
 from flipray.pretext.data import AudioFeatures, SampleParams, augment_frames, decode_video, flip_channels
 from flipray.tasks.base import (Clip, DownstreamConfig, audio_input, load_clips, method_spec, param_groups,
                                 pretext_network, setup)
@@ -376,7 +377,7 @@ def score(records: list[dict], clip_ids: list[str]) -> tuple[dict[str, float], d
     gt_boxes = torch.cat([r["gt"] for r in records])
     gt_ids = [i for i, r in zip(ids, records) for _ in range(len(r["gt"]))]
     ap = metrics.ap50(pred_boxes, pred_scores, pred_ids, gt_boxes, gt_ids)
-    images, ious = metrics.top_boxbox_iou(pred_boxes, pred_scores, pred_ids, gt_boxes, gt_ids, reduction="none")
+    images, ious = metrics.top_box_iou(pred_boxes, pred_scores, pred_ids, gt_boxes, gt_ids, reduction="none")
     by_id = dict(zip(ids, records))
     tops, matched = [], []
     for image in images:  # the top box against the true box it overlaps most (nearest centre when none overlaps)
