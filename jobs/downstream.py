@@ -218,8 +218,11 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"usage: python -m jobs.downstream --task {{{','.join(tasks.registry())}}} [options] "
                  f"(--task NAME --help for a task's options)")
     i = argv.index("--task")
-    name = argv[i + 1]
-    return table_main(tasks.get(name))(argv[:i] + argv[i + 2:])
+    try:
+        task = tasks.get(argv[i + 1])
+    except ValueError as e:
+        sys.exit(f"python -m jobs.downstream: {e}")
+    return table_main(task)(argv[:i] + argv[i + 2:])
 
 
 if __name__ == "__main__":

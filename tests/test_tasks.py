@@ -23,6 +23,9 @@ def test_the_registry_finds_the_papers_tasks_in_order():
     assert tasks.starting_from("rotate") == ["doa"]
     with pytest.raises(ValueError, match="unknown task 'localise'; did you mean localize?"):
         tasks.get("localise")
+    from jobs import downstream
+    with pytest.raises(SystemExit, match="jobs.downstream: unknown task 'localise'; did you mean localize?"):
+        downstream.main(["--task", "localise"])
 
 
 @pytest.mark.parametrize("name", NAMES)
