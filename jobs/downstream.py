@@ -30,12 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-from flipray import tasks
-from flipray import overrides
+from flipray import overrides, tasks, tracking
 from flipray.overrides import apply, read_yaml
 from flipray.tasks.base import write_json
 from flipray.tasks.tables import paper_tables, write_table
-from flipray import tracking
 from flipray.tracking import resolve_pretext
 
 log = logging.getLogger("jobs.downstream")
