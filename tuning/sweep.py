@@ -106,6 +106,9 @@ def trainable(config: dict):
         if epoch < cfg.epochs:
             tune.report({**metrics, "epoch": epoch})
             return
+        # Every epoch is in: the run is complete. End it now, as Tune may end this process as soon as it has the
+        # last result (max_t reached), before run_trial returns and the `finally` below runs.
+        client.set_terminated(run_id, status="FINISHED")
         # The trial's checkpoint is its finished history: run_trial does not resume mid-way, so a trial interrupted
         # before its end has no checkpoint and a restored sweep runs it again from its first epoch.
         with _checkpoint_dir({"history.json": history, "config.json": dataclasses.asdict(cfg)}) as d:
