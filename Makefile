@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@python3 -c 'import sys; assert sys.version_info >= (3, 11), "flipray needs Python >= 3.11"'
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[all,test]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -15,6 +15,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from flipray.optional import require
+
 log = logging.getLogger(__name__)
 
 PRETEXT_MODEL = "flipray-pretext"
@@ -37,14 +39,14 @@ def init_tracking(uri: str, experiment: str) -> str:
     Run once by the driver before any worker or trial touches the store: a fresh sqlite store creates its tables
     here, not in several processes at once.
     """
-    import mlflow
+    mlflow = require("mlflow")
     mlflow.set_tracking_uri(uri)
     return mlflow.set_experiment(experiment).experiment_id
 
 
 def find_run(experiment_id: str, run_name: str):
     """The MLflow run of a flipray run name (so a restored Ray run keeps logging into the same MLflow run)."""
-    from mlflow import MlflowClient
+    MlflowClient = require("mlflow").MlflowClient
     runs = MlflowClient().search_runs([experiment_id], filter_string=f"tags.`flipray.run_name` = '{run_name}'",
                                       max_results=1, order_by=["attributes.start_time DESC"])
     return runs[0] if runs else None
@@ -53,8 +55,8 @@ def find_run(experiment_id: str, run_name: str):
 def register_checkpoint(run_id: str, checkpoint_dir: str | Path, name: str, tags: dict[str, str]) -> int:
     """Log `checkpoint_dir` (checkpoint.pt, config.yaml) as the run's `model` artifact and register it as a new
     version of model `name`; returns the version number (`models:/NAME/latest` resolves to the newest)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    MlflowClient = require("mlflow").MlflowClient
+    MlflowException = require("mlflow.exceptions").MlflowException
     client = MlflowClient()
     client.log_artifacts(run_id, str(checkpoint_dir), artifact_path="model")
     try:
@@ -71,31 +73,81 @@ def register_checkpoint(run_id: str, checkpoint_dir: str | Path, name: str, tags
     return int(version.version)
 
 
+class NoModelError(ValueError):
+    """No trained model where a models:/ URI, run folder or checkpoint path points; the message says what to do."""
+
+
+HINT = "Run `make demo` (it trains the demo model and registers it as flipray-pretext), or pass --model PATH"
+
+
 def load_pretrained(uri: str, tracking: str | None = None):
     """(SpatialAlignmentNet in eval mode, Config) from `models:/NAME/VERSION`, `models:/NAME@ALIAS`,
-    `models:/NAME/latest`, a run folder, or a checkpoint.pt path."""
+    `models:/NAME/latest`, a run folder, or a checkpoint.pt path: the one model resolution of flipray check, the
+    downstream tasks and the jobs. Raises NoModelError (a ValueError) saying where it looked."""
     from flipray.pretext.train import load_model
     if not uri.startswith("models:/"):
         path = Path(uri)
-        return load_model(path / "checkpoint.pt" if path.is_dir() else path)
-    import mlflow
-    mlflow.set_tracking_uri(tracking_uri(tracking))
+        try:
+            return load_model(path / "checkpoint.pt" if path.is_dir() else path)
+        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+            raise NoModelError(f"cannot load the model {uri}: {e}") from None
+    store = tracking_uri(tracking)
+    if store.startswith("sqlite:///") and not Path(store[len("sqlite:///"):]).exists():
+        # MLflow would create an empty store there; say where we looked instead
+        raise NoModelError(f"no trained model: no MLflow store at {store[len('sqlite:///'):]}. {HINT} "
+                           f"(or set MLFLOW_TRACKING_URI).")
+    mlflow = require("mlflow")
+    mlflow.set_tracking_uri(store)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = _download(uri, tmp)
-        except Exception as e:
-            raise ValueError(f"cannot load {uri} from {mlflow.get_tracking_uri()}: {e}. Train and register one "
-                             f"with `make demo` or `python -m jobs.pretext`.") from None
+        except Exception as e:  # noqa: BLE001 - MLflow's own exception types for a missing model mean "no model here"
+            raise NoModelError(f"no trained model at {uri} in {store}: {_why(e)}. {HINT}.") from None
         return load_model(Path(local) / "checkpoint.pt")
+
+
+def resolve_pretext(specs: list[str], needed: set[str], out: Path, tracking_uri: str | None) -> dict[str, str]:
+    """{pretext task: local checkpoint.pt} for the pretext tasks the methods need; models:/ URIs are downloaded
+    into out/pretext/<task>/ so Ray tasks on any node read a plain file. Missing models are left out."""
+    import torch
+
+    from flipray.config import TASKS
+    given = dict(s.split("=", 1) for s in specs)
+    unknown = set(given) - set(TASKS)
+    if unknown:
+        raise ValueError(f"--pretext takes {', '.join(f'{t}=URI' for t in TASKS)}, got {sorted(unknown)}")
+    paths = {}
+    for task in sorted(needed):
+        uri = given.get(task, f"models:/{pretext_model_name(task)}/latest")
+        try:
+            model, cfg = load_pretrained(uri, tracking_uri)
+        except NoModelError as e:
+            if task in given:
+                raise
+            log.warning("no %s pretext model (%s): its methods are left out. Train it with `python -m jobs.pretext "
+                        "--set train.task=%s`.", task, e, task)
+            continue
+        path = out / "pretext" / task / "checkpoint.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, path)
+        paths[task] = str(path)
+        log.info("pretext %s: %s", task, uri)
+    return paths
+
+
+def _why(e: Exception) -> str:
+    """The first line of an MLflow error, without its exception class noise."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 def _download(uri: str, dst: str) -> str:
     """Download a models:/ URI. With a sqlite store whose artifacts were written through an MLflow server
     (mlflow-artifacts:/...), read them from the server's artifacts folder beside the database, so a model trained by
     `make demo` loads after the server is gone."""
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    mlflow = require("mlflow")
+    MlflowClient = require("mlflow").MlflowClient
+    MlflowException = require("mlflow.exceptions").MlflowException
     try:
         return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
     except MlflowException as e:

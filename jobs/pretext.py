@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import yaml
@@ -35,6 +34,7 @@ from flipray.pretext.models import SpatialAlignmentNet, count_parameters
 from flipray.pretext.train import (evaluate, evaluate_splits, fit, load_checkpoint, make_loader, make_optimizer, new_state,
                            plot_curves, save_checkpoint, split_batch)
 from flipray import tracking
+from flipray.dataset.store import storage_location
 
 log = logging.getLogger("jobs.pretext")
 
@@ -161,19 +161,6 @@ def _log(client, run_id: str, step: int, **metrics):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # On the driver
-
-def storage_location(path: str):
-    """(storage_path, pyarrow filesystem or None) for RunConfig: s3:// paths honour AWS_ENDPOINT_URL (MinIO, moto)."""
-    if not path.startswith("s3://"):
-        return str(Path(path).resolve()), None
-    import pyarrow.fs
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    kwargs = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
-    if endpoint:
-        parsed = urlparse(endpoint)
-        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
-    return path[len("s3://"):].rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)
-
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     if uri.startswith("http"):

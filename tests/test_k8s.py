@@ -1,8 +1,8 @@
 """The Kubernetes manifests (k8s/): every overlay builds with kubectl and passes k8s/validate.py, and the validator
 rejects each broken fixture in tests/k8s_fixtures/ for the right reason.
 
-Needs kubectl on PATH (it builds the kustomizations) and ../shared/k8s-schemas/ beside the repository (the KubeRay
-schemas); both are on CI's machine, so their absence is a failure, not a skip.
+Needs kubectl on PATH (it builds the kustomizations; CI has it, so its absence is a failure, not a skip). The KubeRay
+schemas are vendored in k8s/schemas/kuberay/.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from flipray import tasks
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURES = REPO / "tests" / "k8s_fixtures"
 OVERLAYS = ["dev", "gpu"]
 
@@ -30,10 +31,9 @@ _spec.loader.exec_module(validate)
 JOB_ENTRYPOINTS = {
     "flipray-ingest": "python -m jobs.ingest --videos /data/raw --out s3://flipray/dataset/",
     "flipray-pretext": "python -m jobs.pretext --config /config/pretext.yaml",
-    "flipray-localize": "python -m jobs.localize --preset paper --out /tmp/flipray/downstream",
-    "flipray-spatialize": "python -m jobs.spatialize --preset paper --out /tmp/flipray/downstream",
-    "flipray-separate": "python -m jobs.separate --preset paper --out /tmp/flipray/downstream",
-    "flipray-analyze": "python -m jobs.analyze --preset paper --out /tmp/flipray/downstream",
+    # one table job per registered task that runs on the stereo set (flipray.tasks; doa needs 360 clips)
+    **{f"flipray-{task}": f"python -m jobs.{task} --preset paper --out /tmp/flipray/downstream"
+       for task in tasks.starting_from("flip")},
     "flipray-report": "python -m jobs.report --from-mlflow --runs /tmp/flipray/report",
     "flipray-sweep-localize": "python -m tuning.sweep --task localize --samples 16",
 }
@@ -80,8 +80,11 @@ def gpu_worker_groups(cluster_spec: dict) -> list[dict]:
 def test_prerequisites_are_there():
     assert shutil.which("kubectl"), "kubectl is required to build the kustomizations (it is on CI's machine)"
     schemas = sorted(p.name for p in validate.KUBERAY_SCHEMA_DIR.glob("*.json"))
-    assert {"raycluster-ray-v1.json", "rayjob-ray-v1.json"} <= set(schemas), f"KubeRay schemas missing in {SHARED}"
-    assert validate.KUBERAY_SCHEMA_DIR.is_relative_to(SHARED)
+    assert {"raycluster-ray-v1.json", "rayjob-ray-v1.json"} <= set(schemas), validate.KUBERAY_SCHEMA_DIR
+    # vendored: nothing at test time reads outside the repository
+    assert validate.KUBERAY_SCHEMA_DIR.is_relative_to(REPO)
+    assert "Apache License\n                           Version 2.0" in (validate.KUBERAY_SCHEMA_DIR / "LICENSE").read_text()
+    assert "v1.7.0" in (validate.KUBERAY_SCHEMA_DIR / "README.md").read_text()
 
 
 @pytest.mark.parametrize("name", OVERLAYS)

@@ -124,14 +124,14 @@ def test_sweep_asha_mlflow_best_config_and_restore(synth_root, ray_local, tmp_pa
     json.dumps(summary)
 
 
-@pytest.mark.parametrize("task", ["localize", "spatialize", "separate", "doa"])
+@pytest.mark.parametrize("task", __import__("tuning.sweep", fromlist=["sweepable"]).sweepable())
 def test_every_task_has_a_sweep_definition_that_fits_its_config(task):
     import dataclasses
-    import importlib
 
+    from flipray import tasks
     from tuning.sweep import load_definition, search_space
     d = load_definition(task)
-    module = importlib.import_module(f"flipray.tasks.{task}")
+    module = tasks.get(task)
     fields = {f.name for f in dataclasses.fields(module.Config)}
     assert set(d["space"]) <= fields and set(d.get("fixed", {})) <= fields
     assert d["method"] in module.METHODS and d.get("preset", "small") in module.PRESETS

@@ -48,6 +48,7 @@ from pathlib import Path
 import soundfile as sf
 
 from flipray.dataset.manifest import assign_splits
+from flipray.optional import require
 from flipray.dataset.store import Store, upload_clip, upload_dataset
 
 log = logging.getLogger(__name__)
@@ -309,7 +310,7 @@ def clip_task(job: ClipJob, store: Store, opts: Options) -> dict:
 def _fan_out(func, items: list, args: tuple, desc: str, progress: bool):
     """Run `func(item, *args)` as a Ray task (1 CPU: ffmpeg runs one thread) for every item, a bounded number in
     flight; yield (item, result)."""
-    import ray
+    ray = require("ray")
     from tqdm import tqdm
     task = ray.remote(num_cpus=1)(func)
     limit = max(4, 4 * int(ray.cluster_resources().get("CPU", 1)))  # keep the queue short, results streaming
@@ -357,7 +358,7 @@ def run_ingest(out: str, videos: str | None = None, csv_path: str | None = None,
         sources, skipped = csv_sources(csv_path, videos)
     else:
         sources, skipped = folder_sources(videos), []
-    import ray
+    ray = require("ray")
     if not ray.is_initialized():
         raise RuntimeError("run_ingest needs Ray: call ray.init() first")
     n_sources = len(sources) + len(skipped)  # CSV rows that are malformed or not downloaded count as sources
@@ -435,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(size=args.size, fps=args.fps, clip_s=args.clip_seconds,
                    max_clips_per_source=args.max_clips_per_video)
     start = time.time()
-    import ray
+    ray = require("ray")
     if not args.dataset and not ray.is_initialized():
         ray.init(address=args.address, num_cpus=None if args.address or os.environ.get("RAY_ADDRESS")
                  else args.num_cpus, include_dashboard=False, logging_level=logging.WARNING)

@@ -71,7 +71,7 @@ def decode_video(path: str | Path | bytes, indices: list[int] | None = None, siz
     except ClipDecodeError:
         raise
     except Exception as e:  # torchcodec raises RuntimeError/ValueError with FFmpeg's words
-        raise ClipDecodeError(f"{path}: cannot decode video ({_first_line(e)})") from None
+        raise ClipDecodeError(f"{path}: cannot decode video ({first_line(e)})") from None
     if expect_frames is not None and indices is None and frames.shape[0] < expect_frames:
         raise ClipDecodeError(f"{path}: decoded {frames.shape[0]} frames, the manifest says {expect_frames}")
     if panorama:
@@ -87,7 +87,7 @@ def _decoder_source(path, name: str | None):
     return str(path), name or path
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
     """FFmpeg errors come with a C++ source location and a bug-report footer; keep the words that matter."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return text.split(", ")[-1] if "SingleStreamDecoder" in text else text
@@ -119,7 +119,7 @@ def decode_audio(path: str | Path | bytes, sample_rate: int, channels: int | Non
         dec = AudioDecoder(src, sample_rate=sample_rate)
         wave = dec.get_all_samples().data
     except Exception as e:
-        raise ClipDecodeError(f"{path}: cannot decode audio ({_first_line(e)})") from None
+        raise ClipDecodeError(f"{path}: cannot decode audio ({first_line(e)})") from None
     if channels is not None and wave.shape[0] != channels:
         raise ClipDecodeError(f"{path}: audio has {wave.shape[0]} channel(s), expected {channels}")
     if expect_seconds is not None and wave.shape[1] < 0.95 * expect_seconds * sample_rate:
