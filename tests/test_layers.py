@@ -6,6 +6,7 @@ read with ast.
 from __future__ import annotations
 
 import ast
+import fnmatch
 import sys
 from pathlib import Path
 
@@ -93,8 +94,9 @@ def test_readme_and_architecture_describe_the_tree():
     readme = (REPO / "README.md").read_text()
     table = readme[readme.index("| folder | what it holds |"):readme.index("## The synthetic scenes")]
     arch = (REPO / "docs" / "architecture.md").read_text()
+    ignored = [g.strip().rstrip("/") for g in (REPO / ".gitignore").read_text().splitlines() if g.strip()]
     folders = {p.name for p in REPO.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
-               and p.name not in ("data", "runs", "mlruns")}
+               and not any(fnmatch.fnmatch(p.name, g) for g in ignored)}  # build outputs (egg-info, data, runs)
     assert {f for f in folders if f"`{f}/`" not in table} == set()
     subpackages = {p.name for p in (REPO / "flipray").iterdir() if (p / "__init__.py").exists()}
     assert {s for s in subpackages if f"`{s}/`" not in table or f"{s}/" not in arch} == set()
