@@ -13,9 +13,9 @@ DALI converts YUV to RGB with its own filter; log-mel within float tolerance).
 
 How: a per-sample `fn.external_source` callback (`ClipSource`) maps (epoch, position) to an item, draws its
 `SampleParams`, fetches the clip's two objects through `flipray.dataset.store` (S3 or a folder) and checks them against the
-manifest's sha256 (through the node-local cache when data.cache_dir is set), data.fetch_threads requests in flight
-per process: the positions the process will be asked for next are fetched ahead (`ClipSource.ahead`). DALI then
-does the work: `fn.decoders.video` (CPU, or "mixed" = NVDEC on the GPU) decodes only the
+manifest's sha256 (through the node-local cache when data.cache_dir is set), with data.fetch_threads requests in
+flight per process: the positions the process will be asked for next are fetched ahead (`ClipSource.ahead`).
+DALI then does the work: `fn.decoders.video` (CPU, or "mixed" = NVDEC on the GPU) decodes only the
 window (`start_frame`, `sequence_length`, `stride`), `fn.decoders.audio` the FLAC, and resize, mirror, crop, colour
 jitter, normalisation, channel swap, peak normalisation, STFT, mel filterbank and log10 run as DALI operators (on the
 GPU with device="gpu"). A reader with a fixed file list cannot reshuffle per epoch in `EpochSampler`'s order, so the

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -417,7 +418,7 @@ class ClipDataset(Dataset):
             raise ValueError(f"{self.root}: no clips in split {split!r}")
         self.features = AudioFeatures(cfg)
         self.skipped: dict[str, str] = {}
-        self._fetched: dict[str, bytes | Exception] = {}  # objects fetched ahead for the items being made
+        self._fetched: dict[str, Future] = {}  # key -> its object being fetched ahead, for the items being made
         self._pool = None
         self.cache: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
         if cfg.data.cache:
@@ -427,21 +428,14 @@ class ClipDataset(Dataset):
         return {**self.__dict__, "_pool": None, "_fetched": {}}
 
     def prefetch(self, objects: list[tuple[dict, str]]) -> None:
-        """Fetch the (clip, field) objects data.fetch_threads at a time, for the `_file` calls that follow; a
-        failure is kept and raised by `_file` for its clip only."""
+        """Start fetching the (clip, field) objects, data.fetch_threads at a time, for the `_file` calls that
+        follow: decoding the first overlaps fetching the rest; a failure surfaces in `_file` for its clip only."""
         if self.store is None or self.cfg.data.fetch_threads <= 1:
             return
-        keys = list(dict.fromkeys((c[f], c.get(f"{f}_sha256")) for c, f in objects))
         if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
             self._pool = ThreadPoolExecutor(self.cfg.data.fetch_threads, thread_name_prefix="flipray-fetch")
-
-        def get(key_sha):
-            try:
-                return self.store.get(*key_sha)
-            except Exception as e:  # noqa: BLE001 - handed to the one clip that needs it
-                return e
-        self._fetched = dict(zip((k for k, _ in keys), self._pool.map(get, keys)))
+        keys = dict.fromkeys((c[f], c.get(f"{f}_sha256")) for c, f in objects)
+        self._fetched = {key: self._pool.submit(self.store.get, key, sha) for key, sha in keys}
 
     def _decode(self, clip: dict, indices=None) -> tuple[torch.Tensor, torch.Tensor]:
         video, vname = self._file(clip, "video")
@@ -460,11 +454,8 @@ class ClipDataset(Dataset):
         if self.store is None:
             return self.root / clip[field], None
         try:
-            data = self._fetched.get(clip[field])
-            if data is None:
-                data = self.store.get(clip[field], clip.get(f"{field}_sha256"))
-            elif isinstance(data, Exception):
-                raise data
+            ahead = self._fetched.get(clip[field])
+            data = ahead.result() if ahead else self.store.get(clip[field], clip.get(f"{field}_sha256"))
             return data, self.store.url(clip[field])
         except (FileNotFoundError, ValueError) as e:  # missing or corrupt object: skip the clip like a bad decode
             raise ClipDecodeError(str(e)) from None
