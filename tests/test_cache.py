@@ -132,6 +132,18 @@ def _fill(root: str, cache_dir: str, bound: int, order: list[tuple[str, str]], p
     return [hashlib.sha256(store.get(k, sha)).hexdigest() for _ in range(passes) for k, sha in order]
 
 
+def test_an_unwritable_cache_costs_the_cache_never_the_read(tmp_path, caplog):
+    root = tmp_path / "ds"
+    objects = make_objects(root, 2, 10 * KB)
+    not_a_dir = tmp_path / "cache"
+    not_a_dir.write_bytes(b"a file where the cache directory should be")
+    store = open_store(str(root), str(not_a_dir), 1.0)
+    for _ in range(2):
+        assert {hashlib.sha256(store.get(k, sha)).hexdigest() for k, sha in objects.items()} == set(objects.values())
+    warnings = [r.getMessage() for r in caplog.records if "cannot write the clip cache" in r.getMessage()]
+    assert len(warnings) == 1 and str(not_a_dir) in warnings[0]  # said once, not per object
+
+
 @pytest.mark.parametrize("evicting", [False, True], ids=["fits", "evicting"])
 def test_two_processes_filling_one_cache_get_whole_verified_objects(tmp_path, evicting):
     root, cache_dir = tmp_path / "ds", tmp_path / "cache"

@@ -67,7 +67,7 @@ class ClipCache:
         path = self.path(digest)
         try:
             data = path.read_bytes()
-        except FileNotFoundError:
+        except OSError:  # absent (or unreadable): a miss
             with self._lock:
                 self.misses += 1
             return None
@@ -155,6 +155,7 @@ class CachedStore(Store):
     def __init__(self, root: str | os.PathLike, cache_dir: str | os.PathLike, max_bytes: int):
         super().__init__(root)
         self.cache = ClipCache(cache_dir, max_bytes)
+        self._write_failed = False
 
     def get(self, key: str, expect_sha256: str | None = None) -> bytes:
         if not expect_sha256:  # nothing to verify a cached copy against: read the store
@@ -162,7 +163,12 @@ class CachedStore(Store):
         data = self.cache.read(expect_sha256)
         if data is None:
             data = super().get(key, expect_sha256)  # raises on a missing or corrupt object: nothing is cached
-            self.cache.write(expect_sha256, data)
+            try:
+                self.cache.write(expect_sha256, data)
+            except OSError as e:  # a full or unwritable disk costs the cache, never the sample
+                if not self._write_failed:
+                    log.warning("%s: cannot write the clip cache (%s); reading from the store", self.cache.dir, e)
+                self._write_failed = True
         return data
 
     def __repr__(self) -> str:
