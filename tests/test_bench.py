@@ -148,5 +148,5 @@ def test_bench_cache_counts_no_gets_from_the_second_epoch_with_the_cache(synth_r
     # DALI's epoch e holds its run-ahead into e+1 (here the whole of it: 2 batches ahead, 2 per epoch)
     assert g["dali_cache_off"] == [4.0, 2.0, 2.0] and g["dali_cache_on"] == [2.0, 0.0, 0.0]
     rates = {**r["fetch_stage_samples_per_s"], **r["loader_samples_per_s"]}
-    assert len(rates) == 4 + 10 and all(v > 0 for v in rates.values())
+    assert len(rates) == 4 + 12 and all(v > 0 for v in rates.values())  # 4 fetch-stage, 12 loader figures
     assert r["serial_bound_samples_per_s"] == pytest.approx(1000 / 60, abs=0.1)
