@@ -173,7 +173,7 @@ class ClipSource:
             end = min(end, b * self.batch_size + next(x for x in bounds if x > i))
         return range(k, min(end, len(self.order(epoch))))
 
-    def _fetched(self, item: int, epoch: int, k: int) -> tuple[bytes, bytes, int]:
+    def _fetch_ahead(self, item: int, epoch: int, k: int) -> tuple[bytes, bytes, int]:
         """fetch_item() of position k, with the next positions' requests already in flight."""
         if self.cfg.data.fetch_threads <= 1:
             return self.fetch_item(item, epoch)
@@ -200,7 +200,7 @@ class ClipSource:
             ci, p, video, audio, code = 0, None, b"", b"", PAD
         else:
             ci, p = self.item(item, epoch)
-            video, audio, code = self._fetched(item, epoch, k)
+            video, audio, code = self._fetch_ahead(item, epoch, k)
             audio_start = audio_window(self.cfg, ci, p)[1]
         if code != OK:  # decode the filler instead; the loader drops the sample
             if self._filler_audio is None:

@@ -403,7 +403,7 @@ class ClipDataset(Dataset):
     so accuracy is measured on every clip both ways.
     A clip that fails to decode is skipped and counted (`skipped`), never fatal.
     From S3, objects come through `flipray.dataset.cache.open_store` (the node-local cache when data.cache_dir is
-    set), and a batch's objects are fetched data.fetch_threads at a time (`__getitems__`) before decoding in order.
+    set), a batch's objects data.fetch_threads at a time (`__getitems__`) while its items are decoded in order.
     """
 
     def __init__(self, cfg: Config, split: str, train: bool, root: str | None = None, seed: int | None = None):
@@ -488,8 +488,8 @@ class ClipDataset(Dataset):
         return num_items(len(self.clips), self.cfg, self.train)
 
     def __getitems__(self, items: list) -> list[dict | None]:
-        """A DataLoader batch: its objects fetched concurrently first, then each item made exactly as __getitem__
-        makes it (same order, same draws)."""
+        """A DataLoader batch: every object's request started first, then each item made exactly as __getitem__
+        makes it (same order, same draws), decoding while the later objects arrive."""
         if self.cache is None and self.store is not None:
             objects = []
             for item in items:
