@@ -2,7 +2,8 @@
 
     python -m jobs.pretext --config paper --set data.root=s3://bucket/ds --set data.cache_dir=/mnt/nvme/flipray-cache \
         --set data.cache_gb=200
-    python -c "from flipray.dataset.cache import open_store; s = open_store('s3://b/ds', '/tmp/c', 1); s.get(k, sha)"
+    python -c "from flipray.dataset.cache import open_store; s = open_store('s3://b/ds', '/tmp/c', 1.0); \
+        r = s.read_manifest()[0]; print(len(s.get(r['video'], r['video_sha256'])))"   # twice: the 2nd from disk
 
 Why: every epoch reads every clip again, and one S3 prefix serves ~5,500 GET/s (docs/performance.md), which bounds
 a run from 8 GPUs. A curated set (30K clips, ~17 GB) fits a node's NVMe, so from the second epoch on no GET is sent.
