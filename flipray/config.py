@@ -46,6 +46,11 @@ class DataConfig:
     n_mels: int = 128                 # must be divisible by 16 (four stride-2 audio blocks)
     num_workers: int = 2              # DataLoader worker processes (torchcodec loader)
     cache: bool = False               # decode every clip once into RAM at `resize` (small datasets, e.g. the demo)
+    cache_dir: str = ""               # node-local disk cache of fetched clip objects (flipray/dataset/cache.py),
+                                      # shared by every rank of a node, e.g. /mnt/nvme/flipray-cache | "" = off
+    cache_gb: float = 100.0           # bound of cache_dir; least recently used objects are evicted beyond it
+    fetch_threads: int = 8            # object requests in flight per loader process (hides S3's 20-50 ms per GET);
+                                      # 1 = one at a time
 
 
 @dataclass
@@ -129,6 +134,10 @@ class Config:
                              f"at {d.fps} fps), got {d.num_frames}")
         if d.eval_windows < 1:
             raise ValueError(f"data.eval_windows must be >= 1, got {d.eval_windows}")
+        if d.fetch_threads < 1:
+            raise ValueError(f"data.fetch_threads must be >= 1 (1 = one request at a time), got {d.fetch_threads}")
+        if d.cache_dir and d.cache_gb <= 0:
+            raise ValueError(f"data.cache_gb must be > 0 when data.cache_dir is set, got {d.cache_gb}")
         if d.crop > d.resize:
             raise ValueError(f"data.crop ({d.crop}) must not exceed data.resize ({d.resize})")
         if m.variant not in VARIANTS:

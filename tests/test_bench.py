@@ -27,7 +27,7 @@ TINY = {"decode": {"clips": 2, "batch_size": 2},
 @pytest.mark.slow
 def test_bench_all_reports_positive_figures_with_ratios_to_the_same_run(synth_root):
     report = bench_all.run(quick=True, data=str(synth_root), threads=1, modes=("plain",), settings=TINY,
-                           clips_root=str(synth_root))
+                           clips_root=str(synth_root), skip=("cache",))  # test_bench_cache_* runs that part
     report = json.loads(json.dumps(report))  # one JSON document: everything serialises
 
     machine = report["machine"]
@@ -115,3 +115,45 @@ def test_gpu_sh_dry_run_writes_its_json(synth_root, tmp_path):
     assert keeps["loader_over_step"] == pytest.approx(keeps["loader_samples_per_s"] / keeps["step_samples_per_s"])
     assert 0 <= report["end_to_end"]["data_wait_fraction"] < 1 and report["end_to_end"]["samples"] > 0
     assert report["gpu_check"]["returncode"] == 2  # no GPU here: gpu_check says so instead of failing
+
+
+def test_projection_takes_the_measured_gets_per_sample_and_the_node_cache(tmp_path):
+    from bench.project import main as project_main
+    cpu = json.loads((REPO / "docs" / "bench-cpu.json").read_text())
+    clips = cpu["clip_bytes"]
+    set_clips = 30_000 * 0.8
+    set_gb = set_clips * clips["sample_mb"] / 1e3
+    base = project(cpu, None, Assumptions(per_gpu_batch=32))["rows"]
+    fits = project(cpu, None, Assumptions(per_gpu_batch=32, node_cache_gb=2 * set_gb))["rows"]
+    half = project(cpu, None, Assumptions(per_gpu_batch=32, node_cache_gb=set_gb / 2))["rows"]
+    for b, f, h in zip(base, fits, half):
+        n, nodes = b["gpus"], math.ceil(b["gpus"] / 8)
+        once = nodes * set_clips / 7_000_000  # each node fetches each object once, then reads its disk
+        assert b["s3_gets_per_sample"] == 2 and f["s3_gets_per_sample"] == pytest.approx(2 * once)
+        assert h["s3_gets_per_sample"] == pytest.approx(2 * (0.5 + 0.5 * once))
+        assert f["s3_request_cap_per_gpu"] == pytest.approx(5500 / f["s3_gets_per_sample"] / n)
+        assert f["samples_per_s"] >= h["samples_per_s"] >= b["samples_per_s"]
+        assert f["cost_usd"] < b["cost_usd"]  # fewer GETs billed
+    assert base[2]["bound"] == "S3 requests" and fits[2]["bound"] != "S3 requests"  # 8 GPUs
+
+    # --cache reads bench.cache's JSON: its steady-state epochs replace the assumed figures
+    measured = {"gets_per_sample": {"torchcodec_cache_off": [2.0, 2.5, 2.5], "torchcodec_cache_on": [2.0, 0.25, 0.0]}}
+    (tmp_path / "cache.json").write_text(json.dumps(measured))
+    out = project_main(["--cpu", str(REPO / "docs" / "bench-cpu.json"), "--cache", str(tmp_path / "cache.json"),
+                        "--gpus", "1"])
+    assert out["assumptions"]["s3_gets_per_sample"] == 2.5 and out["assumptions"]["cache_gets_per_sample"] == 0.25
+    assert out["rows"][0]["s3_gets_per_sample"] == 2.5
+    assert "measured by bench.cache" in out["sources"]["S3 GETs per sample"]
+
+
+@pytest.mark.slow
+def test_bench_cache_counts_no_gets_from_the_second_epoch_with_the_cache(synth_root):
+    from bench import cache
+    r = cache.run(clips=4, delay_ms=30.0, batch_size=2, threads=1, root=str(synth_root))
+    g = r["gets_per_sample"]  # epochs 0, 1, 2: two objects per sample, none once the node has them
+    assert g["torchcodec_cache_off"] == [2.0, 2.0, 2.0] and g["torchcodec_cache_on"] == [2.0, 0.0, 0.0]
+    # DALI's epoch e holds its run-ahead into e+1 (here the whole of it: 2 batches ahead, 2 per epoch)
+    assert g["dali_cache_off"] == [4.0, 2.0, 2.0] and g["dali_cache_on"] == [2.0, 0.0, 0.0]
+    rates = {**r["fetch_stage_samples_per_s"], **r["loader_samples_per_s"]}
+    assert len(rates) == 4 + 12 and all(v > 0 for v in rates.values())  # 4 fetch-stage, 12 loader figures
+    assert r["serial_bound_samples_per_s"] == pytest.approx(1000 / 60, abs=0.1)
