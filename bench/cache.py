@@ -34,7 +34,7 @@ from types import SimpleNamespace
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from bench.common import machine, synthetic_data
-from bench.s3proxy import moto_server, proxy
+from bench.s3proxy import local_s3, proxy
 from flipray.config import load_config
 from flipray.dataset.store import Store, upload_dataset
 
@@ -100,7 +100,7 @@ def run(clips: int = 32, delay_ms: float = 30.0, batch_size: int = 8, threads: i
     rows = source.read_manifest()[:clips]
     result = {"clips": len(rows), "config": config, "delay_ms": delay_ms, "batch_size": batch_size,
               "threads": threads}
-    with tempfile.TemporaryDirectory(prefix="flipray-bench-cache-") as tmp, moto_server() as endpoint:
+    with tempfile.TemporaryDirectory(prefix="flipray-bench-cache-") as tmp, local_s3() as endpoint:
         tmp = Path(tmp)
         sub = tmp / "ds"  # one split holding exactly the timed clips
         (sub / "clips").mkdir(parents=True)

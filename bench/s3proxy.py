@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import threading
+import tempfile
 import time
 import urllib.request
 from collections import Counter
@@ -161,45 +162,29 @@ def proxy(target: str, delay_ms: float = 0.0):
 
 
 @contextlib.contextmanager
-def moto_server():
-    """moto's S3 server on 127.0.0.1 at a free port, with moto's dummy credentials in the environment; yields its
-    URL and restores the environment after."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                            "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN")}
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/moto-api/", timeout=1).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"moto server did not start on {url}")
-                time.sleep(0.2)
-        os.environ.update({"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing",
-                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
-        os.environ.pop("AWS_PROFILE", None)
-        os.environ.pop("AWS_SESSION_TOKEN", None)
-        yield url
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        proc.send_signal(signal.SIGTERM)
+def local_s3():
+    """moto's S3 server on 127.0.0.1 at a free port (cluster.local's launcher, the project's one), with moto's dummy
+    credentials in the environment; yields its URL and restores the environment after."""
+    from cluster import local
+    keys = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+            "AWS_SESSION_TOKEN")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
+    os.environ.pop("AWS_PROFILE", None)
+    os.environ.pop("AWS_SESSION_TOKEN", None)
+    with tempfile.TemporaryDirectory(prefix="flipray-bench-s3-") as state:
+        service = local.start_s3(state)
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            os.environ["AWS_ENDPOINT_URL"] = service.url
+            yield service.url
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            local.stop(service)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,8 +15,8 @@ import pytest
 from flipray import optional
 
 REPO = Path(__file__).resolve().parents[1]
-# Higher layers may import lower ones, never the reverse; cluster/ and bench/ (operations, measurements) are peers.
-LAYERS = {"flipray": 0, "dali_pipelines": 1, "jobs": 2, "tuning": 3, "cluster": 4, "bench": 4}
+# Higher layers may import lower ones, never the reverse; bench/ measures everything, cluster/'s local services included.
+LAYERS = {"flipray": 0, "dali_pipelines": 1, "jobs": 2, "tuning": 3, "cluster": 4, "bench": 5}
 OPTIONAL = tuple(optional.EXTRAS)  # imported only through flipray.optional.require, inside functions
 
 
@@ -82,6 +82,8 @@ def test_a_missing_optional_dependency_names_its_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow now raises ImportError
     with pytest.raises(ImportError, match=r"pip install 'flipray\[mlflow\]'"):
         optional.require("mlflow")
+    for name in [m for m in sys.modules if m.startswith("nvidia.dali.")]:  # submodules an earlier test imported
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     with pytest.raises(ImportError, match=r"flipray\[dali\]"):
         optional.require("nvidia.dali.fn")

@@ -69,7 +69,8 @@ def test_every_import_is_declared():
 def test_moto_is_dev_and_test_only():
     assert "moto" not in requirements("core", "ray", "mlflow", "dali", "all")
     assert "moto" in requirements("dev") and "moto" in requirements("test")
-    # nothing the image runs starts or imports moto (cluster/local.py, for `make demo`, and tests/ do)
+    # nothing the image runs starts or imports moto (cluster/local.py, for `make demo`, and tests/ do; bench/ goes
+    # through cluster/local.py's launcher, the one place that starts it)
     users = [str(p.relative_to(REPO)) for folder in ("flipray", "dali_pipelines", "jobs", "tuning", "bench")
              for p in (REPO / folder).rglob("*.py") if re.search(r"import moto|from moto|moto\.server", p.read_text())]
     assert users == [], users
