@@ -1,8 +1,8 @@
 """The Kubernetes manifests (k8s/): every overlay builds with kubectl and passes k8s/validate.py, and the validator
 rejects each broken fixture in tests/k8s_fixtures/ for the right reason.
 
-Needs kubectl on PATH (it builds the kustomizations) and ../shared/k8s-schemas/ beside the repository (the KubeRay
-schemas); both are on CI's machine, so their absence is a failure, not a skip.
+Needs kubectl on PATH (it builds the kustomizations; it is on CI's machine, so its absence is a failure, not a skip).
+The KubeRay schemas are vendored in k8s/schemas/.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURES = REPO / "tests" / "k8s_fixtures"
 OVERLAYS = ["dev", "gpu"]
 
@@ -80,8 +79,8 @@ def gpu_worker_groups(cluster_spec: dict) -> list[dict]:
 def test_prerequisites_are_there():
     assert shutil.which("kubectl"), "kubectl is required to build the kustomizations (it is on CI's machine)"
     schemas = sorted(p.name for p in validate.KUBERAY_SCHEMA_DIR.glob("*.json"))
-    assert {"raycluster-ray-v1.json", "rayjob-ray-v1.json"} <= set(schemas), f"KubeRay schemas missing in {SHARED}"
-    assert validate.KUBERAY_SCHEMA_DIR.is_relative_to(SHARED)
+    assert {"raycluster-ray-v1.json", "rayjob-ray-v1.json"} <= set(schemas), "KubeRay schemas missing"
+    assert validate.KUBERAY_SCHEMA_DIR.is_relative_to(REPO)  # self-contained: nothing read from beside the repo
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
