@@ -181,7 +181,7 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}  ->  experiment {experiment_id}, run {run_id}"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.pretext", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="demo", help="preset (demo, small, paper) or YAML file")
@@ -190,7 +190,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--run-name", default=None, help="Ray run / MLflow run name; an existing one is continued")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                                                         "else sqlite:///./mlflow.db)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import ray
     from mlflow import MlflowClient
