@@ -151,7 +151,7 @@ def test_rayversion_matches_the_pin_and_the_dockerfile():
     mlflow = validate.pinned_version("mlflow")
     dockerfile = (REPO / "k8s" / "Dockerfile").read_text()
     bases = re.findall(r"^FROM\s+(\S+)", dockerfile, flags=re.M)
-    assert f"rayproject/ray:{ray}-py311-cu130" in bases, bases
+    assert f"rayproject/ray:{ray}-py311-gpu" in bases, bases  # the alias published for every release
     assert all(validate.image_is_pinned(b) for b in bases), bases
     assert f'"mlflow=={mlflow}"' in dockerfile
     for name in OVERLAYS:
@@ -469,3 +469,41 @@ def test_components_build_and_validate(tmp_path):
     allowed = next(a for a in args if a.startswith("--allowed-hosts=")).split("=", 1)[1].split(",")
     assert host in allowed and "--app-name=basic-auth" in args
     assert configmap(docs, "flipray-env")["data"]["FLIPRAY_MLFLOW_UI"] == f"https://{host}"
+
+
+def test_image_installs_exactly_the_pins(tmp_path):
+    """The dependency layer installs k8s/requirements.txt, which equals pyproject.toml's pins; nothing else (no
+    README.md, no code) is copied before it, so only a pin change rebuilds it."""
+    import tomllib
+    from packaging.requirements import Requirement
+    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    listed = [line for line in (REPO / "k8s" / "requirements.txt").read_text().splitlines()
+              if line and not line.startswith("#")]
+    assert [str(Requirement(x)) for x in listed] == [str(Requirement(x)) for x in pins]
+    assert all([s.operator for s in Requirement(x).specifier] == ["=="] for x in listed)
+    check = subprocess.run([sys.executable, "k8s/requirements.py", "--check"], cwd=REPO, capture_output=True,
+                           text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
+    # a pin changed in pyproject.toml without regenerating: --check fails, a run fixes it
+    stale = tmp_path / "pyproject.toml"
+    stale.write_text((REPO / "pyproject.toml").read_text().replace('"tqdm==4.70.1"', '"tqdm==4.70.2"'))
+    out = tmp_path / "requirements.txt"
+    out.write_text((REPO / "k8s" / "requirements.txt").read_text())
+    args = [sys.executable, "k8s/requirements.py", "--pyproject", str(stale), "--out", str(out)]
+    assert subprocess.run([*args, "--check"], cwd=REPO, capture_output=True, timeout=60).returncode == 1
+    assert subprocess.run(args, cwd=REPO, capture_output=True, timeout=60).returncode == 0
+    assert "tqdm==4.70.2" in out.read_text().splitlines()
+    stale.write_text(stale.read_text().replace('"tqdm==4.70.2"', '"tqdm>=4"'))
+    loose = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert loose.returncode == 2 and "'tqdm>=4' is not an exact pin" in loose.stderr
+
+    # the Dockerfile's flipray stage: what is copied before the dependency install
+    stage = (REPO / "k8s" / "Dockerfile").read_text().split("AS flipray-mlflow")[0].split("AS flipray\n", 1)[1]
+    lines = [line.strip() for line in stage.splitlines() if line.strip() and not line.strip().startswith("#")]
+    install = next(i for i, line in enumerate(lines) if line.startswith("RUN pip install -r"))
+    copies = [line.split()[-2] for line in lines[:install] if line.startswith("COPY")]
+    assert copies == ["k8s/requirements.txt"], copies
+    assert lines[install].split()[4] == "/tmp/requirements.txt" and "k8s/requirements.txt /tmp/requirements.txt" in \
+        lines[install - 1]
+    ignore = (REPO / "k8s" / "Dockerfile.dockerignore").read_text().splitlines()
+    assert "!k8s/requirements.txt" in ignore
