@@ -163,7 +163,7 @@ def test_rayversion_matches_the_pin_and_the_dockerfile():
     bases = re.findall(r"^FROM\s+(\S+)", dockerfile, flags=re.M)
     assert f"rayproject/ray:{ray}-py311-gpu" in bases, bases  # the alias published for every release
     assert all(validate.image_is_pinned(b) for b in bases), bases
-    assert f'"mlflow=={mlflow}"' in dockerfile
+    assert f'"mlflow[auth]=={mlflow}"' in dockerfile  # the basic-auth app needs the auth extra
     for name in OVERLAYS:
         assert of_kind(overlay(name), "RayCluster")["flipray"]["spec"]["rayVersion"] == ray
 
