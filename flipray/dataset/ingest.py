@@ -7,8 +7,8 @@
 
 On a cluster: `ray job submit --working-dir . -- python -m jobs.ingest --videos s3://bucket/raw/ --out s3://...`
 (an s3:// prefix, each task fetching its source, flipray/dataset/sources.py; or a folder every node reads, e.g. a
-shared file system; the store should then be S3). Without
-RAY_ADDRESS or --address a local Ray instance is started with --num-cpus workers.
+shared file system; the store should then be S3). Without RAY_ADDRESS or --address a local Ray instance is started
+with --num-cpus workers.
 
 What happens: every source is probed with ffprobe (in Ray tasks); files with no video, no audio, mono or more than
 two audio channels, unreadable or shorter than one clip are skipped with that reason. Each remaining source gives
