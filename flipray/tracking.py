@@ -145,8 +145,9 @@ def _download(uri: str, dst: str) -> str:
         version = max(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
     else:
         version = client.get_model_version(name, ref)
-    if getattr(version, "model_id", None):  # a logged model (PyTorch flavor): its own artifact location
-        location = client.get_logged_model(version.model_id).artifact_location
+    if version.source.startswith("models:/"):  # a logged model (PyTorch flavor), models:/<model id>
+        model_id = getattr(version, "model_id", None) or version.source[len("models:/"):].split("/")[0]
+        location = client.get_logged_model(model_id).artifact_location
     else:  # a run artifact (runs:/<run>/model)
         location = f"{client.get_run(version.run_id).info.artifact_uri}/{version.source.split('/', 3)[-1]}"
     rel = location.split("mlflow-artifacts:/", 1)[1].lstrip("/")

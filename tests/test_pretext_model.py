@@ -67,3 +67,29 @@ def test_registered_model_loads_with_mlflow_pytorch_and_equals_the_check_model(t
     for name, tensor in net.state_dict().items():
         assert torch.equal(tensor, check_net.state_dict()[name]), name
     assert yaml.safe_load((tiny_model / "config.yaml").read_text())["data"]["crop"] == cfg.data.crop == 32
+
+
+def test_the_demo_store_serves_the_model_with_its_server_and_without(tiny_model, tmp_path, monkeypatch):
+    """`make demo`'s layout: an MLflow server proxying artifacts into a folder beside its sqlite store. While it runs,
+    mlflow.pytorch.load_model works through it; after it stops, flipray still loads the checkpoint from the folder."""
+    import mlflow.pytorch
+    from mlflow import MlflowClient
+
+    from cluster import local
+    from flipray import tracking
+
+    state = tmp_path / "local"
+    service = local.start_mlflow(state)  # free port, 127.0.0.1, its own process group
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", service.url)
+        experiment_id = tracking.init_tracking(service.url, "flipray-pretext")
+        run_id = MlflowClient(service.url).create_run(experiment_id, run_name="demo").info.run_id
+        assert tracking.register_checkpoint(run_id, tiny_model, tracking.PRETEXT_MODEL, {}) == 1
+        net = mlflow.pytorch.load_model("models:/flipray-pretext/latest")
+    finally:
+        local.stop(service)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    model, _ = tracking.load_pretrained("models:/flipray-pretext/latest", f"sqlite:///{state / 'mlflow.db'}")
+    weights = net.state_dict()
+    assert weights.keys() == model.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
