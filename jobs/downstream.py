@@ -14,7 +14,9 @@ same job for the tasks that have one. Options:
     --config-file F.yaml  task config fields from a YAML file (e.g. a sweep's best.yaml), applied after the preset
     --set key=value       any field of the task's config dataclass (e.g. lr=3e-4, epochs=20), applied last
     --out DIR             table + per-method results + figures land in DIR/<task>/ (default runs/downstream)
-    --cpus N              CPUs per method (Ray task resources); --local runs the methods one after another here
+    --cpus N, --gpus N    Ray resources per method (default $FLIPRAY_TASK_CPUS / $FLIPRAY_TASK_GPUS, else 1 CPU, no
+                          GPU; on Kubernetes the flipray-env ConfigMap sets them); --local runs the methods one after
+                          another here
 
 Methods whose pretext weights are missing are left out with a warning naming the model to train. The table goes
 through `flipray.tasks.tables.write_table` (markdown + JSON with the paper's numbers and Wilcoxon p-values); MLflow
@@ -51,11 +53,30 @@ def parse_args(task_module, argv):
     p.add_argument("--methods", default="", help=f"comma-separated subset of {list(task_module.METHODS)}")
     overrides.add_arguments(p, "task config")  # --config-file (e.g. tuning's best.yaml), --set
     p.add_argument("--out", default="runs/downstream")
-    p.add_argument("--cpus", type=float, default=1.0)
+    cpus, gpus = task_resources()
+    p.add_argument("--cpus", type=float, default=cpus, help="CPUs per method (default $FLIPRAY_TASK_CPUS, else 1)")
+    p.add_argument("--gpus", type=float, default=gpus, help="GPUs per method (default $FLIPRAY_TASK_GPUS, else 0)")
     p.add_argument("--local", action="store_true", help="run the methods in this process, without Ray")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--no-mlflow", action="store_true")
     return p.parse_args(argv)
+
+
+def task_resources(env=None) -> tuple[float, float]:
+    """(CPUs, GPUs) a downstream method or sweep trial asks Ray for: FLIPRAY_TASK_CPUS / FLIPRAY_TASK_GPUS (the
+    cluster's config, e.g. the flipray-env ConfigMap on Kubernetes), else (1, 0)."""
+    env = os.environ if env is None else env
+    values = []
+    for key, default in (("FLIPRAY_TASK_CPUS", 1.0), ("FLIPRAY_TASK_GPUS", 0.0)):
+        raw = env.get(key, "").strip()
+        try:
+            value = float(raw) if raw else default
+        except ValueError:
+            raise ValueError(f"{key}={raw!r}: expected a number of {key.split('_')[-1]}") from None
+        if value < 0:
+            raise ValueError(f"{key}={raw!r}: expected a number >= 0")
+        values.append(value)
+    return values[0], values[1]
 
 
 # Fields a config file may not carry over from another run: they say which row and weights a trial is.
@@ -93,14 +114,14 @@ def method_configs(task_module, args, pretext: dict[str, str]) -> dict[str, obje
     return configs
 
 
-def run_methods(task_module, configs: dict, cpus: float, local: bool) -> dict[str, dict]:
+def run_methods(task_module, configs: dict, cpus: float, local: bool, gpus: float = 0.0) -> dict[str, dict]:
     """{method: run_trial result}; as Ray tasks unless `local` (progress printed as methods finish)."""
     if local:
         return {m: task_module.run_trial(cfg) for m, cfg in configs.items()}
     import ray
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-    remote = ray.remote(num_cpus=cpus)(_trial)
+    remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(_trial)
     # The pretext checkpoints travel through the object store and the figures come back as bytes: a task may run
     # on a node that does not share this driver's disk.
     blobs = {path: ray.put(Path(path).read_bytes()) for path in {c.pretext for c in configs.values() if c.pretext}}
@@ -189,7 +210,7 @@ def table_main(task_module):
         print(f"{task}: {len(configs)} methods ({', '.join(configs)}) on {args.data}, preset {args.preset}",
               flush=True)
         t0 = time.time()
-        results = run_methods(task_module, configs, args.cpus, args.local)
+        results = run_methods(task_module, configs, args.cpus, args.local, args.gpus)
         for m, r in results.items():
             write_json(out / m / "result.json", r)
         table = build_table(task_module, args, configs, results)

@@ -84,7 +84,12 @@ def test_the_image_runs_jobs_and_sweeps_from_its_copy_of_the_repository():
     for folder in ("jobs", "tuning"):  # RayJob entrypoints; tuning/ brings its *.yaml sweep definitions
         assert f"COPY --chown=1000:100 {folder} ./{folder}" in dockerfile
         assert f"!{folder}/" in (REPO / "k8s" / "Dockerfile.dockerignore").read_text()
-    assert "'ray', 'mlflow', 'dali'" in dockerfile and "'dev'" not in dockerfile and "'test'" not in dockerfile
+    # its install list (k8s/requirements.txt, from k8s/requirements.py) is the core and the ray, mlflow, dali extras
+    assert "COPY --chown=1000:100 k8s/requirements.txt /tmp/requirements.txt" in dockerfile
+    listed = {Requirement(line).name.lower() for line in (REPO / "k8s" / "requirements.txt").read_text().splitlines()
+              if line and not line.startswith("#")}
+    assert requirements("core", "ray", "mlflow", "dali") == listed
+    assert "moto" not in listed  # not dev/test
 
 
 def test_sweep_definitions_are_found_from_any_working_directory(tmp_path):

@@ -6,9 +6,10 @@
 
 The sweep definition is `tuning/<task>.yaml`: the metric and mode, the search space (`loguniform: [lo, hi]`,
 `uniform`, `choice`, `randint`, or a plain value), ASHA's grace period and reduction factor, the trials run at once
-and each trial's CPUs/GPUs. Each trial is a function trainable that runs the task's `run_trial` (flipray.tasks) on
-the train split and reports the validation split after every epoch, so ASHA can stop poor trials early. Trial
-checkpoints (the finished trial's history and config) live under `--storage/<name>/` (a folder or s3://).
+and each trial's CPUs/GPUs (FLIPRAY_TASK_CPUS / FLIPRAY_TASK_GPUS override them). Each trial is a function
+trainable that runs the task's `run_trial` (flipray.tasks) on the train split and reports the validation split after
+every epoch, so ASHA can stop poor trials early. Trial checkpoints (the finished trial's history and config) live under
+`--storage/<name>/` (a folder or s3://).
 
 MLflow: the driver initialises the store (a fresh sqlite store must be created once, before trials touch it) and
 opens the sweep's parent run; every trial logs its params and per-epoch metrics into its own run, nested under
@@ -36,6 +37,7 @@ from flipray.overrides import apply
 from flipray import tasks, tracking
 from flipray.dataset.store import storage_location
 from flipray.tracking import resolve_pretext
+from jobs.downstream import task_resources
 
 log = logging.getLogger("tuning.sweep")
 
@@ -78,6 +80,16 @@ def search_space(space: dict) -> dict:
         else:
             out[key] = spec
     return out
+
+
+def trial_resources(definition: dict, env=None) -> dict:
+    """Ray resources of one trial: the definition's `resources`, overridden by FLIPRAY_TASK_CPUS / FLIPRAY_TASK_GPUS
+    where the cluster's config sets them (the flipray-env ConfigMap on Kubernetes: one GPU per trial in overlays/gpu)."""
+    env = os.environ if env is None else env
+    resources = definition.get("resources", {})
+    cpus, gpus = task_resources(env)
+    return {"cpu": cpus if env.get("FLIPRAY_TASK_CPUS") else resources.get("cpu", 1),
+            "gpu": gpus if env.get("FLIPRAY_TASK_GPUS") else resources.get("gpu", 0)}
 
 
 def trainable(config: dict):
@@ -249,9 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     param_space = {**search_space(d["space"]), "task": args.task, "base": dataclasses.asdict(base),
                    "mlflow": {"uri": uri, "experiment_id": experiment_id, "parent": parent}}
-    resources = d.get("resources", {"cpu": 1})
-    trainable_with_resources = tune.with_resources(trainable, {"cpu": resources.get("cpu", 1),
-                                                               "gpu": resources.get("gpu", 0)})
+    trainable_with_resources = tune.with_resources(trainable, trial_resources(d))
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
     if restoring:

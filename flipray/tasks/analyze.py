@@ -148,7 +148,7 @@ def load_audio_clips(root: str, split: str, sample_rate: int, max_clips: int = 0
 def audio_embeddings(net, clips: list[Clip], windows: list[Window], pcfg, batch_size: int,
                      device: torch.device) -> np.ndarray:
     """(N, audio_dim): each window's audio embedding averaged over time, as the pretext network was trained."""
-    from tqdm import tqdm
+    from flipray.progress import tqdm  # tqdm_ray inside Ray tasks
     features = AudioFeatures(pcfg)
     out = []
     for i in tqdm(range(0, len(windows), batch_size), desc="audio embeddings", unit="batch", leave=False):
@@ -282,7 +282,7 @@ def attention_centers(net, clips: list[Clip], windows: list[Window], pcfg, batch
                       device: torch.device) -> dict[str, tuple[np.ndarray, torch.Tensor]]:
     """{"gradcam" | "saliency": ((N,) horizontal centre of mass of each window's map, averaged over its frames, in
     stored-frame pixels; the maps (N, h, w))}."""
-    from tqdm import tqdm
+    from flipray.progress import tqdm  # tqdm_ray inside Ray tasks
     from flipray.pretext.data import flip_channels
     features = AudioFeatures(pcfg)
     margin, crop = (pcfg.data.resize - pcfg.data.crop) / 2, pcfg.data.crop

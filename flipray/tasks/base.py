@@ -140,7 +140,7 @@ def load_clips(root: str, split: str, resize: int, sample_rate: int, max_clips: 
     Downstream sets are small (the paper's FAIR-Play: 2k clips); a task that outgrows RAM should move to the
     pretext loaders. `max_clips` keeps the first clips in manifest order (deterministic). `video=False` reads audio
     and sidecars only (Clip.frames empty): ~20x faster for the audio-only uses (embedding analysis, DOA)."""
-    from tqdm import tqdm
+    from flipray.progress import tqdm  # tqdm_ray inside Ray tasks
     store = Store(root)
     rows = store.read_manifest(split)
     if not rows:

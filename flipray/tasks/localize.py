@@ -325,7 +325,7 @@ def make_batch(items, tracks, cfg, pcfg, features, audio_mode, device):
 
 def train_one_epoch(model: LocalizationNet, optimizer, scheduler, tracks: list[TrackClip], cfg: Config, pcfg,
                     features: AudioFeatures, audio_mode: str | None, device, epoch: int, frozen: bool) -> float:
-    from tqdm import tqdm
+    from flipray.progress import tqdm  # tqdm_ray inside Ray tasks
     model.train()
     if frozen:  # frozen sub-networks keep their BatchNorm statistics too
         model.backbone.eval()

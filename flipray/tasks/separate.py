@@ -263,7 +263,7 @@ def make_batch(clips: list[Clip], items: list[tuple], chunks: Chunks, pcfg: Pret
 # Train and evaluate
 
 def train_one_epoch(model: Separator, clips, chunks, spec, pcfg, optimizer, cfg: Config, device, epoch: int) -> float:
-    from tqdm import tqdm
+    from flipray.progress import tqdm  # tqdm_ray inside Ray tasks
     model.train()
     items = train_items(clips, chunks, cfg, epoch)
     total, n = 0.0, 0
@@ -326,7 +326,7 @@ def separate_pair(model: Separator, a: Clip, b: Clip, chunks: Chunks, spec, pcfg
 
 def score_pairs(model, clips, pairs, chunks, spec, pcfg, cfg: Config, device, out_dir: Path | None) -> tuple:
     """Per target clip: BSS Eval of the target, the mixture's SDR, the training L1 -> (per_clip, clip ids)."""
-    from tqdm import tqdm
+    from flipray.progress import tqdm  # tqdm_ray inside Ray tasks
     per_clip = {k: [] for k in TABLE["metrics"]}
     ids = []
     for n, (i, j) in enumerate(tqdm(pairs, desc="separating eval pairs", unit="pair", leave=False)):

@@ -202,7 +202,7 @@ def train_items(clips: list[Clip], chunks: Chunks, cfg: Config, epoch: int) -> l
 # Train and evaluate
 
 def train_one_epoch(model: Upmixer, clips, chunks, spec, pcfg, optimizer, cfg: Config, device, epoch: int) -> float:
-    from tqdm import tqdm
+    from flipray.progress import tqdm  # tqdm_ray inside Ray tasks
     model.train()
     items = train_items(clips, chunks, cfg, epoch)
     total, n = 0.0, 0
@@ -256,7 +256,7 @@ def upmix_clip(model: Upmixer, clip: Clip, chunks: Chunks, spec, pcfg, cfg: Conf
 
 def score_clips(model, clips, chunks, spec, pcfg, cfg: Config, device, out_dir: Path | None) -> dict:
     """Whole-clip metrics per clip (and the mono-copy floor); the first cfg.examples clips written as FLAC."""
-    from tqdm import tqdm
+    from flipray.progress import tqdm  # tqdm_ray inside Ray tasks
     per_clip = {k: [] for k in TABLE["metrics"]}
     for k, clip in enumerate(tqdm(clips, desc="upmixing eval clips", unit="clip", leave=False)):
         r = upmix_clip(model, clip, chunks, spec, pcfg, cfg, device)
