@@ -24,7 +24,7 @@ from flipray.dataset.store import ChecksumError, Store, sha256, upload_dataset
 @pytest.fixture(scope="module")
 def synth_dataset(tmp_path_factory):
     """Six short synthetic clips (3 scenes) in a local folder: what `flipray synth` writes."""
-    from flipray.synth.scenes import scenes as synth
+    from flipray.synth import scenes as synth
     root = tmp_path_factory.mktemp("synth")
     synth.generate(root, 6, seed=3, workers=1, duration_s=4.0, size=64)
     return root
@@ -130,7 +130,7 @@ def test_clip_dataset_reads_s3_root_and_skips_corrupt_objects(synth_dataset, buc
     batch = collate([ds[(0, i)] for i in range(len(ds))])
     assert batch["skipped"] == 0
     crop = cfg.data.crop
-    assert batch["video"].shape == (len(train), 6, 3, crop, crop) and batch["audio"].shape == (len(train), 2, 64, 288)
+    assert batch["video"].shape == (len(train), 6, 3, crop, crop) and batch["audio"].shape == (len(train), 2, 45920)
     assert batch["clip_id"] == [c["clip_id"] for c in train]
 
     # Replace one clip's video with other bytes: its checksum no longer matches, the clip is skipped and named.
