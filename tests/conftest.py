@@ -143,10 +143,12 @@ def ingested(source_videos, ray_local, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
-    """A small rendered synthetic dataset (16 clips of 4 s, 8 scenes) shared by the library tests. Read-only."""
+    """A small rendered synthetic dataset (16 clips of 4 s, 8 scenes) shared by the library tests. Read-only.
+    Binaural heads only: the library tests read the level difference of a head off these clips."""
     from flipray.synth.scenes import generate
     root = tmp_path_factory.mktemp("synth")
-    generate(root, clips=16, seed=3, workers=2, duration_s=4.0, two_source_prob=0.0, max_distractors=1)
+    generate(root, clips=16, seed=3, workers=2, duration_s=4.0, two_source_prob=0.0, max_distractors=1,
+             mics=("binaural",))
     return root
 
 
@@ -156,7 +158,7 @@ def demo_run(tmp_path_factory) -> dict:
     2 idle cores). Yields {"data": dataset folder, "run_dir": run folder, "checkpoint": checkpoint.pt, "report": the
     report dict}. Read-only for its users: test_demo checks the accuracy, test_check and the downstream tests use the
     trained model."""
-    from flipray.synth.scenes import scenes as synth
+    from flipray.synth import scenes as synth
     from flipray.pretext import train
     base = tmp_path_factory.mktemp("demo")
     data = base / "demo"
