@@ -107,6 +107,9 @@ def test_model_takes_waveforms_on_its_own_device_and_rejects_a_mismatch():
     with pytest.raises(ValueError, match="audio waveform is on cpu, the model on meta"):
         meta(video.to("meta"), wave)
     meta(video.to("meta"), wave.to("meta"))  # same device: fine
+    with torch.device("meta"):  # built under a default device (bench/project.py counts FLOPs so): buffers follow
+        assert SpatialAlignmentNet(cfg).front_end.fb.device.type == "meta"
+    torch.testing.assert_close(SpatialAlignmentNet(cfg).front_end.fb, net.front_end.fb)
 
 
 def test_configs_saved_before_the_front_end_load_as_the_log_mel_model():

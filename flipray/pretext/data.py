@@ -316,10 +316,13 @@ class AudioFeatures(torch.nn.Module):
         self.n_fft, self.hop, self.win = d.n_fft, d.hop_length, d.win_length
         # torchaudio.transforms.MelSpectrogram(norm="slaney", mel_scale="slaney", power=2) computed from one STFT
         # that the phase features share
-        fb = torchaudio.functional.melscale_fbanks(d.n_fft // 2 + 1, 0.0, float(d.sample_rate // 2), d.n_mels,
-                                                   d.sample_rate, norm="slaney", mel_scale="slaney")
-        self.register_buffer("fb", fb, persistent=False)                       # (n_freqs, n_mels)
-        self.register_buffer("window", torch.hann_window(d.win_length), persistent=False)
+        with torch.device("cpu"):  # computed on the CPU even under a meta / cuda default device, then moved there
+            fb = torchaudio.functional.melscale_fbanks(d.n_fft // 2 + 1, 0.0, float(d.sample_rate // 2), d.n_mels,
+                                                       d.sample_rate, norm="slaney", mel_scale="slaney")
+            window = torch.hann_window(d.win_length)
+        device = torch.get_default_device()
+        self.register_buffer("fb", fb.to(device), persistent=False)             # (n_freqs, n_mels)
+        self.register_buffer("window", window.to(device), persistent=False)
 
     @property
     def channels(self) -> int:
