@@ -152,7 +152,7 @@ def markdown(report: dict) -> str:
     for spec, m in report["models"].items():
         if "check" not in m:
             continue
-        for key in ("right", "undecidable", "right_decided"):
+        for key in ("right", "undecidable", "right_decided", "capture_guess_right"):
             lines.append(f"| check 3-s H.264/AAC, `{m['front_end']}`: {key} | " +
                          " | ".join(cell(m["check"].get(g, {}).get(key)) for g in groups) + " |")
     return "\n".join(lines) + "\n"
