@@ -32,7 +32,7 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/train.py: OpenMP spinning on a busy machine
 
-from bench import cache, decode, train
+from bench import cache, decode, front_end, train
 from bench.common import machine
 from bench.project import clip_bytes, model_cost, resnet50_cost
 
@@ -61,6 +61,7 @@ def run(quick: bool = False, data: str | None = None, threads: int | None = None
                                                  "threads": threads, "modes": list(modes), **pick}}
     report["load_average_1_5_15"] = {"start": report["machine"]["load_average_1_5_15"]}
     report["model"] = {"demo": model_cost("demo"), "paper": model_cost("paper"), "resnet50": resnet50_cost()}
+    report["front_end"] = front_end.run(batch=4 if quick else 16, repeats=1 if quick else 3)
     if (Path(clips_root) / "manifest.jsonl").exists():
         report["clip_bytes"] = clip_bytes(clips_root)
     if "decode" not in skip:
@@ -136,6 +137,10 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name}, {d} per S3 request (batch {c['batch_size']}) | 8 in flight / 1 | "
                          f"{rates[d + '_threads8']:.1f} / {rates[d + '_threads1']:.1f} samples/s | "
                          f"{rates[d + '_threads8'] / rates[d + '_threads1']:.2f} | 1 in flight | | |")
+    for i, r in enumerate(report.get("front_end", [])):
+        what = "audio front end per sample (waveform -> features, on the training device)" if i == 0 else ""
+        lines.append(f"| {what} | {r['preset']} `{r['front_end']}` ({r['channels']} ch), {r['device']} | "
+                     f"{r['ms_per_sample']:.2f} ms/sample | | | | |")
     mach = report["machine"]
     load = report["load_average_1_5_15"]
     lines.append("")

@@ -55,7 +55,7 @@ def random_batches(cfg, batch: int, n: int, device) -> list[dict]:
     out = []
     for _ in range(min(n, 4)):  # 4 distinct batches, cycled: enough to defeat any caching, little memory
         out.append({"video": torch.randn(batch, d.num_frames, 3, d.crop, d.crop, generator=g).to(device),
-                    "audio": torch.randn(batch, 2, d.n_mels, cfg.mel_frames, generator=g).to(device),
+                    "audio": torch.randn(batch, 2, cfg.window_samples, generator=g).clamp(-1, 1).to(device),
                     "label": (torch.rand(batch, generator=g) < 0.5).float().to(device), "skipped": 0})
     return [out[i % len(out)] for i in range(n)]
 

@@ -83,7 +83,8 @@ def model_cost(preset: str = "paper", overrides: list[str] | None = None) -> dic
     with torch.device("meta"):  # shapes only: counts FLOPs without computing anything
         model = SpatialAlignmentNet(cfg)
         video = torch.randn(1, d.num_frames, 3, d.crop, d.crop)
-        audio = torch.randn(1, 2, d.n_mels, cfg.mel_frames)
+        # the network's input features (the front end's FFTs are bench/front_end.py's, and cost no FLOPs here)
+        audio = torch.randn(1, model.front_end.channels, d.n_mels, cfg.mel_frames)
         target = torch.zeros(1)
     forward, both = FlopCounterMode(display=False), FlopCounterMode(display=False)
     with forward:

@@ -1,4 +1,4 @@
-"""GPU check: the pretext pipeline with device="gpu" (NVDEC video decode, augmentation and log-mel on the GPU).
+"""GPU check: the pretext pipeline with device="gpu" (NVDEC video decode, augmentation and waveform on the GPU).
 
     python -m dali_pipelines.gpu_check                               # 32 synthetic 10-s clips, paper preset
     python -m dali_pipelines.gpu_check --root s3://bucket/ds --batch-size 32 --epochs 3
@@ -71,11 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     d = cfg.data
     checks["cuda_tensors"] = g["video"].is_cuda and g["audio"].is_cuda
     checks["video_shape"] = tuple(g["video"].shape[1:]) == (d.num_frames, 3, d.crop, d.crop)
-    checks["audio_shape"] = tuple(g["audio"].shape[1:]) == (2, d.n_mels, cfg.mel_frames)
+    checks["audio_shape"] = tuple(g["audio"].shape[1:]) == (2, cfg.window_samples)
     checks["same_samples"] = g["clip_id"] == c["clip_id"] and torch.equal(g["label"].cpu(), c["label"].cpu()) \
         and torch.allclose(g["start_s"].cpu(), c["start_s"].cpu())
-    loud = c["audio"] > -6  # above the float-noise floor (see tests/test_dali.py)
-    audio_err = (g["audio"].cpu() - c["audio"])[loud].abs().max().item()
+    from flipray.pretext.data import AudioFeatures
+    front = AudioFeatures(cfg)  # the model's front end on CPU for both: the loaders must hand it the same waveform
+    gf, cf = front(g["audio"].cpu()), front(c["audio"].cpu())
+    loud = cf[:, :2] > -6  # log-mels above the float-noise floor (see tests/test_dali.py)
+    audio_err = (gf[:, :2] - cf[:, :2])[loud].abs().max().item()
     video_err = (g["video"].cpu() - c["video"]).abs().mean().item()
     checks["audio_close"] = audio_err < 5e-3
     checks["video_close"] = video_err < 0.1

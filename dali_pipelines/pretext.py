@@ -9,7 +9,8 @@
 Same samples as the torchcodec loader: sample k of an epoch is item `EpochSampler(..., rank=shard_id,
 world=num_shards).order()[k]` and its window, crop, jitter, flips and label are `flipray.pretext.data.draw_params(...)` for
 that item, so `ClipDataset` + `EpochSampler` and this loader yield the same batches (frames within codec tolerance:
-DALI converts YUV to RGB with its own filter; log-mel within float tolerance).
+DALI converts YUV to RGB with its own filter; waveform within FLAC-decoding float tolerance, so the model's front end
+gives the same features: tests/test_dali.py states the tolerance).
 
 How: a per-sample `fn.external_source` callback (`ClipSource`) maps (epoch, position) to an item, draws its
 `SampleParams`, fetches the clip's two objects through `flipray.dataset.store` (S3 or a folder) and checks them against the
@@ -17,9 +18,10 @@ manifest's sha256 (through the node-local cache when data.cache_dir is set), wit
 flight per process: the positions the process will be asked for next are fetched ahead (`ClipSource.ahead`).
 DALI then does the work: `fn.decoders.video` (CPU, or "mixed" = NVDEC on the GPU) decodes only the
 window (`start_frame`, `sequence_length`, `stride`), `fn.decoders.audio` the FLAC, and resize, mirror, crop, colour
-jitter, normalisation, channel swap, peak normalisation, STFT, mel filterbank and log10 run as DALI operators (on the
-GPU with device="gpu"). A reader with a fixed file list cannot reshuffle per epoch in `EpochSampler`'s order, so the
-callback is the reader; with `py_workers > 0` it runs in that many processes started with `spawn` (safe in Ray
+jitter, normalisation, channel swap and peak normalisation run as DALI operators (on the GPU with device="gpu");
+the audio features (log-mel, phase differences, GCC-PHAT) come from the model's torch front end on the training
+device. A reader with a fixed file list cannot reshuffle per epoch in `EpochSampler`'s order, so the callback is
+the reader; with `py_workers > 0` it runs in that many processes started with `spawn` (safe in Ray
 workers and after CUDA initialisation).
 
 Corrupt clips are skipped and counted, never fatal: (1) a clip whose objects are missing, fail their checksum or are
@@ -226,7 +228,8 @@ class ClipSource:
 def build_pipeline(cfg: Config, source: ClipSource, device: str = "cpu", batch_size: int = 32,
                    num_threads: int = 2, device_id: int = 0, py_workers: int = 0):
     """The pretext pipeline (built, not started); its outputs are OUTPUTS:
-    video (B,T,3,crop,crop) float, audio (B,C,n_mels,S) log10-mel, flags (B,3), info (B,4), n_frames, n_audio."""
+    video (B,T,3,crop,crop) float, audio (B,2,samples) peak-normalised waveform, flags (B,3), info (B,4), n_frames,
+    n_audio."""
     import nvidia.dali.fn as fn
     import nvidia.dali.math as dmath
     import nvidia.dali.types as types
@@ -234,23 +237,12 @@ def build_pipeline(cfg: Config, source: ClipSource, device: str = "cpu", batch_s
 
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
-    if cfg.model.variant == "gcc-phat":
-        raise ValueError("model.variant=gcc-phat needs STFT phase, which DALI's spectrogram does not give; use "
-                         "data.loader=torchcodec")
     if cfg.data.audio_channels != 2 or cfg.train.task == "rotate":
         raise ValueError("360 clips (data.audio_channels=4, train.task=rotate: FOA rotation, panorama roll, intensity "
                          "vectors) are not in the DALI pipeline yet; use data.loader=torchcodec")
     d = cfg.data
     T, stride, R = d.num_frames, frame_stride(cfg), d.resize
     gpu = device == "gpu"
-    window = torch.hann_window(d.win_length).tolist()  # torch.stft's periodic Hann, as torchaudio uses
-
-    def log_mel(signal):
-        spec = fn.spectrogram(signal, nfft=d.n_fft, window_length=d.win_length, window_step=d.hop_length,
-                              window_fn=window, center_windows=True, reflect_padding=True, power=2)
-        mel = fn.mel_filter_bank(spec, sample_rate=d.sample_rate, nfilter=d.n_mels, freq_low=0.0,
-                                 freq_high=d.sample_rate / 2, normalize=True, mel_formula="slaney")
-        return dmath.log10(mel + 1e-10)  # AudioFeatures.log_mel
 
     # enable_conditionals: the `if` below runs per sample, so clips stored at the training size skip the resize
     @pipeline_def(enable_conditionals=True)
@@ -285,7 +277,8 @@ def build_pipeline(cfg: Config, source: ClipSource, device: str = "cpu", batch_s
                                          std=IMAGENET_STD.flatten().tolist(), output_layout="FCHW",
                                          dtype=types.FLOAT)
 
-        # Audio: decode the FLAC (CPU only), cut the window, swap channels, peak-normalise, log-mel (on the device)
+        # Audio: decode the FLAC (CPU only), cut the window, swap channels, peak-normalise. The features come from
+        # the model's torch front end on the training device (DALI's spectrogram has no phase), as for torchcodec.
         wave, _ = fn.decoders.audio(audio_b, sample_rate=d.sample_rate, downmix=False, dtype=types.FLOAT)
         n_audio = wave.shape()
         wave = fn.slice(wave, start=s0, shape=[cfg.window_samples], axes=(0,), out_of_bounds_policy="pad")
@@ -295,11 +288,7 @@ def build_pipeline(cfg: Config, source: ClipSource, device: str = "cpu", batch_s
         left, right = wave[:, 0], wave[:, 1]
         left, right = left * (1.0 - swap) + right * swap, right * (1.0 - swap) + left * swap
         peak = dmath.max(dmath.max(fn.reductions.max(dmath.abs(left)), fn.reductions.max(dmath.abs(right))), 1e-3)
-        left, right = left / peak, right / peak  # peak_normalise: both channels by the louder one's peak
-        channels = [log_mel(left), log_mel(right)]
-        if cfg.model.variant == "mono":
-            channels.append(log_mel((left + right) * 0.5))
-        audio = fn.stack(*channels, axis=0)
+        audio = fn.stack(left / peak, right / peak, axis=0)  # peak_normalise: both channels by the louder one's peak
         return video, audio, flags, info, n_frames, n_audio
 
     return pretext(batch_size=batch_size, num_threads=num_threads, device_id=device_id if gpu else None,

@@ -29,8 +29,7 @@ import torch
 from flipray.config import Config
 from flipray.optional import require
 from flipray.tracking import NoModelError, load_pretrained
-from flipray.pretext.data import (AudioFeatures, SampleParams, first_line, make_sample, resize_square,
-                                  window_frame_indices)
+from flipray.pretext.data import SampleParams, first_line, make_sample, resize_square, window_frame_indices
 
 DEFAULT_MODEL = "models:/flipray-pretext/latest"
 EXIT_SWAPPED, EXIT_UNCHECKED, EXIT_NO_MODEL, EXIT_FFMPEG = 1, 2, 4, 5
@@ -44,6 +43,8 @@ class CheckOptions:
     margin: float = 0.1             # mean P(swapped) must be this far from 0.5 for a verdict
     min_agree: float = 0.6          # and at least this fraction of scored windows must be on its side of 0.5
     min_run: int = 3                # consecutive confident windows that make a segment (~5 s of video at a 1-s hop)
+    min_windows: int = 3            # a video with fewer windows at hop_s (a short clip) gets one at every grid frame,
+    pad_s: float = 0.5              # and windows reaching up to pad_s beyond either end (edge frames, silent audio)
     silence_dbfs: float = -60.0     # windows with a lower RMS (both channels, before normalisation) are not scored
     dual_mono_db: float = -40.0     # side (L-R) this far below mid (L+R) over the whole file: dual mono
     batch_size: int = 16            # windows per forward pass (each window is 4 inputs, the test-time VIEWS)
@@ -63,6 +64,8 @@ class CheckResult:
     duration_s: float | None = None
     window_s: float | None = None  # the model's window length
     swapped_segments: list = field(default_factory=list)  # [start_s, end_s] where min_run windows in a row say swapped
+    cues: dict | None = None       # classical cues (flipray.cues): GCC-PHAT delay, level difference, capture guess,
+                                   # the side the picture moves on, and whether audio and picture sides agree
     timeline: list = field(default_factory=list)  # [start_s, P(swapped) or None for a silent window]
 
 
@@ -100,12 +103,17 @@ class Media:
     frames: torch.Tensor          # uint8 (K, resize, resize, 3): the grid frames the windows need, in `frame_pos` order
     frame_pos: dict[int, int]     # grid frame index -> row of `frames`
     wave: torch.Tensor            # float (2, S) at the model's sample rate, sample 0 = grid frame 0
-    starts: list[int]             # window start frames on the grid
+    starts: list[int]             # window start frames on the grid (negative: a padded window of a short clip)
     duration_s: float
+    grid_frames: int = 0          # frames on the grid: windows overhanging the end repeat the last one
 
 
-def window_starts(grid_frames: int, audio_samples: int, cfg: Config, hop_s: float) -> list[int]:
-    """Start frames of the windows: every hop from 0, plus one ending at the end of the shorter stream."""
+def window_starts(grid_frames: int, audio_samples: int, cfg: Config, hop_s: float, min_windows: int = 1,
+                  pad_s: float = 0.0) -> list[int]:
+    """Start frames of the windows: every hop from 0, plus one ending at the end of the shorter stream. A video with
+    fewer than `min_windows` such windows (a clip of a few seconds) gets a window at every grid frame instead, and
+    windows overhanging either end by up to pad_s (negative starts; window_frames / window_audio pad them), so its
+    verdict rests on several views of the evidence rather than one."""
     fps, sr = cfg.data.fps, cfg.data.sample_rate
     by_audio = math.floor((audio_samples + AUDIO_SLACK_S * sr - cfg.window_samples) / sr * fps)
     last = min(grid_frames - cfg.window_frames, by_audio)
@@ -113,7 +121,11 @@ def window_starts(grid_frames: int, audio_samples: int, cfg: Config, hop_s: floa
         return []
     hop = max(1, round(hop_s * fps))
     starts = list(range(0, last + 1, hop))
-    return starts if starts[-1] == last else starts + [last]
+    starts = starts if starts[-1] == last else starts + [last]
+    if len(starts) < min_windows:
+        pad = round(pad_s * fps)
+        starts = list(range(-pad, last + pad + 1))
+    return starts
 
 
 def open_media(path: str | Path, cfg: Config, opts: CheckOptions) -> Media:
@@ -153,12 +165,12 @@ def open_media(path: str | Path, cfg: Config, opts: CheckOptions) -> Media:
     offset = round((t0 - samples.pts_seconds) * cfg.data.sample_rate)
     wave = wave[:, offset:] if offset >= 0 else torch.nn.functional.pad(wave, (-offset, 0))
     duration = min(end - t0, wave.shape[1] / cfg.data.sample_rate)
-    starts = window_starts(grid, wave.shape[1], cfg, opts.hop_s)
+    starts = window_starts(grid, wave.shape[1], cfg, opts.hop_s, opts.min_windows, opts.pad_s)
     if not starts:
         raise CheckError("too-short", f"{duration:.2f} s of video with audio is shorter than one "
                                       f"{cfg.data.window_s:.2f}-s window")
 
-    needed = sorted({i for s in starts for i in window_frame_indices(cfg, s)})
+    needed = sorted({i for s in starts for i in window_frames(cfg, s, grid)})
     chunks = []
     try:
         for j in range(0, len(needed), 64):  # resize as we go: a long 1080p video never sits in memory whole
@@ -166,7 +178,7 @@ def open_media(path: str | Path, cfg: Config, opts: CheckOptions) -> Media:
             chunks.append(resize_square(vdec.get_frames_played_at(times).data, cfg.data.resize))
     except (RuntimeError, ValueError) as e:
         raise CheckError("not-a-video", f"cannot decode the video stream ({_why(e)})") from None
-    return Media(torch.cat(chunks), {k: r for r, k in enumerate(needed)}, wave, starts, duration)
+    return Media(torch.cat(chunks), {k: r for r, k in enumerate(needed)}, wave, starts, duration, grid)
 
 
 def _why(e: Exception) -> str:
@@ -192,21 +204,20 @@ VIEWS = ((False, False), (True, False), (False, True), (True, True))
 
 
 @torch.no_grad()
-def score_windows(model, cfg: Config, media: Media, starts: list[int], opts: CheckOptions,
-                  features: AudioFeatures | None = None) -> list[float]:
-    """P(swapped) of each window, averaged over the four test-time VIEWS."""
-    features = features or AudioFeatures(cfg)
+def score_windows(model, cfg: Config, media: Media, starts: list[int], opts: CheckOptions) -> list[float]:
+    """P(swapped) of each window, averaged over the four test-time VIEWS. Frames and waveforms go to the model's
+    device together; the model's front end turns the waveforms into features there."""
     margin = (cfg.data.resize - cfg.data.crop) // 2  # the evaluation crop: centre, no jitter
-    device = torch.device(opts.device)
+    device = next(model.parameters()).device
     out = []
     for b in range(0, len(starts), opts.batch_size):
         videos, audios = [], []
         for s in starts[b:b + opts.batch_size]:
-            frames = media.frames[[media.frame_pos[i] for i in window_frame_indices(cfg, s)]]
+            frames = media.frames[[media.frame_pos[i] for i in window_frames(cfg, s, media.grid_frames)]]
             wave = window_audio(media.wave, s, cfg)
             for joint_flip, swap in VIEWS:
                 sample = make_sample(frames, wave, SampleParams(s, margin, margin, 1.0, 1.0, 1.0, joint_flip, swap),
-                                     cfg, features)
+                                     cfg)
                 videos.append(sample["video"])
                 audios.append(sample["audio"])
         p = torch.sigmoid(model(torch.stack(videos).to(device), torch.stack(audios).to(device)).float()).cpu()
@@ -215,10 +226,19 @@ def score_windows(model, cfg: Config, media: Media, starts: list[int], opts: Che
     return out
 
 
+def window_frames(cfg: Config, start_frame: int, grid_frames: int) -> list[int]:
+    """The window's grid frames; a padded window (before the start or past the end) repeats the edge frame."""
+    return [min(max(i, 0), max(grid_frames - 1, 0)) for i in window_frame_indices(cfg, start_frame)]
+
+
 def window_audio(wave: torch.Tensor, start_frame: int, cfg: Config) -> torch.Tensor:
+    """The window's samples; silence where it overhangs the audio (a padded window, or audio a little short)."""
     s0 = round(start_frame / cfg.data.fps * cfg.data.sample_rate)
-    w = wave[:, s0:s0 + cfg.window_samples]
-    return torch.nn.functional.pad(w, (0, cfg.window_samples - w.shape[1])) if w.shape[1] < cfg.window_samples else w
+    before = max(-s0, 0)
+    w = wave[:, max(s0, 0):s0 + cfg.window_samples]
+    if before or w.shape[1] < cfg.window_samples:
+        w = torch.nn.functional.pad(w, (before, cfg.window_samples - before - w.shape[1]))
+    return w
 
 
 def runs(timeline: list, opts: CheckOptions, swapped: bool, window_s: float, duration_s: float) -> list[list[float]]:
@@ -256,8 +276,7 @@ def decide(timeline: list, opts: CheckOptions, window_s: float, duration_s: floa
     return "undecidable", p, agree
 
 
-def check_file(path: str | Path, model, cfg: Config, opts: CheckOptions | None = None,
-               features: AudioFeatures | None = None) -> CheckResult:
+def check_file(path: str | Path, model, cfg: Config, opts: CheckOptions | None = None) -> CheckResult:
     """Check one video; never raises for a bad input (the result carries `error` and `reason` instead)."""
     opts = opts or CheckOptions()
     result = CheckResult(str(path))
@@ -272,16 +291,28 @@ def check_file(path: str | Path, model, cfg: Config, opts: CheckOptions | None =
             raise CheckError("dual-mono", "dual mono: both channels carry the same signal, so swapping them changes "
                                           "nothing")
         scored = [s for s, keep in zip(media.starts, loud) if keep]
-        probs = iter(score_windows(model, cfg, media, scored, opts, features))
+        probs = iter(score_windows(model, cfg, media, scored, opts))
         result.timeline = [[round(s / cfg.data.fps, 3), round(next(probs), 4) if keep else None]
                            for s, keep in zip(media.starts, loud)]
         result.windows, result.silent_windows = len(scored), len(media.starts) - len(scored)
         result.verdict, p, agree = decide(result.timeline, opts, cfg.data.window_s, result.duration_s)
         result.swapped_segments = runs(result.timeline, opts, True, cfg.data.window_s, result.duration_s)
         result.p_swapped, result.agree_fraction = round(p, 4), round(agree, 4)
+        result.cues = classical_cues(media, cfg)
     except CheckError as e:
         result.error, result.reason = str(e), e.reason
     return result
+
+
+def classical_cues(media: Media, cfg: Config) -> dict:
+    """flipray.cues on the whole video: audio cues, the side the picture moves on, and whether they agree (a
+    disagreement suggests swapped channels, when the moving thing is the one that sounds)."""
+    from flipray.cues import audio_cues, motion_side
+    cues = audio_cues(media.wave, cfg.data.sample_rate)
+    cues["visual_motion_x"], cues["visual_side"] = motion_side(media.frames)
+    audio_side = cues["gcc_side"] or cues["level_side"]
+    cues["sides_agree"] = None if not (audio_side and cues["visual_side"]) else audio_side == cues["visual_side"]
+    return cues
 
 
 def check_files(paths: list[str], model, cfg: Config, opts: CheckOptions | None = None, use_ray: bool = False,
@@ -307,10 +338,9 @@ def check_files(paths: list[str], model, cfg: Config, opts: CheckOptions | None 
                 bar.update(1)
         return results
     model = model.to(opts.device)
-    features = AudioFeatures(cfg).to(opts.device) if opts.device != "cpu" else AudioFeatures(cfg)
     results = []
     for p in tqdm(paths, desc="checking", unit="video", disable=not progress or len(paths) < 2):
-        results.append(check_file(p, model, cfg, opts, features))
+        results.append(check_file(p, model, cfg, opts))
     return results
 
 
@@ -507,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--margin", type=float, default=CheckOptions.margin)
     p.add_argument("--min-agree", type=float, default=CheckOptions.min_agree)
     p.add_argument("--min-run", type=int, default=CheckOptions.min_run)
+    p.add_argument("--min-windows", type=int, default=CheckOptions.min_windows,
+                   help="videos with fewer windows at --hop are scored at every frame, padded 0.5 s at each end")
     p.add_argument("--silence-dbfs", type=float, default=CheckOptions.silence_dbfs)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = p.parse_args(argv)
@@ -519,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NO_MODEL
     from flipray.pretext.train import resolve_device
     opts = CheckOptions(hop_s=args.hop, margin=args.margin, min_agree=args.min_agree, min_run=args.min_run,
+                        min_windows=args.min_windows,
                         silence_dbfs=args.silence_dbfs, device=str(resolve_device(args.device)))
     results = check_files(args.videos, model, cfg, opts, use_ray=args.ray)
     if args.json:

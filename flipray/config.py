@@ -56,6 +56,15 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     variant: str = "base"             # base | motion | mono | gcc-phat | pooled-visual (the paper's Table 2 ablations)
+    front_end: str = "ipd-gcc"        # audio features of stereo clips (flipray.pretext.data.AudioFeatures), computed
+                                      # on the training device from the waveform: logmel (the paper: L, R log-mels;
+                                      # level only) | ipd (+ cos/sin of the interaural phase difference per mel
+                                      # band) | ipd-gcc (+ 3 band-limited GCC-PHAT maps: time differences of spaced
+                                      # pairs and phones, which log-mels cannot carry; docs/stereo.md)
+    norm: str = "batchnorm"           # audio-block and visual-reduction norms: batchnorm | batchrenorm (the authors'
+                                      # running-statistics batch renorm, official-code notes)
+    audio_head: str = "conv-bn-relu"  # audio stream's last layer over all mel bands: conv-bn-relu | conv (the authors'
+                                      # plain Conv2d with bias, whose embedding is not half zeros)
     visual_width: int = 64            # ResNet-18 base width; 64 is torchvision's resnet18 exactly
     visual_reduce: int = 16           # 1x1 reduction before the spatial map is flattened into channels
     visual_init: str = "scratch"      # scratch | imagenet:PATH (a torchvision resnet18 state_dict file you provide)
@@ -142,6 +151,15 @@ class Config:
             raise ValueError(f"data.crop ({d.crop}) must not exceed data.resize ({d.resize})")
         if m.variant not in VARIANTS:
             raise ValueError(f"model.variant must be one of {VARIANTS}, got {m.variant!r}")
+        if m.front_end not in FRONT_ENDS:
+            raise ValueError(f"model.front_end must be one of {tuple(FRONT_ENDS)}, got {m.front_end!r}")
+        if m.variant == "gcc-phat" and m.front_end != "logmel":
+            raise ValueError("model.variant=gcc-phat is the paper's log-mel + GCC-PHAT ablation; it needs "
+                             f"model.front_end=logmel, got {m.front_end!r}")
+        if m.norm not in NORMS:
+            raise ValueError(f"model.norm must be one of {NORMS}, got {m.norm!r}")
+        if m.audio_head not in AUDIO_HEADS:
+            raise ValueError(f"model.audio_head must be one of {AUDIO_HEADS}, got {m.audio_head!r}")
         if not (m.visual_init == "scratch" or m.visual_init.startswith("imagenet:")):
             raise ValueError(f"model.visual_init must be 'scratch' or 'imagenet:PATH', got {m.visual_init!r}")
         if m.visual_init != "scratch" and m.visual_width != 64:
@@ -184,6 +202,11 @@ class Config:
 
 
 VARIANTS = ("base", "motion", "mono", "gcc-phat", "pooled-visual")
+FRONT_ENDS = {"logmel": 2, "ipd": 4, "ipd-gcc": 7}  # front end -> feature channels of a stereo clip
+NORMS = ("batchnorm", "batchrenorm")
+AUDIO_HEADS = ("conv-bn-relu", "conv")
+# What a config saved before these keys existed meant: checkpoints and MLflow runs of older versions load as trained.
+LEGACY_MODEL = {"front_end": "logmel", "norm": "batchnorm", "audio_head": "conv-bn-relu"}
 TASKS = ("flip", "mismatch", "shift", "rotate")
 
 # The paper's numbers (Yang, Russell & Salamon, CVPR 2020) as printed, on real data (YouTube-ASMR, FAIR-Play,
@@ -213,8 +236,9 @@ PAPER = {
 
 def _preset(name: str) -> Config:
     if name == "paper":
-        # The paper's configuration: 18 frames at 224x224, 128 mels, ResNet-18 and a 64..512 SE audio net.
-        return Config(preset="paper")
+        # The paper's configuration: 18 frames at 224x224, 128 mels, ResNet-18 and a 64..512 SE audio net, with the
+        # authors' log-mel input, running-statistics batch renorm and plain conv audio head (official-code notes).
+        return Config(preset="paper", model=ModelConfig(front_end="logmel", norm="batchrenorm", audio_head="conv"))
     if name == "small":
         # A single-GPU / quick-sweep size: 9 frames at 112x112, 64 mels, half-width networks.
         return Config(preset="small",
@@ -257,6 +281,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
 
 def config_from_dict(d: dict) -> Config:
     """Rebuild a Config saved with `to_dict()` (checkpoints, MLflow)."""
-    cfg = Config(preset=d.get("preset", "paper"), data=DataConfig(**d["data"]), model=ModelConfig(**d["model"]),
+    cfg = Config(preset=d.get("preset", "paper"), data=DataConfig(**d["data"]),
+                 model=ModelConfig(**(LEGACY_MODEL | d["model"])),
                  train=TrainConfig(**d["train"]), cluster=ClusterConfig(**d.get("cluster", {})))
     return cfg.validate()

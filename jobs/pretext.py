@@ -131,6 +131,8 @@ def train_worker(config: dict):
     if rank == 0:
         accuracy = evaluate_splits(module, cfg, device)
         final = {f"{split}_flip_acc": r["acc"] for split, r in accuracy.items()}
+        final.update({f"{split}_flip_acc_{group}": g["acc"] for split, r in accuracy.items()
+                      for group, g in r.get("acc_by_capture", {}).items()})
         _log(mlflow, config["run_id"], state["step"], **{f"final_{k}": v for k, v in final.items()})
         with tempfile.TemporaryDirectory() as tmp:
             plot_curves(state["history"], Path(tmp) / "curves.png",

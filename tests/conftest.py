@@ -123,10 +123,12 @@ def ingested(source_videos, ray_local, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
-    """A small rendered synthetic dataset (16 clips of 4 s, 8 scenes) shared by the library tests. Read-only."""
+    """A small rendered synthetic dataset (16 clips of 4 s, 8 scenes) shared by the library tests. Read-only.
+    Binaural heads only: the library tests read the level difference of a head off these clips."""
     from flipray.synth.scenes import generate
     root = tmp_path_factory.mktemp("synth")
-    generate(root, clips=16, seed=3, workers=2, duration_s=4.0, two_source_prob=0.0, max_distractors=1)
+    generate(root, clips=16, seed=3, workers=2, duration_s=4.0, two_source_prob=0.0, max_distractors=1,
+             mics=("binaural",))
     return root
 
 

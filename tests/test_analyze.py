@@ -143,8 +143,9 @@ def test_attention_maps_follow_the_object_and_the_sound():
     torch.manual_seed(0)
     real = SpatialAlignmentNet(pcfg).eval().requires_grad_(False)
     video = torch.randn(2, pcfg.data.num_frames, 3, pcfg.data.crop, pcfg.data.crop)
-    audio = torch.randn(2, 2, pcfg.data.n_mels, pcfg.mel_frames)
-    maps = A.attention_maps(real, video, audio, audio.flip(1))
+    wave = torch.randn(2, 2, pcfg.window_samples) * 0.1
+    audio, swapped = real.front_end(wave), real.front_end(wave.flip(1))  # the model's features of a stereo window
+    maps = A.attention_maps(real, video, audio, swapped)
     side = real.visual.map_size
     for m in maps.values():
         assert m.shape == (2, pcfg.data.num_frames, side, side)

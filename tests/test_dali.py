@@ -14,7 +14,8 @@ import torch
 
 from dali_pipelines.pretext import DaliClipLoader
 from flipray.config import load_config
-from flipray.pretext.data import IMAGENET_MEAN, IMAGENET_STD, ClipDataset, EpochSampler, collate, draw_params
+from flipray.pretext.data import (IMAGENET_MEAN, IMAGENET_STD, AudioFeatures, ClipDataset, EpochSampler, collate,
+                                  draw_params)
 from flipray.dataset.manifest import MANIFEST_NAME
 from flipray.dataset.store import Store
 
@@ -51,7 +52,7 @@ def test_batches_have_the_contract_shapes_values_and_labels(ingested):
     loader = DaliClipLoader(cfg, "train", train=True, batch_size=3, epoch=0)
     cat, batches = run(loader)
     assert [b["video"].shape for b in batches] == [(3, 6, 3, 224, 224), (1, 6, 3, 224, 224)]  # last batch partial
-    assert [b["audio"].shape for b in batches] == [(3, 2, 64, 288), (1, 2, 64, 288)]
+    assert [b["audio"].shape for b in batches] == [(3, 2, cfg.window_samples), (1, 2, cfg.window_samples)]
     assert cat["video"].dtype == cat["audio"].dtype == cat["label"].dtype == torch.float32
     assert cat["skipped"] == 0 and len(loader) == 2 and loader.skipped == {}
     assert sorted(cat["clip_id"]) == sorted(c["clip_id"] for c in train)
@@ -68,7 +69,7 @@ def test_batches_have_the_contract_shapes_values_and_labels(ingested):
         assert abs(cat["start_s"][k] * 6 - p.start_frame) < 1e-4 and 0 <= p.start_frame <= 60 - 18
         # The sources' loud 440 Hz tone is on the left: it ends up in channel 1 when the audio was swapped once
         # (the task's swap or the joint flip), in channel 0 when swapped twice or never.
-        loud = cat["audio"][k].mean(dim=(1, 2)).argmax().item()
+        loud = cat["audio"][k].pow(2).mean(dim=1).argmax().item()
         assert loud == int(p.swap != p.joint_flip), (clip_id, p)
 
 
@@ -98,8 +99,9 @@ def test_shards_of_an_epoch_are_disjoint_cover_the_split_and_reshuffle_per_epoch
                                              (True, ["data.cache=false", "train.task=mismatch"]),
                                              (False, ["data.cache=false", "train.task=shift"])])
 def test_parity_with_the_torchcodec_loader(ingested, train, overrides):
-    """Same clip, window and augmentation seed -> same tensors: log-mel to float precision, frames to the codec's
-    tolerance (DALI's YUV->RGB conversion interpolates chroma differently from torchcodec's)."""
+    """Same clip, window and augmentation seed -> same tensors: the waveform to FLAC-decoding float precision, and so
+    the model's front-end features (log-mels, IPD, GCC-PHAT of the default `ipd-gcc`) within the stated tolerance;
+    frames to the codec's tolerance (DALI's YUV->RGB conversion interpolates chroma differently from torchcodec's)."""
     root, _ = ingested
     cfg = load_config("demo", [f"data.root={root}", *overrides])
     split = "train" if train else "val"
@@ -109,10 +111,18 @@ def test_parity_with_the_torchcodec_loader(ingested, train, overrides):
     assert torch.allclose(got["start_s"], ref["start_s"])
     assert got["video"].shape == ref["video"].shape and got["audio"].shape == ref["audio"].shape
 
-    loud = ref["audio"] > -6  # log10 power above 1e-6; below that both sides round float noise near the floor
-    audio_err = (got["audio"] - ref["audio"]).abs()
-    # measured over these five cases: max 1.8-1.9e-4 above the floor (median 2.5e-6), 5.8-6.9e-3 anywhere (README)
-    assert audio_err[loud].max() < 3e-4 and audio_err.max() < 0.02
+    assert (got["audio"] - ref["audio"]).abs().max() < 1e-5  # both decode the same FLAC (libFLAC vs FFmpeg)
+    front = AudioFeatures(cfg)  # the model's front end: the same module for both loaders
+    assert front.front_end == "ipd-gcc"
+    gf, rf = front(got["audio"]), front(ref["audio"])
+    logmel_err = (gf[:, :2] - rf[:, :2]).abs()
+    loud = rf[:, :2] > -6  # log10 power above 1e-6; below that both sides round float noise near the floor
+    assert logmel_err[loud].max() < 2e-3 and logmel_err.max() < 0.05
+    # phase features (bounded by ~1) where there is energy; the phase of near-silent bands and frames is noise
+    ipd_err = (gf[:, 2:4] - rf[:, 2:4]).abs()[loud.all(1, keepdim=True).expand(-1, 2, -1, -1)]
+    loud_frames = loud.all(1).any(1)  # (B, T)
+    gcc_err = (gf[:, 4:] - rf[:, 4:]).abs().amax(dim=(1, 2))[loud_frames]
+    assert ipd_err.max() < 2e-3 and gcc_err.max() < 2e-3
 
     # Normalised units (1 = 0.225 of full scale): measured mean 0.03-0.05, median 0.001, 99th percentile 0.7 at
     # the test pictures' saturated colour edges, where the two conversions interpolate chroma differently.

@@ -181,7 +181,8 @@ def test_rotate_task_samples_labels_and_joint_augmentation(clean360):
 
     ds = ClipDataset(cfg, "train", train=True)
     batch = collate([ds[(0, i)] for i in range(len(ds))])
-    assert batch["video"].shape[1:] == (6, 3, 80, 160) and batch["audio"].shape[1:] == (7, 64, 288)
+    assert batch["video"].shape[1:] == (6, 3, 80, 160) and batch["audio"].shape[1:] == (4, cfg.window_samples)
+    assert AudioFeatures(cfg)(batch["audio"]).shape[1:] == (7, 64, 288)  # the model's front end, on its device
     assert set(batch["label"].tolist()) <= {0.0, 1.0}
 
     # One clip with a static source: after the sample's transforms, where the picture shows the object and where

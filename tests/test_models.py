@@ -9,7 +9,8 @@ from flipray.pretext.models import SpatialAlignmentNet, audio_in_channels, count
 def _inputs(cfg, batch=2):
     g = torch.Generator().manual_seed(0)
     video = torch.randn(batch, cfg.data.num_frames, 3, cfg.data.crop, cfg.data.crop, generator=g)
-    audio = torch.randn(batch, audio_in_channels(cfg.model.variant), cfg.data.n_mels, cfg.mel_frames, generator=g)
+    channels = audio_in_channels(cfg.model.variant, 2, False, cfg.model.front_end)
+    audio = torch.randn(batch, channels, cfg.data.n_mels, cfg.mel_frames, generator=g)
     return video, audio
 
 
@@ -34,7 +35,9 @@ def test_paper_preset_exact_shapes_forward_backward():
     ("base", 16 * 2 * 2, 64), ("pooled-visual", 128, 64), ("mono", 16 * 2 * 2, 128),
     ("gcc-phat", 16 * 2 * 2, 64), ("motion", 16 * 4 * 4, 64)])
 def test_variant_shapes(variant, visual_dim, audio_dim):
-    cfg = load_config("demo", [f"model.variant={variant}", "data.resize=72", "data.crop=64"])
+    front_end = "logmel" if variant == "gcc-phat" else "ipd-gcc"  # the paper's GCC ablation is on log-mels
+    cfg = load_config("demo", [f"model.variant={variant}", f"model.front_end={front_end}", "data.resize=72",
+                               "data.crop=64"])
     model = SpatialAlignmentNet(cfg)
     video, audio = _inputs(cfg, batch=3)
     feats = model.features(video, audio)

@@ -74,6 +74,73 @@ def test_moving_source_moves_in_the_audio():
     assert gcc_phat_lag(first[0], first[1], 12) < -3 and gcc_phat_lag(last[0], last[1], 12) > 3
 
 
+def capture(kind, **params):
+    base = {"binaural": {"head_radius_m": 0.0875}, "spaced": {"spacing_m": 0.4}, "phone": {"spacing_m": 0.12},
+            "near-coincident": {"spacing_m": 0.17, "angle_deg": 55.0}}.get(kind, {})
+    return {"type": kind, **base, **params}
+
+
+@pytest.mark.parametrize("kind,spacing", [("spaced", 0.10), ("spaced", 0.40), ("spaced", 0.60), ("phone", 0.12),
+                                          ("near-coincident", 0.17)])
+@pytest.mark.parametrize("azimuth", [-50.0, -20.0, 35.0])
+def test_pairs_delay_is_time_of_flight_between_the_capsules(kind, spacing, azimuth):
+    """Spaced, phone and near-coincident pairs: the cross-correlation peak lag is d sin(theta) / c (the capsule on
+    the source's side hears it first); omni capsules add no level difference, cardioids aimed apart do."""
+    mono = synth.source_signal("noise", 2 * SR, SR, np.random.default_rng(3))
+    stereo = synth.render_capture(mono, azimuth, SR, capture(kind, spacing_m=spacing))
+    expected = spacing * np.sin(np.radians(azimuth)) / 343.0 * SR  # samples by which left trails right
+    lag = gcc_phat_lag(stereo[0], stereo[1], max_lag=32)
+    assert lag == pytest.approx(expected, abs=0.15), (lag, expected)
+    level = ild_db(stereo, 100, 8000)
+    if kind == "near-coincident":
+        assert np.sign(level) == np.sign(azimuth) and abs(level) > 1.0  # the capsule aimed at it is louder
+    else:
+        assert abs(level) < 0.2  # omni: time only
+
+
+@pytest.mark.parametrize("layout", ["xy", "ms"])
+@pytest.mark.parametrize("azimuth", [-40.0, -10.0, 25.0])
+def test_coincident_pairs_have_zero_delay_and_the_level_difference_of_the_side(layout, azimuth):
+    mono = synth.source_signal("speech", 2 * SR, SR, np.random.default_rng(4))
+    params = {"angle_deg": 45.0} if layout == "xy" else {"ms_width": 0.7}
+    stereo = synth.render_capture(mono, azimuth, SR, capture("coincident", layout=layout, **params))
+    n = stereo.shape[1]
+    cc = np.fft.irfft(np.fft.rfft(stereo[0], 2 * n) * np.conj(np.fft.rfft(stereo[1], 2 * n)))
+    assert np.argmax(np.abs(cc)) == 0  # zero delay: the channels are scaled copies (no phase difference)
+    assert np.allclose(stereo[0] / np.abs(stereo[0]).max(), stereo[1] / np.abs(stereo[1]).max(), atol=1e-6)
+    level = ild_db(stereo, 100, 8000)
+    assert np.sign(level) == np.sign(azimuth) and abs(level) > 0.5  # right louder for a source on the right
+
+
+def test_binaural_heads_vary_and_keep_their_cues():
+    """Head size scales the ITD; an ear set back changes the level difference; a mirrored head mirrors the sound."""
+    mono = synth.source_signal("noise", 2 * SR, SR, np.random.default_rng(5))
+    small, big = (synth.render_capture(mono, 30.0, SR, capture("binaural", head_radius_m=r)) for r in (0.07, 0.10))
+    lag_small, lag_big = (gcc_phat_lag(s[0], s[1], 12) for s in (small, big))
+    assert 0 < lag_small < lag_big and lag_big / lag_small == pytest.approx(0.10 / 0.07, rel=0.15)
+    sym = synth.render_capture(mono, 30.0, SR, capture("binaural"))
+    back = synth.render_capture(mono, 30.0, SR, capture("binaural", ear_offset_deg=[0.0, 15.0]))
+    assert ild_db(back, 2000, 8000) < ild_db(sym, 2000, 8000) - 0.5  # the right ear set back: less of a boost
+    assert ild_db(back, 2000, 8000) > 2.0  # but still on the right
+
+
+def test_mics_option_restricts_the_draw_and_the_sidecar_records_the_setup(tmp_path):
+    cfg = synth.SynthConfig(mics=("spaced", "coincident"))
+    drawn = [synth.draw_capture(np.random.default_rng(i), cfg) for i in range(60)]
+    assert {c["type"] for c in drawn} == {"spaced", "coincident"}
+    assert all(0.10 <= c["spacing_m"] <= 0.60 for c in drawn if c["type"] == "spaced")
+    assert {c["layout"] for c in drawn if c["type"] == "coincident"} == {"xy", "ms"}
+    every = {synth.draw_capture(np.random.default_rng(i), synth.SynthConfig())["type"] for i in range(80)}
+    assert every == set(synth.MIC_TYPES)
+    with pytest.raises(ValueError, match="mics must be a non-empty subset"):
+        synth.SynthConfig(mics=("shotgun",))
+    synth.main(["--out", str(tmp_path), "--clips", "2", "--seed", "1", "--duration", "1", "--size", "64",
+                "--workers", "1", "--mics", "phone"])
+    for row in read_manifest(tmp_path):
+        meta = json.loads((tmp_path / row["meta"]).read_text())
+        assert meta["render"]["capture"]["type"] == "phone" and 0.02 <= meta["render"]["capture"]["spacing_m"] <= 0.16
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """Six default-style clips (3 scenes), a third of them through the AAC round trip."""
@@ -83,10 +150,10 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clean_dataset(tmp_path_factory):
-    """Single-source clips without noise or reverb, where the louder channel must follow the object."""
+    """Single-source binaural clips without noise or reverb, where the louder channel must follow the object."""
     root = tmp_path_factory.mktemp("synth_clean")
     return root, synth.generate(root, 8, seed=5, workers=1, noise=False, reverb_prob=0.0, two_source_prob=0.0,
-                                **SMALL)
+                                mics=("binaural",), **SMALL)
 
 
 def sidecars(root, rows):
@@ -116,7 +183,12 @@ def test_clip_files_follow_the_contract(dataset):
                                                                           "num_frames", "sample_rate", "channels")}
         assert meta["source"] == "synthetic" and (meta["width"], meta["height"]) == (128, 128)
         assert 50 <= meta["camera"]["hfov_deg"] <= 100
-        assert 0.07 <= meta["render"]["head_radius_m"] <= 0.10
+        capture = meta["render"]["capture"]
+        assert capture["type"] in synth.MIC_TYPES
+        if capture["type"] == "binaural":
+            assert 0.07 <= capture["head_radius_m"] == meta["render"]["head_radius_m"] <= 0.10
+        else:
+            assert meta["render"]["head_radius_m"] is None and 0 <= capture["spacing_m"] <= 0.6
         assert {"rt60_s", "snr_db", "lossy_audio"} <= meta["render"].keys()
         assert 1 <= sum(o["sounding"] for o in meta["objects"]) <= 2
         for obj in meta["objects"]:

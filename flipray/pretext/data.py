@@ -2,7 +2,8 @@
 
 Everything here is plain PyTorch + torchcodec, so the library runs without DALI; `dali_pipelines/` produces the same
 batch dict from the same `SampleParams`. A batch is:
-    video  float (B, T, 3, H, W), ImageNet-normalised      audio  float (B, C, n_mels, S) log10-mel (+ extra channels)
+    video  float (B, T, 3, H, W), ImageNet-normalised      audio  float (B, C, S) peak-normalised waveform; the model's
+                                                           front end (AudioFeatures) makes features on its device
     label  float (B,), 1 = audio altered by the pretext task  clip_id, start_s  to trace a sample back to its clip
 
 The pretext task (train.task) decides what "altered" means: `flip` swaps the left and right channels (the paper),
@@ -294,48 +295,98 @@ def augment_frames(frames: torch.Tensor, p: SampleParams, crop: int, crop_w: int
 
 
 class AudioFeatures(torch.nn.Module):
-    """Waveform (C, S) at 16 kHz -> features (C', n_mels, T).
+    """Waveform (..., C, S) at 16 kHz -> features (..., C', n_mels, T): the audio front end, on the waveform's device.
 
-    Channels: log10-mel of left and right (the paper's stacked input), then the mono mix for the `mono` variant,
-    or three band-limited GCC-PHAT maps (lags -n_mels/2..n_mels/2-1 samples, bands GCC_BANDS_HZ) for `gcc-phat`.
-    The mel filterbank is Slaney-scaled and -normalised so DALI's mel_filter_bank defaults reproduce it.
+    Stereo channels by model.front_end: log10-mel of left and right (`logmel`, the paper's stacked input; level
+    differences only); `ipd` adds cos and sin of the interaural phase difference per mel band (the left x conj(right)
+    cross-spectrum pooled over each band's bins, divided by the pooled |L||R|: a band whose phase difference is steady
+    gives (cos, sin) of it, an incoherent or silent band gives ~0); `ipd-gcc` adds three band-limited GCC-PHAT maps
+    (lags -n_mels/2..n_mels/2-1 samples, bands GCC_BANDS_HZ, peak scaled to ~1). Then the mono mix for the `mono`
+    variant, or the paper's unscaled GCC-PHAT maps for `gcc-phat`. FOA clips: W, Y, Z, X log-mels (+ intensity).
+    The mel filterbank is Slaney-scaled and -normalised so DALI's mel_filter_bank defaults reproduce it. Buffers are
+    not saved in checkpoints (they follow from the config). Loaders hand the peak-normalised waveform; the training
+    loop calls this on the training device (docs/stereo.md).
     """
 
     def __init__(self, cfg: Config):
         super().__init__()
         d = cfg.data
         self.variant, self.n_mels, self.sr = cfg.model.variant, d.n_mels, d.sample_rate
+        self.audio_channels = d.audio_channels
+        self.front_end = cfg.model.front_end if d.audio_channels != 4 else "logmel"
         self.intensity = d.audio_channels == 4 and d.foa_intensity  # FOA: + 3 intensity-vector maps (flipray.foa)
         self.n_fft, self.hop, self.win = d.n_fft, d.hop_length, d.win_length
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=d.sample_rate, n_fft=d.n_fft, win_length=d.win_length, hop_length=d.hop_length,
-            n_mels=d.n_mels, center=True, power=2.0, norm="slaney", mel_scale="slaney")
+        # torchaudio.transforms.MelSpectrogram(norm="slaney", mel_scale="slaney", power=2) computed from one STFT
+        # that the phase features share
+        with torch.device("cpu"):  # computed on the CPU even under a meta / cuda default device, then moved there
+            fb = torchaudio.functional.melscale_fbanks(d.n_fft // 2 + 1, 0.0, float(d.sample_rate // 2), d.n_mels,
+                                                       d.sample_rate, norm="slaney", mel_scale="slaney")
+            window = torch.hann_window(d.win_length)
+        device = torch.get_default_device()
+        self.register_buffer("fb", fb.to(device), persistent=False)             # (n_freqs, n_mels)
+        self.register_buffer("window", window.to(device), persistent=False)
+
+    @property
+    def channels(self) -> int:
+        from flipray.pretext.models import audio_in_channels
+        return audio_in_channels(self.variant, self.audio_channels, self.intensity, self.front_end)
+
+    def stft(self, wave: torch.Tensor) -> torch.Tensor:
+        """Complex STFT (..., C, n_fft/2+1, T), centre=True with reflect padding, as torchaudio's Spectrogram."""
+        shape = wave.shape
+        spec = torch.stft(wave.reshape(-1, shape[-1]), self.n_fft, self.hop, self.win, window=self.window,
+                          center=True, pad_mode="reflect", return_complex=True)
+        return spec.reshape(*shape[:-1], *spec.shape[-2:])
+
+    def mel_of_power(self, power: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(power.transpose(-1, -2), self.fb).transpose(-1, -2)
 
     def log_mel(self, wave: torch.Tensor) -> torch.Tensor:
-        return torch.log10(self.mel(wave) + 1e-10)
+        return torch.log10(self.mel_of_power(self.stft(wave).abs().pow(2)) + 1e-10)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        feats = [self.log_mel(wave)]
+        spec = self.stft(wave)
+        feats = [torch.log10(self.mel_of_power(spec.abs().pow(2)) + 1e-10)]
         if self.intensity:
             from flipray.foa import intensity_features
-            feats.append(intensity_features(wave, self.mel.mel_scale.fb, self.n_fft, self.hop, self.win))
+            feats.append(intensity_features(wave, self.fb, self.n_fft, self.hop, self.win))
+        if self.front_end in ("ipd", "ipd-gcc"):
+            feats.append(self.ipd(spec))
+        if self.front_end == "ipd-gcc":
+            feats.append(self.gcc_phat(spec, scaled=True))
         if self.variant == "mono":
             feats.append(self.log_mel(wave.mean(dim=-2, keepdim=True)))
         elif self.variant == "gcc-phat":
-            feats.append(self.gcc_phat(wave))
+            feats.append(self.gcc_phat(spec))
         return torch.cat(feats, dim=-3)
 
-    def gcc_phat(self, wave: torch.Tensor) -> torch.Tensor:
-        window = torch.hann_window(self.win, device=wave.device)
-        spec = torch.stft(wave, self.n_fft, self.hop, self.win, window=window, center=True, return_complex=True)
+    def ipd(self, spec: torch.Tensor) -> torch.Tensor:
+        """(cos, sin) of the left-right phase difference per mel band: (..., 2, n_mels, T). Positive sin = left
+        leads (a source on the left of a spaced pair); swapping the channels negates sin and keeps cos."""
+        left, right = spec[..., 0, :, :], spec[..., 1, :, :]
+        cross = left * right.conj()
+        fb = self.fb.to(cross.real.dtype)
+        pooled_re = torch.matmul(cross.real.transpose(-1, -2), fb).transpose(-1, -2)
+        pooled_im = torch.matmul(cross.imag.transpose(-1, -2), fb).transpose(-1, -2)
+        norm = torch.matmul((left.abs() * right.abs()).transpose(-1, -2), fb).transpose(-1, -2)
+        norm = norm + 1e-8 * norm.amax(dim=(-2, -1), keepdim=True) + 1e-12  # silent bands -> 0, not noise
+        return torch.stack([pooled_re / norm, pooled_im / norm], dim=-3)
+
+    def gcc_phat(self, spec: torch.Tensor, scaled: bool = False) -> torch.Tensor:
+        """Band-limited GCC-PHAT per STFT frame: (..., 3, n_mels lags, T); lag index n_mels/2 + k holds lag k
+        samples, and a source on the left (right channel delayed by k) peaks at n_mels/2 - k. `scaled`: divided
+        by the band's share of the spectrum, so a coherent delay peaks near 1 in every band."""
         cross = spec[..., 0, :, :] * spec[..., 1, :, :].conj()
         cross = cross / cross.abs().clamp_min(1e-8)
-        freqs = torch.fft.rfftfreq(self.n_fft, 1 / self.sr, device=wave.device)
+        freqs = torch.fft.rfftfreq(self.n_fft, 1 / self.sr, device=spec.device)
         half = self.n_mels // 2
         maps = []
         for lo, hi in GCC_BANDS_HZ:
-            band = ((freqs >= lo) & (freqs < hi)).to(cross.dtype).unsqueeze(-1)
+            inband = (freqs >= lo) & (freqs < hi)
+            band = inband.to(cross.dtype).unsqueeze(-1)
             cc = torch.fft.irfft(cross * band, n=self.n_fft, dim=-2)  # (..., n_fft lags, T)
+            if scaled:
+                cc = cc * (self.n_fft / (2.0 * inband.sum().clamp_min(1)))
             maps.append(torch.cat([cc[..., -half:, :], cc[..., :half, :]], dim=-2))
         return torch.stack(maps, dim=-3)
 
@@ -345,9 +396,9 @@ def peak_normalise(wave: torch.Tensor) -> torch.Tensor:
     return wave / wave.abs().amax().clamp_min(1e-3)
 
 
-def make_sample(frames: torch.Tensor, wave: torch.Tensor, p: SampleParams, cfg: Config,
-                features: AudioFeatures) -> dict:
-    """Window frames (T, H, W, 3) uint8 at cfg.data.resize and window audio (2, S) -> one training sample.
+def make_sample(frames: torch.Tensor, wave: torch.Tensor, p: SampleParams, cfg: Config) -> dict:
+    """Window frames (T, H, W, 3) uint8 at cfg.data.resize and window audio (2, S) -> one training sample, whose
+    "audio" is the peak-normalised waveform (2, S): the model's front end (AudioFeatures) runs on the training device.
     360 clips (data.audio_channels=4): frames (T, crop, 2 crop, 3), FOA audio (4, S), flipray.foa.transform_sample."""
     if cfg.data.audio_channels == 4:
         from flipray.foa import transform_sample
@@ -358,7 +409,7 @@ def make_sample(frames: torch.Tensor, wave: torch.Tensor, p: SampleParams, cfg: 
         wave = flip_channels(wave)
     width = 2 * cfg.data.crop if cfg.data.audio_channels == 4 else None
     return {"video": augment_frames(frames, p, cfg.data.crop, width),
-            "audio": features(peak_normalise(wave)),
+            "audio": peak_normalise(wave).contiguous(),
             "label": torch.tensor(p.label)}
 
 
@@ -416,7 +467,6 @@ class ClipDataset(Dataset):
         self.clips = self.store.read_manifest(split) if self.store else read_manifest(self.root, split)
         if not self.clips:
             raise ValueError(f"{self.root}: no clips in split {split!r}")
-        self.features = AudioFeatures(cfg)
         self.skipped: dict[str, str] = {}
         self._fetched: dict[str, Future] = {}  # key -> its object being fetched ahead, for the items being made
         self._pool = None
@@ -459,6 +509,24 @@ class ClipDataset(Dataset):
             return data, self.store.url(clip[field])
         except (FileNotFoundError, ValueError) as e:  # missing or corrupt object: skip the clip like a bad decode
             raise ClipDecodeError(str(e)) from None
+
+    def capture_groups(self) -> dict[str, str]:
+        """clip_id -> capture group (binaural, spaced, coincident, phone; unknown without a sidecar), from the clips'
+        sidecars: what the evaluation reports accuracy by."""
+        import json
+
+        from flipray.synth.scenes import capture_group
+        out = {}
+        for clip in self.clips:
+            meta = None
+            if clip.get("meta"):
+                try:
+                    raw = self.store.get(clip["meta"]) if self.store else (self.root / clip["meta"]).read_bytes()
+                    meta = json.loads(raw)
+                except (OSError, ValueError):
+                    meta = None
+            out[clip["clip_id"]] = capture_group(meta)
+        return out
 
     def _fill_cache(self):
         from tqdm import tqdm
@@ -524,7 +592,7 @@ class ClipDataset(Dataset):
         wave = wave[:, s0:s1]
         if wave.shape[1] < self.cfg.window_samples:  # a clip a few ms short: pad rather than drop
             wave = F.pad(wave, (0, self.cfg.window_samples - wave.shape[1]))
-        sample = make_sample(frames, wave, p, self.cfg, self.features)
+        sample = make_sample(frames, wave, p, self.cfg)
         sample["clip_id"] = clip["clip_id"]
         sample["start_s"] = p.start_frame / self.cfg.data.fps
         return sample

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock
 from torchvision.models.video import mc3_18
 
-from flipray.config import Config
+from flipray.config import FRONT_ENDS, Config
+from flipray.pretext.data import AudioFeatures
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -38,6 +39,39 @@ def _init_weights(module: nn.Module):
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+class BatchRenorm2d(nn.BatchNorm2d):
+    """Batch renormalisation (Ioffe 2017), the authors' norm: training normalises with the batch statistics, then
+    corrects them towards the running ones (r = sigma_B / sigma clipped to [1/rmax, rmax], d = (mu_B - mu) / sigma
+    clipped to [-dmax, dmax], both without gradient), so training and evaluation see the same normalisation even
+    with small or correlated batches. Same parameters and buffers as BatchNorm2d (checkpoints interchange)."""
+
+    def __init__(self, num_features: int, rmax: float = 3.0, dmax: float = 5.0, **kw):
+        super().__init__(num_features, **kw)
+        self.rmax, self.dmax = rmax, dmax
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        mean = x.mean(dim=(0, 2, 3))
+        var = x.var(dim=(0, 2, 3), unbiased=False)
+        std = (var + self.eps).sqrt()
+        running_std = (self.running_var + self.eps).sqrt()
+        with torch.no_grad():
+            r = (std / running_std).clamp(1 / self.rmax, self.rmax)
+            d = ((mean - self.running_mean) / running_std).clamp(-self.dmax, self.dmax)
+            n = x.numel() / x.shape[1]
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * n / max(n - 1, 1), self.momentum)
+            self.num_batches_tracked += 1
+        y = (x - mean[None, :, None, None]) / std[None, :, None, None] * r[None, :, None, None] + d[None, :, None, None]
+        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+
+def norm2d(kind: str, channels: int) -> nn.Module:
+    """model.norm: BatchNorm2d, or the authors' BatchRenorm2d."""
+    return BatchRenorm2d(channels) if kind == "batchrenorm" else nn.BatchNorm2d(channels)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -93,7 +127,7 @@ class VisualNet(nn.Module):
             self.out_dim = self.trunk.out_channels
         else:
             self.reduce = nn.Sequential(nn.Conv2d(self.trunk.out_channels, m.visual_reduce, 1, bias=False),
-                                        nn.BatchNorm2d(m.visual_reduce), nn.ReLU(inplace=True))
+                                        norm2d(m.norm, m.visual_reduce), nn.ReLU(inplace=True))
             side = cfg.data.crop
             width = 2 * side if cfg.data.audio_channels == 4 else side  # 360 clips: crop x 2 crop panoramas
             for _ in range(5):  # conv1, maxpool, layer2..4 each halve the side (rounding up)
@@ -141,15 +175,15 @@ class MotionNet(nn.Module):
 class SEResBlock(nn.Module):
     """conv3x3(stride)-BN-ReLU-conv3x3-BN, squeeze-and-excitation (reduction 16), 1x1 conv shortcut, ReLU."""
 
-    def __init__(self, cin: int, cout: int, stride: int = 2, reduction: int = 16):
+    def __init__(self, cin: int, cout: int, stride: int = 2, reduction: int = 16, norm: str = "batchnorm"):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), norm2d(norm, cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), norm2d(norm, cout))
         hidden = max(cout // reduction, 4)
         self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cout, hidden), nn.ReLU(inplace=True),
                                 nn.Linear(hidden, cout), nn.Sigmoid())
-        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm2d(norm, cout))
 
     def forward(self, x):
         y = self.body(x)
@@ -158,27 +192,34 @@ class SEResBlock(nn.Module):
 
 
 class AudioNet(nn.Module):
-    """(B, C, n_mels, S) log-mel -> (B, out_dim, S/16): four SE blocks, then one conv spanning all mel bands."""
+    """(B, C, n_mels, S) features -> (B, out_dim, S/16): four SE blocks, then one conv spanning all mel bands
+    (`head` conv-bn-relu: + BatchNorm and ReLU; conv: the authors' plain conv with bias)."""
 
-    def __init__(self, in_channels: int, width: int, out_dim: int, n_mels: int):
+    def __init__(self, in_channels: int, width: int, out_dim: int, n_mels: int, norm: str = "batchnorm",
+                 head: str = "conv-bn-relu"):
         super().__init__()
         w = [width, 2 * width, 4 * width, 8 * width]
-        self.blocks = nn.Sequential(SEResBlock(in_channels, w[0]), SEResBlock(w[0], w[1]), SEResBlock(w[1], w[2]),
-                                    SEResBlock(w[2], w[3]))
-        self.collapse = nn.Sequential(nn.Conv2d(w[3], out_dim, kernel_size=(n_mels // 16, 1), bias=False),
-                                      nn.BatchNorm2d(out_dim), nn.ReLU(inplace=True))
+        self.blocks = nn.Sequential(*[SEResBlock(a, b, norm=norm) for a, b in zip([in_channels] + w[:3], w)])
+        kernel = (n_mels // 16, 1)
+        if head == "conv":
+            self.collapse = nn.Sequential(nn.Conv2d(w[3], out_dim, kernel_size=kernel, bias=True))
+        else:
+            self.collapse = nn.Sequential(nn.Conv2d(w[3], out_dim, kernel_size=kernel, bias=False),
+                                          nn.BatchNorm2d(out_dim), nn.ReLU(inplace=True))
         self.out_dim = out_dim
 
     def forward(self, x):
         return self.collapse(self.blocks(x)).squeeze(2)
 
 
-def audio_in_channels(variant: str, audio_channels: int = 2, foa_intensity: bool = False) -> int:
-    """Feature channels `flipray.pretext.data.AudioFeatures` produces for a variant: L, R (+ mono) (+ 3 GCC-PHAT bands);
+def audio_in_channels(variant: str, audio_channels: int = 2, foa_intensity: bool = False,
+                      front_end: str = "logmel") -> int:
+    """Feature channels `flipray.pretext.data.AudioFeatures` produces: the front end's (L, R log-mels (+ cos, sin
+    IPD) (+ 3 GCC-PHAT bands)), then + mono or + 3 GCC-PHAT bands for those variants;
     for FOA (audio_channels=4): W, Y, Z, X (+ 3 intensity-vector channels)."""
     if audio_channels == 4:
         return 7 if foa_intensity else 4
-    return {"mono": 3, "gcc-phat": 5}.get(variant, 2)
+    return FRONT_ENDS[front_end] + {"mono": 1, "gcc-phat": 3}.get(variant, 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -192,12 +233,13 @@ class SpatialAlignmentNet(nn.Module):
         m, variant = cfg.model, cfg.model.variant
         self.variant = variant
         self.visual = MotionNet(cfg) if variant == "motion" else VisualNet(cfg, pooled=variant == "pooled-visual")
-        stereo_in = 5 if variant == "gcc-phat" else 2
-        if cfg.data.audio_channels == 4:  # 360 clips: FOA log-mels (+ intensity vectors)
-            stereo_in = audio_in_channels(variant, 4, cfg.data.foa_intensity)
-        self.audio = AudioNet(stereo_in, m.audio_width, m.audio_dim, cfg.data.n_mels)
+        # The audio front end (waveform -> features) on the model's device; its buffers are not in the state dict.
+        self.front_end = AudioFeatures(cfg)
+        stereo_in = self.front_end.channels - (1 if variant == "mono" else 0)
+        self.audio = AudioNet(stereo_in, m.audio_width, m.audio_dim, cfg.data.n_mels, m.norm, m.audio_head)
         # The `mono` ablation: a third stream that hears only the mono mix (timbre, not direction).
-        self.mono_audio = AudioNet(1, m.audio_width, m.audio_dim, cfg.data.n_mels) if variant == "mono" else None
+        self.mono_audio = (AudioNet(1, m.audio_width, m.audio_dim, cfg.data.n_mels, m.norm, m.audio_head)
+                           if variant == "mono" else None)
         fused_in = self.visual.out_dim + m.audio_dim * (2 if self.mono_audio is not None else 1)
         self.fusion = nn.Sequential(nn.Conv1d(fused_in, m.fusion_dim, 1), nn.ReLU(inplace=True),
                                     nn.Conv1d(m.fusion_dim, m.fusion_dim, 1), nn.ReLU(inplace=True))
@@ -211,11 +253,23 @@ class SpatialAlignmentNet(nn.Module):
         return self.visual(video)
 
     def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
-        """(B, C, n_mels, S) -> (B, audio_dim, S/16), the stereo stream (plus the mono stream for `mono`)."""
-        a = self.audio(audio[:, :2] if self.mono_audio is not None else audio)
+        """(B, C, n_mels, S) features -> (B, audio_dim, S/16), the stereo stream (plus the mono stream for `mono`,
+        whose mono log-mel is the last channel)."""
+        a = self.audio(audio[:, :-1] if self.mono_audio is not None else audio)
         if self.mono_audio is not None:
-            a = torch.cat([a, self.mono_audio(audio[:, 2:3])], dim=1)
+            a = torch.cat([a, self.mono_audio(audio[:, -1:])], dim=1)
         return a
+
+    def audio_features(self, wave: torch.Tensor) -> torch.Tensor:
+        """Peak-normalised waveform (B, C, S) -> the audio stream's input (B, C', n_mels, S'), on the wave's device
+        (which must be the model's: the front end's buffers live there)."""
+        if wave.device != self.front_end.fb.device:
+            raise ValueError(f"audio waveform is on {wave.device}, the model on {self.front_end.fb.device}; move both "
+                             f"to one device")
+        if wave.device.type != "cuda":  # autocast only runs the forward in bfloat16 on CUDA (train.amp)
+            return self.front_end(wave.float())
+        with torch.autocast("cuda", enabled=False):  # phase and log need float32, not bfloat16
+            return self.front_end(wave.float())
 
     def features(self, video: torch.Tensor, audio: torch.Tensor) -> dict[str, torch.Tensor]:
         v, a = self.embed_visual(video), self.embed_audio(audio)
@@ -225,4 +279,8 @@ class SpatialAlignmentNet(nn.Module):
         return {"visual": v, "audio": a, "fused": fused, "pooled": fused.mean(dim=-1)}
 
     def forward(self, video: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        """audio: features (B, C', n_mels, S'), or the peak-normalised waveform (B, C, S) that the loaders hand,
+        turned into features here by the front end on the model's device."""
+        if audio.dim() == 3:
+            audio = self.audio_features(audio)
         return self.classifier(self.features(video, audio)["pooled"]).squeeze(-1)

@@ -171,10 +171,12 @@ def train_one_epoch(model, loader, optimizer, cfg: Config, device, state: dict, 
 
 
 @torch.no_grad()
-def evaluate(model, loader, device) -> dict:
-    """Flip accuracy and BCE loss; with ClipDataset(train=False) every clip is scored unswapped and swapped."""
+def evaluate(model, loader, device, groups: dict[str, str] | None = None) -> dict:
+    """Flip accuracy and BCE loss; with ClipDataset(train=False) every clip is scored unswapped and swapped.
+    `groups` (clip_id -> capture group, ClipDataset.capture_groups) adds acc_by_capture: {group: {acc, n}}."""
     model.eval()
     total_loss = total_correct = total_n = skipped = 0
+    by_group: dict[str, list[int]] = {}
     for batch in loader:
         skipped += batch["skipped"]
         if "video" not in batch:
@@ -182,10 +184,19 @@ def evaluate(model, loader, device) -> dict:
         logits = model(batch["video"].to(device), batch["audio"].to(device))
         label = batch["label"].to(device)
         total_loss += F.binary_cross_entropy_with_logits(logits, label, reduction="sum").item()
-        total_correct += ((logits > 0).float() == label).sum().item()
+        right = ((logits > 0).float() == label).cpu()
+        total_correct += right.sum().item()
         total_n += label.shape[0]
-    return {"loss": total_loss / max(total_n, 1), "acc": total_correct / max(total_n, 1), "n": total_n,
-            "skipped": skipped}
+        if groups is not None:
+            for clip_id, ok in zip(batch["clip_id"], right.tolist()):
+                tally = by_group.setdefault(groups.get(clip_id, "unknown"), [0, 0])
+                tally[0] += int(ok)
+                tally[1] += 1
+    out = {"loss": total_loss / max(total_n, 1), "acc": total_correct / max(total_n, 1), "n": total_n,
+           "skipped": skipped}
+    if groups is not None:
+        out["acc_by_capture"] = {g: {"acc": c / n, "n": n} for g, (c, n) in sorted(by_group.items())}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -350,8 +361,9 @@ def evaluate_splits(model, cfg: Config, device, splits=("val", "test")) -> dict:
     for split in splits:
         ds = ClipDataset(cfg, split, train=False)
         loader = make_loader(ds, cfg, EpochSampler(len(ds), cfg.train.seed, shuffle=False), cfg.train.batch_size)
-        res = evaluate(model, loader, device)
-        out[split] = {"acc": res["acc"], "loss": res["loss"], "samples": res["n"], "clips_skipped": len(ds.skipped)}
+        res = evaluate(model, loader, device, ds.capture_groups())
+        out[split] = {"acc": res["acc"], "loss": res["loss"], "samples": res["n"], "clips_skipped": len(ds.skipped),
+                      "acc_by_capture": res["acc_by_capture"]}
     return out
 
 
@@ -411,6 +423,9 @@ def print_summary(report: dict):
     print(f"\nflip accuracy: test {acc['test']['acc']:.3f} ({acc['test']['samples']} samples), "
           f"val {acc['val']['acc']:.3f}; {report['samples_seen']} samples seen in {report['train_seconds']:.0f} s "
           f"of training ({report['wall_seconds']:.0f} s wall)")
+    by = acc["test"].get("acc_by_capture") or {}
+    if by:
+        print("test flip accuracy by capture: " + ", ".join(f"{g} {v['acc']:.3f} ({v['n']})" for g, v in by.items()))
     print(f"report: {run_dir / 'report.json'}\ncurves: {run_dir / 'curves.png'}")
 
 

@@ -8,9 +8,11 @@ look and its own sound family) and a few silent distractors (mostly silent-only 
 sounding classes, so that the network has to match the sound to the object). Each scene yields --clips-per-scene
 clips with new motion and sound draws; objects stand still or move left-right, up-down or diagonally, bouncing off
 the frame edges. The audio is what a listener at the camera hears: every sounding object's sound rendered with both
-interaural cues (Woodworth ITD, Brown-Duda head-shadow ILD) from where the camera sees it, block by block so moving
-sources move, plus optional room reverb, diffuse background noise and a lossy AAC round trip. Room, head radius,
-spectra, levels, SNR and field of view are randomised so that a model trained here has a chance on real recordings.
+cues of the clip's capture setup (one per clip, `--mics`: binaural heads of several sizes and ear asymmetries with
+Woodworth ITD and Brown-Duda head shadow, spaced omni pairs, near-coincident cardioid pairs, coincident XY/MS pairs,
+two-mic phones; render_capture) from where the camera sees it, block by block so moving sources move, plus optional
+room reverb, diffuse background noise and a lossy AAC round trip. Room, microphones, spectra, levels, SNR and field
+of view are randomised so that a model trained here has a chance on real recordings.
 
 Files (docs/clip-format.md): clips/<clip_id>.webm (VP9, keyframe every second), clips/<clip_id>.flac (16 kHz,
 16-bit, channel 0 = left), clips/<clip_id>.json (per-frame ground truth) and manifest.jsonl, written last.
@@ -67,8 +69,17 @@ class SynthConfig:
     motion_probs: tuple = (0.4, 0.3, 0.1, 0.2)  # static, left-right, up-down, diagonal
     crossing_time_s: tuple = (2.5, 8.0)  # a moving object travels one frame width in this time
     min_offcentre_deg: float = 8.0     # static / up-down sounding objects keep |azimuth| >= this: left/right decidable
-    # sound
-    head_radius_m: tuple = (0.07, 0.10)  # per clip; 0.0875 m is the average adult head
+    # sound: per clip one capture setup drawn (uniformly) from `mics` (MIC_TYPES; render_capture has the physics)
+    mics: tuple = ("binaural", "spaced", "near-coincident", "coincident", "phone")
+    head_radius_m: tuple = (0.07, 0.10)  # binaural heads, per clip; 0.0875 m is the average adult head
+    ear_offset_deg: tuple = (0.0, 12.0)  # binaural: each ear set back from +-90 deg by this (independently: asymmetry)
+    ear_gain_db: tuple = (-1.5, 1.5)     # binaural and pairs: per-capsule sensitivity mismatch
+    spaced_m: tuple = (0.10, 0.60)       # spaced omni pairs (A-B)
+    near_coincident_m: tuple = (0.10, 0.30)  # near-coincident cardioid pairs (ORTF 0.17 m at +-55 deg)
+    near_coincident_deg: tuple = (40.0, 65.0)  # half the angle between the capsules' axes
+    coincident_deg: tuple = (35.0, 68.0)  # XY: half-angle of a coincident cardioid pair (level differences only)
+    ms_width: tuple = (0.4, 1.0)          # MS: side gain against a cardioid mid (decoded L = M + wS, R = M - wS)
+    phone_m: tuple = (0.02, 0.16)        # two-mic phones / small arrays: omni capsules this far apart
     source_level_db: tuple = (-10.0, 0.0)  # per sounding object, before peak normalisation
     spectral_tilt_db_per_octave: tuple = (-3.0, 3.0)  # random brightness of each source around 1 kHz
     reverb_prob: float = 0.7
@@ -90,6 +101,10 @@ class SynthConfig:
         for name in ("two_source_prob", "lookalike_prob", "reverb_prob", "lossy_audio_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be a probability, got {getattr(self, name)}")
+        self.mics = tuple(self.mics)
+        bad = [m for m in self.mics if m not in MIC_TYPES]
+        if not self.mics or bad:
+            raise ValueError(f"mics must be a non-empty subset of {', '.join(MIC_TYPES)}; got {', '.join(bad) or 'none'}")
 
 
 # Sounding classes: class -> (sound family, look = (shape, RGB colour, pattern)). Silent classes have no family.
@@ -163,7 +178,8 @@ def _per_block(values, n):
     return np.interp(np.arange(n // HOP + 2) * HOP, np.arange(len(values)) * (n / len(values)), values)
 
 
-def render_binaural(mono, azimuth_deg, sr=16000, head_radius_m=0.0875, elevation_deg=0.0, speed_of_sound=343.0):
+def render_binaural(mono, azimuth_deg, sr=16000, head_radius_m=0.0875, elevation_deg=0.0, speed_of_sound=343.0,
+                    ear_offset_deg=(0.0, 0.0)):
     """Stereo (2, n), channel 0 = left, of `mono` heard by a spherical head from the given direction.
 
     azimuth_deg (positive = listener's right) and elevation_deg: scalars, or arrays spread evenly over the signal
@@ -174,19 +190,111 @@ def render_binaural(mono, azimuth_deg, sr=16000, head_radius_m=0.0875, elevation
       ILD: Brown-Duda head shadow per ear, H(w) = (1 + j alpha w / 2w0) / (1 + j w / 2w0), w0 = c / r, with
            alpha = (1 + a_min/2) + (1 - a_min/2) cos(phi / 150 deg * 180 deg) for phi the angle between the source and
            that ear: up to +6 dB at high frequencies for the near ear, down to -20 dB for the far one.
+    ear_offset_deg (left, right): each ear set back from +-90 deg by this much (real heads: ~5-10 deg, not
+    symmetric), which moves its shadow (for sources in front, as the camera sees them).
     """
     n = len(mono)
     az, el = np.radians(_per_block(azimuth_deg, n)), np.radians(_per_block(elevation_deg, n))
     lateral = np.arcsin(np.clip(np.sin(az) * np.cos(el), -1, 1))  # angle off the median plane, + = right
     itd = head_radius_m / speed_of_sound * (np.abs(lateral) + np.sin(np.abs(lateral)))
     ears = np.array([[-1.0], [1.0]])  # left ear axis at lateral -90 deg, right at +90
-    phi = np.degrees(np.pi / 2 - ears * lateral)  # (2, nb): 0 = source facing that ear
+    offset = np.asarray(ear_offset_deg, dtype=float)[:, None]
+    phi = np.minimum(np.degrees(np.pi / 2 - ears * lateral) + offset, 180.0)  # (2, nb): 0 = facing that ear
     alpha = (1 + ALPHA_MIN / 2) + (1 - ALPHA_MIN / 2) * np.cos(np.radians(phi / THETA_MIN_DEG * 180))
     delay = np.where(ears * lateral < 0, itd, 0.0)  # the far ear hears it later
     w = 2 * np.pi * np.fft.rfftfreq(NFFT, 1 / sr)
     x = w / (2 * speed_of_sound / head_radius_m)
     H = (1 + 1j * alpha[..., None] * x) / (1 + 1j * x) * np.exp(-1j * w * delay[..., None])
     return filter_blockwise(mono, H)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Capture setups: the microphones a clip is recorded with
+
+MIC_TYPES = ("binaural", "spaced", "near-coincident", "coincident", "phone")
+# what `flipray check` and the evaluation report group by: the near-coincident pair is a spaced pair of directional
+# capsules (time and level), XY and MS are coincident (level only)
+CAPTURE_GROUP = {"binaural": "binaural", "spaced": "spaced", "near-coincident": "spaced", "coincident": "coincident",
+                 "phone": "phone"}
+
+
+def capture_group(meta: dict | None) -> str:
+    """binaural | spaced | coincident | phone | unknown: the capture group of a clip's sidecar (clips rendered before
+    capture setups existed had a binaural head)."""
+    render = (meta or {}).get("render") or {}
+    if "capture" in render:
+        return CAPTURE_GROUP.get(render["capture"].get("type"), "unknown")
+    return "binaural" if render.get("head_radius_m") else "unknown"
+
+
+def draw_capture(rng, cfg: SynthConfig) -> dict:
+    """One capture setup and its parameters, drawn from cfg.mics: what the sidecar records under render.capture."""
+    kind = str(rng.choice(cfg.mics))
+    gains = [round(float(g), 2) for g in rng.uniform(*cfg.ear_gain_db, 2)]
+    if kind == "binaural":
+        return {"type": kind, "head_radius_m": round(float(rng.uniform(*cfg.head_radius_m)), 4),
+                "ear_offset_deg": [round(float(o), 2) for o in rng.uniform(*cfg.ear_offset_deg, 2)], "gain_db": gains}
+    if kind == "spaced":
+        return {"type": kind, "spacing_m": round(float(rng.uniform(*cfg.spaced_m)), 3), "pattern": "omni",
+                "gain_db": gains}
+    if kind == "near-coincident":
+        return {"type": kind, "spacing_m": round(float(rng.uniform(*cfg.near_coincident_m)), 3),
+                "pattern": "cardioid", "angle_deg": round(float(rng.uniform(*cfg.near_coincident_deg)), 1),
+                "gain_db": gains}
+    if kind == "coincident":
+        if rng.random() < 0.5:
+            return {"type": kind, "layout": "xy", "pattern": "cardioid", "spacing_m": 0.0,
+                    "angle_deg": round(float(rng.uniform(*cfg.coincident_deg)), 1), "gain_db": gains}
+        return {"type": kind, "layout": "ms", "pattern": "cardioid+figure-8", "spacing_m": 0.0,
+                "ms_width": round(float(rng.uniform(*cfg.ms_width)), 3), "gain_db": gains}
+    return {"type": "phone", "spacing_m": round(float(rng.uniform(*cfg.phone_m)), 3), "pattern": "omni",
+            "gain_db": gains}
+
+
+def _cardioid(az, el, axis_deg):
+    """First-order cardioid gain 0.5 + 0.5 cos(angle between the source and a horizontal capsule axis)."""
+    return 0.5 + 0.5 * np.cos(el) * np.cos(az - np.radians(axis_deg))
+
+
+def render_capture(mono, azimuth_deg, sr=16000, capture: dict | None = None, elevation_deg=0.0,
+                   speed_of_sound=343.0):
+    """Stereo (2, n), channel 0 = left, of a far-field source heard by the capture setup `capture` (draw_capture's
+    dict; a default binaural head when None). Directions as render_binaural's (positive azimuth = right), followed
+    block by block. Physics per type:
+      binaural         render_binaural: Woodworth ITD + Brown-Duda head shadow, ears set back by ear_offset_deg
+      spaced / phone   omni capsules spacing_m apart on the left-right axis: time of flight only, the capsule on
+                       the source's side hears it d sin(lateral) / c earlier; no level difference
+      near-coincident  the same time of flight between cardioids aimed +-angle_deg: time and level differences
+      coincident       xy: cardioids at one point aimed +-angle_deg; ms: cardioid mid + figure-8 side decoded to
+                       L = M + wS, R = M - wS: level differences only, zero delay
+    plus each capsule's sensitivity (gain_db).
+    """
+    capture = capture or {"type": "binaural", "head_radius_m": 0.0875}
+    kind = capture["type"]
+    gains = 10 ** (np.asarray(capture.get("gain_db", [0.0, 0.0]), dtype=float)[:, None] / 20)  # (2, 1)
+    if kind == "binaural":
+        return render_binaural(mono, azimuth_deg, sr, capture["head_radius_m"], elevation_deg, speed_of_sound,
+                               ear_offset_deg=capture.get("ear_offset_deg", (0.0, 0.0))) * gains
+    if kind not in MIC_TYPES:
+        raise ValueError(f"capture type must be one of {MIC_TYPES}, got {kind!r}")
+    n = len(mono)
+    az, el = np.radians(_per_block(azimuth_deg, n)), np.radians(_per_block(elevation_deg, n))
+    lateral_sin = np.sin(az) * np.cos(el)  # + = right
+    spacing = capture.get("spacing_m", 0.0)
+    tdoa = spacing * lateral_sin / speed_of_sound  # > 0: the right capsule hears it first
+    delay = np.stack([np.maximum(tdoa, 0.0), np.maximum(-tdoa, 0.0)])  # (2, nb): the far capsule is late
+    if kind in ("spaced", "phone"):
+        level = np.ones((2, len(az)))
+    elif kind == "near-coincident" or capture.get("layout") == "xy":
+        a = capture["angle_deg"]
+        level = np.stack([_cardioid(az, el, -a), _cardioid(az, el, a)])
+    else:  # ms: figure-8 side capsule facing left, so S > 0 for a source on the left
+        mid, side = _cardioid(az, el, 0.0), -lateral_sin
+        w = capture["ms_width"]
+        level = np.stack([mid + w * side, mid - w * side])
+    f = np.fft.rfftfreq(NFFT, 1 / sr)
+    H = level[..., None] * np.exp(-2j * np.pi * f * delay[..., None])
+    return filter_blockwise(mono, H) * gains
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -489,8 +597,8 @@ def make_clip(out_dir, cfg: SynthConfig, seed: int, scene: int, k: int) -> dict:
                      "diagonal": rng.choice([-1, 1], 2) / math.sqrt(2)}[obj["motion"]]
         obj["velocity"] = np.array(direction, dtype=float) * size / rng.uniform(*cfg.crossing_time_s)
 
-    # Audio: each sounding object rendered binaurally along its track, then room, noise, level and codec.
-    head_radius = rng.uniform(*cfg.head_radius_m)
+    # Audio: each sounding object rendered along its track by the clip's microphones, then room, noise, level, codec.
+    capture = draw_capture(rng, cfg)
     direct, dry = np.zeros((2, n)), np.zeros(n)
     for obj in objects:
         if obj["sounding"]:
@@ -498,10 +606,10 @@ def make_clip(out_dir, cfg: SynthConfig, seed: int, scene: int, k: int) -> dict:
             mono = source_signal(obj["family"], n, sr, rng, rng.uniform(*cfg.spectral_tilt_db_per_octave))
             mono *= 10 ** (obj["level_db"] / 20)
             az, el = _direction(_track(obj, np.arange(n) / sr), size, focal)
-            direct += render_binaural(mono, az, sr, head_radius, el)
+            direct += render_capture(mono, az, sr, capture, el)
             dry += mono
-    audio, render = direct, {"head_radius_m": round(head_radius, 4), "rt60_s": None, "snr_db": None,
-                             "lossy_audio": None}
+    audio, render = direct, {"capture": capture, "head_radius_m": capture.get("head_radius_m"), "rt60_s": None,
+                             "snr_db": None, "lossy_audio": None}
     if rng.random() < cfg.reverb_prob:
         rt60, drr = rng.uniform(*cfg.rt60_s), rng.uniform(*cfg.drr_db)
         tails, room_m = room_tails(rng, sr, rt60, drr)
@@ -618,6 +726,8 @@ def main(argv=None):
     p.add_argument("--max-distractors", type=int, default=defaults.max_distractors, help="silent objects per scene")
     p.add_argument("--two-source-prob", type=float, default=defaults.two_source_prob,
                    help="probability of two sounding objects in a scene")
+    p.add_argument("--mics", default=",".join(defaults.mics),
+                   help=f"capture setups drawn per clip, comma-separated from {','.join(MIC_TYPES)}")
     overrides.add_arguments(p, "SynthConfig")
     args = p.parse_args(argv)
     flags = dict(fps="fps", size="size", duration="duration_s", clips_per_scene="clips_per_scene",
@@ -625,6 +735,9 @@ def main(argv=None):
                  max_distractors="max_distractors", two_source_prob="two_source_prob")
     try:
         options = asdict(overrides.config_from_args(SynthConfig, args, p, flags))
+        if args.mics != p.get_default("mics"):  # a list of any length, so not through the tuple rule of --set
+            options = asdict(SynthConfig(**{**options, "mics": tuple(m.strip() for m in args.mics.split(",")
+                                                                      if m.strip())}))
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     if args.clips < 1:

@@ -98,7 +98,7 @@ class LocalizationNet(nn.Module):
 
     def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
         if "mono_audio" in self.backbone:  # the pretext's `mono` variant: stereo stream + mono-mix stream
-            return torch.cat([self.backbone["audio"](audio[:, :2]), self.backbone["mono_audio"](audio[:, 2:3])], 1)
+            return torch.cat([self.backbone["audio"](audio[:, :-1]), self.backbone["mono_audio"](audio[:, -1:])], 1)
         return self.backbone["audio"](audio)
 
     def visual_maps(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
