@@ -12,8 +12,8 @@ workers). The global batch stays `train.batch_size` whatever the worker count (g
 restarts from the newest one (`cluster.max_failures`), and running the same command with the same `--run-name`
 continues a stopped run. Rank 0 logs params, metrics, the learning curve and the final model to MLflow.
 
-Fault drill (what the tests do): FLIPRAY_FAULT_AT_STEP=K FLIPRAY_FAULT_RANK=1 makes rank 1 exit at step K of the
-first attempt.
+Fault drill (what the tests do): FLIPRAY_FAULT_AT_STEP=K FLIPRAY_FAULT_RANK=1 makes rank 1 exit at step K once per
+run (also when K precedes the first checkpoint, so every restart passes step K again).
 """
 from __future__ import annotations
 
@@ -44,6 +44,13 @@ FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "FLIPRAY_
 
 # ---------------------------------------------------------------------------------------------------------------------
 # On each Ray Train worker
+
+def fault_fires_once(run_id: str) -> bool:
+    """True the first time a run's fault drill asks, False after: the mark lives in the cluster's GCS key-value store,
+    which outlives the worker groups Ray Train restarts (a restart from no checkpoint replays step K)."""
+    from ray.experimental.internal_kv import _internal_kv_put
+    return not _internal_kv_put(f"fault-drill:{run_id}", b"fired", overwrite=False, namespace="flipray")
+
 
 def train_worker(config: dict):
     import ray.train
@@ -90,7 +97,8 @@ def train_worker(config: dict):
     fault_rank = int(os.environ.get("FLIPRAY_FAULT_RANK", "1"))
 
     def on_metrics(kind, state, m):
-        if kind == "train" and fault_step and restored is None and rank == fault_rank and state["step"] == fault_step:
+        if (kind == "train" and fault_step and rank == fault_rank and state["step"] == fault_step
+                and fault_fires_once(config["run_id"])):
             log.error("fault drill: rank %d exits at step %d", rank, state["step"])
             os._exit(1)
         if mlflow is None:

@@ -214,9 +214,16 @@ def load_checkpoint(path: str | Path) -> dict:
 def load_model(path: str | Path) -> tuple[SpatialAlignmentNet, Config]:
     """A trained SpatialAlignmentNet (eval mode) and its config from a checkpoint file."""
     ckpt = load_checkpoint(path)
-    cfg = config_from_dict(ckpt["config"])
-    model = SpatialAlignmentNet(cfg)
-    model.load_state_dict(ckpt["model"])
+    # a file torch can load is not yet a checkpoint: a list, a tensor, a string config all load with weights_only
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"{path}: not a flipray checkpoint (expected a dict with a 'config' dict and a 'model' state "
+                         f"dict, got {type(ckpt).__name__}{' with keys ' + str(sorted(ckpt))[:80] if isinstance(ckpt, dict) else ''})")
+    try:
+        cfg = config_from_dict(ckpt["config"])
+        model = SpatialAlignmentNet(cfg)
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, KeyError, ValueError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a usable flipray checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     return model.eval(), cfg
 
 
