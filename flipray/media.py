@@ -85,7 +85,7 @@ class Probe:
     duration_s: float | None                          # the container's duration, None when it has none
     video: bool                                       # a video stream that is not cover art
     video_duration_s: float | None                    # what the header says of the first one (None: not said)
-    audio: list[dict] = field(default_factory=list)   # audio streams: index, codec_name, channels, bit_rate, sample_rate
+    audio: list[dict] = field(default_factory=list)   # index, codec_name, channels, bit_rate, sample_rate of each
 
 
 def probe(path, timeout: float = 60) -> Probe:
@@ -95,9 +95,9 @@ def probe(path, timeout: float = 60) -> Probe:
         raise MediaError("missing", "no such file")
     if os.path.getsize(path) == 0:
         raise MediaError("empty", "empty file (0 bytes)")
-    proc = subprocess.run(["ffprobe", "-v", "error", "-show_entries",
-                           "stream=index,codec_type,codec_name,channels,bit_rate,sample_rate,duration:stream_disposition="
-                           "attached_pic:format=duration", "-of", "json", path],
+    entries = ("stream=index,codec_type,codec_name,channels,bit_rate,sample_rate,duration"
+               ":stream_disposition=attached_pic:format=duration")
+    proc = subprocess.run(["ffprobe", "-v", "error", "-show_entries", entries, "-of", "json", path],
                           capture_output=True, timeout=timeout)
     info = json.loads(proc.stdout or b"{}") if proc.returncode == 0 else {}
     streams = info.get("streams", [])

@@ -67,7 +67,8 @@ def start_local(num_cpus: int | None = None, **init_kwargs) -> None:
     from ray._private import ray_constants
     # read at import: without it Ray swaps the loopback for the machine's address and binds every interface
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(address="local", num_cpus=num_cpus, _node_ip_address=LOOPBACK, include_dashboard=False, **init_kwargs)
+    init_kwargs.setdefault("include_dashboard", False)
+    ray.init(address="local", num_cpus=num_cpus, _node_ip_address=LOOPBACK, **init_kwargs)
 
 
 def init(address: str | None = None, num_cpus: int | None = None, **init_kwargs) -> str:

@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     storage_path, filesystem = storage_location(c.storage_path)
     if not ray.is_initialized():
-        ray.init()
+        from flipray import raylocal
+        raylocal.init()  # RAY_ADDRESS (failing fast when it does not answer), else a local instance on 127.0.0.1
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id,

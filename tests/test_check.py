@@ -118,8 +118,9 @@ def test_verdicts_on_reencoded_videos_match_the_test_accuracy(videos, model, res
     assert p_swap - p_orig > 0.5
 
 
-def test_a_swapped_stretch_is_found_where_it_is(videos, results, model, tmp_path):
-    """An edit: 10 s as recorded, 10 s swapped, 10 s as recorded -> undecidable, with the swapped stretch located."""
+def test_a_swapped_stretch_is_found_where_it_is(videos, results, model, demo_run, tmp_path, capsys):
+    """An edit: 10 s as recorded, 10 s swapped, 10 s as recorded -> undecidable, with the swapped stretch located,
+    and exit code 1 (a script trusting the exit code must not miss an edited video)."""
     net, cfg = model
     same_format = range(0, len(videos), len(FORMATS))  # concatenated clips need one size and frame rate
     right = [j for j in same_format if (results[j][0].verdict, results[j][1].verdict) == ("correct", "swapped")]
@@ -135,6 +136,9 @@ def test_a_swapped_stretch_is_found_where_it_is(videos, results, model, tmp_path
     [(start, end)] = r.swapped_segments
     assert start == pytest.approx(10.0, abs=2.0) and end == pytest.approx(20.0, abs=2.0)
     assert f"swapped in {start:.1f}-{end:.1f} s" in check.describe(r)
+    capsys.readouterr()
+    assert cli.main(["check", str(edit), "--model", str(demo_run["checkpoint"])]) == check.EXIT_SWAPPED
+    assert f"swapped in {start:.1f}-{end:.1f} s" in capsys.readouterr().out
 
 
 def test_fix_swaps_the_audio_back_and_copies_the_video(videos, results, demo_run, tmp_path, capsys):

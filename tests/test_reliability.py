@@ -383,8 +383,8 @@ def test_bad_manifest_rows_are_refused_naming_file_and_line_before_any_upload(ca
 def test_a_second_upload_into_the_same_out_keeps_the_first_clips(tmp_path):
     """Issue 15 #5 (--dataset): the manifest is merged, never rebuilt from this run's sources alone."""
     out = Store(tmp_path / "out")
-    upload_dataset(fake_dataset(tmp_path / "a", [{"clip_id": "a_1", "split": "val"}, {"clip_id": "a_2", "split": "val"}]),
-                   out)
+    first = [{"clip_id": "a_1", "split": "val"}, {"clip_id": "a_2", "split": "val"}]
+    upload_dataset(fake_dataset(tmp_path / "a", first), out)
     upload_dataset(fake_dataset(tmp_path / "b", [{"clip_id": "b_1"}, {"clip_id": "a_2", "split": "test",
                                                                         "scene_id": "a"}]), out)
     rows = {r["clip_id"]: r for r in out.read_manifest()}

@@ -86,12 +86,14 @@ class Store:
             return self._client
 
     def _key(self, key: str) -> str:
-        relative_key(key, "key")  # every read and write stays under the root
+        if key:  # "" is the root itself (list everything); any other key stays under the root
+            relative_key(key, "key")
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def url(self, key: str) -> str:
         """Where `key` lives: an s3:// URL (DALI readers take these) or a local path."""
-        relative_key(key, "key")
+        if key:
+            relative_key(key, "key")
         return f"s3://{self.bucket}/{self._key(key)}" if self.s3 else str(Path(self.root) / key)
 
     def __repr__(self) -> str:
