@@ -49,7 +49,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +57,7 @@ import torch
 
 from flipray.config import Config
 from flipray.atomic import atomic_output
-from flipray.media import MediaError, probe as probe_file, require_stereo_video
+from flipray.media import FFmpegError, MediaError, ffmpeg, probe as probe_file, require_stereo_video
 from flipray.pretext.data import AudioFeatures, SampleParams, _first_line, make_sample, resize_square, window_frame_indices
 
 DEFAULT_MODEL = "models:/flipray-pretext/latest"
@@ -478,12 +477,13 @@ ENCODERS = {"aac": "aac", "mp3": "libmp3lame", "opus": "libopus", "vorbis": "lib
 
 
 def fix_command(src: str | Path, dst: str | Path, streams: list[dict]) -> list[str]:
-    """ffmpeg arguments: every stream copied, the audio re-encoded with its left and right swapped."""
+    """ffmpeg arguments (for flipray.media.ffmpeg): every stream copied, the audio re-encoded with its left and right
+    swapped."""
     codec = streams[0]["codec_name"]
     allowed, fallback = CONTAINER_AUDIO.get(Path(dst).suffix.lower(), (None, "aac"))
     if codec not in ENCODERS or (allowed is not None and codec not in allowed):
         codec = fallback
-    args = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-i", str(src), "-map", "0",
+    args = ["-i", str(src), "-map", "0",
             "-c", "copy", "-c:v", "copy", "-af", "pan=stereo|c0=c1|c1=c0", "-c:a", ENCODERS[codec]]
     rate = streams[0].get("bit_rate")
     if codec in ("aac", "mp3", "opus", "vorbis", "ac3", "eac3"):  # lossy: keep the source's bit rate
@@ -513,10 +513,11 @@ def fix_file(src: str | Path, dst: str | Path) -> None:
         if s.get("channels") != 2:
             raise CheckError("channels", f"audio stream {s['index']} has {s.get('channels')} channels; fix swaps "
                                          f"stereo (2 channels) only")
-    with atomic_output(dst) as tmp:
-        run = subprocess.run(fix_command(src, tmp, streams), check=False, capture_output=True, text=True)
-        if run.returncode != 0:
-            raise RuntimeError(f"ffmpeg failed on {src} (nothing written): {run.stderr.strip()[-800:]}")
+    try:
+        with atomic_output(dst) as tmp:
+            ffmpeg(fix_command(src, tmp, streams))
+    except FFmpegError as e:
+        raise RuntimeError(f"ffmpeg failed on {src} (nothing written): {e.stderr[-800:]}") from None
 
 
 def fix_main(argv: list[str] | None = None) -> int:

@@ -64,12 +64,20 @@ def write_flac(path, audio, sample_rate: int) -> None:
     sf.write(path, audio.T, sample_rate, subtype=FLAC_SUBTYPE, format="FLAC")
 
 
+class FFmpegError(RuntimeError):
+    """ffmpeg exited with an error; `stderr` is what it said."""
+
+    def __init__(self, args: list[str], stderr: str):
+        super().__init__(f"ffmpeg {' '.join(args)} failed: {stderr[-2000:]}")
+        self.stderr = stderr
+
+
 def ffmpeg(args: list[str], stdin: bytes | None = None, timeout: float | None = None) -> bytes:
-    """Run ffmpeg with an argument list; stdout bytes, or RuntimeError carrying its stderr."""
+    """Run ffmpeg with an argument list (never a shell string); stdout bytes, or FFmpegError carrying its stderr."""
     proc = subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostats", "-nostdin", "-y", *args],
                           input=stdin, capture_output=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"ffmpeg {' '.join(args)} failed: {proc.stderr.decode(errors='replace')[-2000:]}")
+        raise FFmpegError(args, proc.stderr.decode(errors="replace").strip())
     return proc.stdout
 
 

@@ -220,8 +220,8 @@ def transcode(job: ClipJob, out_dir: Path, opts: Options) -> tuple[Path, Path, i
                       *media.vp9_args(opts.fps), str(webm),
                       "-map", "0:a:0", "-vn", "-sn", "-dn", *media.flac_args(opts.sample_rate), str(flac)],
                      timeout=opts.timeout_s)
-    except RuntimeError as e:
-        raise Skip("transcode failed", str(e)[-300:]) from None
+    except media.FFmpegError as e:
+        raise Skip("transcode failed", e.stderr[-300:]) from None
     # real lengths, by decoding: a FLAC with no samples claims 2^63-1 frames in its header
     n_frames = media.video_frames(webm) if webm.exists() else 0
     n_samples = media.audio_samples(flac) if flac.exists() else 0
