@@ -100,13 +100,16 @@ def probe(path, timeout: float = 60) -> Probe:
     """What ffprobe says about a file; MediaError missing / empty / not-a-video when it cannot say."""
     path = str(path)
     if not os.path.isfile(path):
-        raise MediaError("missing", "no such file")
+        raise MediaError("missing", "a folder, not a file" if os.path.isdir(path) else "no such file")
     if os.path.getsize(path) == 0:
         raise MediaError("empty", "empty file (0 bytes)")
     entries = ("stream=index,codec_type,codec_name,channels,bit_rate,sample_rate,duration"
                ":stream_disposition=attached_pic:format=duration")
-    proc = subprocess.run(["ffprobe", "-v", "error", "-show_entries", entries, "-of", "json", path],
-                          capture_output=True, timeout=timeout)
+    try:
+        proc = subprocess.run(["ffprobe", "-v", "error", "-show_entries", entries, "-of", "json", path],
+                              capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise MediaError("not-a-video", f"ffprobe found no answer in {timeout:g} s") from None
     info = json.loads(proc.stdout or b"{}") if proc.returncode == 0 else {}
     streams = info.get("streams", [])
     if proc.returncode != 0 or not streams:
