@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import socket
 
+from flipray.optional import require
+
 CONNECT_TIMEOUT_S = 5.0
 LOOPBACK = "127.0.0.1"
 
@@ -29,11 +31,11 @@ def cluster_address(explicit: str | None = None, recorded: bool = False) -> tupl
         return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
     if recorded:
         try:
-            from ray._private.utils import get_ray_address_file, read_ray_address
-            address = read_ray_address(None)
+            utils = require("ray._private.utils")
+            address = utils.read_ray_address(None)
             if address:
-                return address, f"the cluster `ray start` recorded in {get_ray_address_file(None)}"
-        except (ImportError, OSError):
+                return address, f"the cluster `ray start` recorded in {utils.get_ray_address_file(None)}"
+        except (ImportError, OSError, AttributeError):
             pass
     return None, ""
 
@@ -53,7 +55,7 @@ def reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> bool:
 
 def join(address: str, source: str, **init_kwargs) -> None:
     """ray.init(address) after checking that it answers; RayUnreachable saying what was tried when it does not."""
-    import ray
+    ray = require("ray")
     if not reachable(address):
         raise RayUnreachable(f"cannot reach the Ray cluster at {address} (from {source}): no TCP answer within "
                              f"{CONNECT_TIMEOUT_S:g} s")
@@ -63,8 +65,8 @@ def join(address: str, source: str, **init_kwargs) -> None:
 def start_local(num_cpus: int | None = None, **init_kwargs) -> None:
     """A new Ray instance on this machine whose GCS, raylet and workers listen on 127.0.0.1 only."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # single-machine mode, for the processes Ray starts
-    import ray
-    from ray._private import ray_constants
+    ray = require("ray")
+    ray_constants = require("ray._private.ray_constants")
     # read at import: without it Ray swaps the loopback for the machine's address and binds every interface
     ray_constants.ENABLE_RAY_CLUSTER = False
     init_kwargs.setdefault("include_dashboard", False)

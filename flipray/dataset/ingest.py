@@ -5,12 +5,12 @@
     flipray ingest --dataset data/synth --out s3://bucket/synth/                       # a clip-format dataset
     python -m jobs.ingest --videos ~/my-videos --out data/my-videos                      # a local folder works too
 
-On a cluster: `ray job submit --working-dir . -- python -m jobs.ingest --videos /shared/videos --out s3://...`
-(the sources must be readable from every node, e.g. a shared file system; the store should then be S3). Without
-RAY_ADDRESS or --address a local Ray instance (on 127.0.0.1) is started with --num-cpus workers. Exit codes: 0 the
-manifest was written (merged with the one already in --out: earlier clips stay); 1 no clip could be made; 2 a bad
-argument: a missing folder or CSV, a CSV without its header, a manifest row that is malformed, or a Ray address that
-does not answer (one line saying which).
+On a cluster: `ray job submit --working-dir . -- python -m jobs.ingest --videos s3://bucket/raw/ --out s3://...`
+(an s3:// prefix, each task fetching its source, flipray/dataset/sources.py; or a folder every node reads, e.g. a
+shared file system; the store should then be S3). Without RAY_ADDRESS or --address a local Ray instance is started
+with --num-cpus workers (on 127.0.0.1). Exit codes: 0 the manifest was written (merged with the one already in --out:
+earlier clips stay); 1 no clip could be made; 2 a bad argument: a missing folder or CSV, a CSV without its header, a
+manifest row that is malformed, or a Ray address that does not answer (one line saying which).
 
 What happens: every source is probed with ffprobe (in Ray tasks); files with no video, no audio, mono or more than
 two audio channels, unreadable or shorter than one clip are skipped with that reason. Each remaining source gives
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -50,6 +51,7 @@ from pathlib import Path
 
 from flipray import media, raylocal
 from flipray.dataset.manifest import assign_splits
+from flipray.optional import require
 from flipray.dataset.store import Store, upload_clip, upload_dataset
 
 log = logging.getLogger(__name__)
@@ -101,12 +103,18 @@ class Skip(Exception):
 # Sources
 
 def folder_sources(folder: str | os.PathLike) -> list[Source]:
-    """Every video file under `folder` (by extension), with a scene id made from its name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder")
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTS)
-    names = [p.relative_to(folder).as_posix() for p in paths]
+    """Every video file under `folder` (by extension), with a scene id made from its name. `folder` may be an s3://
+    prefix: the tasks then fetch their source themselves (flipray.dataset.sources)."""
+    from flipray.dataset import sources as remote  # remote sources: listing and fetching live there
+    if remote.is_remote(folder):
+        found = remote.list_videos(str(folder), VIDEO_EXTS)
+        paths, names = [p for p, _ in found], [n for _, n in found]
+    else:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such folder")
+        paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTS)
+        names = [p.relative_to(folder).as_posix() for p in paths]
     stems = collections.Counter(_clean(Path(n).with_suffix("").as_posix()) for n in names)
     sources = []
     for path, name in zip(paths, names):
@@ -280,6 +288,7 @@ def ingest_clip(job: ClipJob, store: Store, opts: Options) -> dict:
 
 def plan_task(source: Source, opts: Options) -> dict:
     try:
+        source = _on_this_node(source)
         return {"status": "ok", "jobs": plan(source, opts)}
     except Skip as e:
         return {"status": "skipped", "reason": e.reason, "detail": e.detail}
@@ -288,13 +297,19 @@ def plan_task(source: Source, opts: Options) -> dict:
 
 
 def clip_task(job: ClipJob, store: Store, opts: Options) -> dict:
-    return ingest_clip(job, store, opts)
+    return ingest_clip(dataclasses.replace(job, source=_on_this_node(job.source)), store, opts)
+
+
+def _on_this_node(source: Source) -> Source:
+    """The source with a path this node can open: an s3:// object is fetched into the node's cache (sources.py)."""
+    from flipray.dataset import sources as remote
+    return dataclasses.replace(source, path=remote.localize(source.path))
 
 
 def _fan_out(func, items: list, args: tuple, desc: str, progress: bool):
     """Run `func(item, *args)` as a Ray task (1 CPU: ffmpeg runs one thread) for every item, a bounded number in
     flight; yield (item, result)."""
-    import ray
+    ray = require("ray")
     from tqdm import tqdm
     task = ray.remote(num_cpus=1)(func)
     limit = max(4, 4 * int(ray.cluster_resources().get("CPU", 1)))  # keep the queue short, results streaming
@@ -338,11 +353,13 @@ def run_ingest(out: str, videos: str | None = None, csv_path: str | None = None,
                 "splits": dict(collections.Counter(r["split"] for r in rows))}
     if not videos:
         raise ValueError("give --videos (a folder; with --csv, where the list's videos were downloaded) or --dataset")
+    if csv_path and videos.startswith("s3://"):
+        raise ValueError(f"--csv reads the downloaded videos from a local folder, not {videos}")
     if csv_path:
         sources, skipped = csv_sources(csv_path, videos)
     else:
         sources, skipped = folder_sources(videos), []
-    import ray
+    ray = require("ray")
     if not ray.is_initialized():
         raise RuntimeError("run_ingest needs Ray: call ray.init() first")
     n_sources = len(sources) + len(skipped)  # CSV rows that are malformed or not downloaded count as sources
@@ -403,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="flipray ingest", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="dataset root: s3://bucket/prefix (AWS_* environment) or a folder")
-    p.add_argument("--videos", help="folder of videos (with --csv: where the list's videos were downloaded)")
+    p.add_argument("--videos", help="folder of videos or an s3:// prefix (with --csv: the local folder where the "
+                                    "list's videos were downloaded)")
     p.add_argument("--csv", help="YouTube-ASMR list: header, # comments, ytid, ts_start, ts_end")
     p.add_argument("--dataset", help="upload an existing clip-format dataset (e.g. `flipray synth` output) instead")
     p.add_argument("--size", type=int, default=defaults.size, help="square frame side after the centre crop")
@@ -427,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             (csv_sources(args.csv, args.videos) if args.csv else folder_sources(args.videos))
         Store(args.out)
         if not args.dataset:
-            import ray
+            ray = require("ray")
             if not ray.is_initialized():
                 raylocal.init(args.address, args.num_cpus, logging_level=logging.WARNING)
         report = run_ingest(args.out, videos=args.videos, csv_path=args.csv, dataset=args.dataset, opts=opts,
