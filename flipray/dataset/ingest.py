@@ -135,6 +135,8 @@ def csv_sources(csv_path: str | os.PathLike, folder: str | os.PathLike) -> tuple
 
     Returns (sources, skipped) where skipped rows carry the reason: a malformed row or a file not downloaded.
     """
+    if str(folder).startswith("s3://"):
+        raise ValueError(f"--csv reads the downloaded videos from a local folder, not {folder}")
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder (where the list's videos were downloaded)")
