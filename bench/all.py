@@ -72,8 +72,8 @@ def run(quick: bool = False, data: str | None = None, threads: int | None = None
         report["cache"] = cache.run(root=data, threads=threads, **pick["cache"])
     started = False
     if any(m.startswith("ray") for m in modes) and not ray.is_initialized() and {"demo", "paper"} - set(skip):
-        ray.init(address="local", num_cpus=max(threads, 2), include_dashboard=False, logging_level="warning",
-                 log_to_driver=False)
+        from flipray import raylocal
+        raylocal.start_local(max(threads, 2), logging_level="warning", log_to_driver=False)  # on 127.0.0.1
         started = True
     try:
         for preset in ("demo", "paper"):

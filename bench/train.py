@@ -194,8 +194,8 @@ def run(config: str = "demo", overrides: list[str] | None = None, data: str | No
     rounds = {mode: [] for mode in modes}
     started_ray = False
     if any(m.startswith("ray") for m in modes) and not ray.is_initialized():
-        ray.init(address="local", num_cpus=max(threads, 2), include_dashboard=False, logging_level="warning",
-                 log_to_driver=False)  # a failing worker still raises, with its traceback, from trainer.fit()
+        from flipray import raylocal
+        raylocal.start_local(max(threads, 2), logging_level="warning", log_to_driver=False)  # a failing worker still raises, with its traceback, from trainer.fit()
         started_ray = True
     try:
         with tempfile.TemporaryDirectory(prefix="bench-train-") as storage:

@@ -8,9 +8,11 @@
 A 2.87-s window slides over the video every --hop seconds, seen exactly as training saw it (the same functions of
 flipray.pretext.data); each window is scored as is, mirrored+swapped, swapped and mirrored, so a model's bias cancels.
 The verdict (swapped | correct | undecidable) comes from the mean P(swapped) and how many windows agree; inputs that
-cannot be checked get one line each. Exit codes (`check`): 0 none swapped, 1 some swapped, 2 some unchecked or a
-usage error (3: both), 4 no trained model; `fix`: 0 written, 2 bad input, 5 ffmpeg failed. Details and the --json
-fields: docs/check.md.
+cannot be checked get one line each and the batch goes on. Exit codes (`check`): 0 none swapped, 1 some swapped (as a
+whole or in a stretch: an edit), 2 some unchecked (or a --plot not written) or a usage error (3: both), 4 no trained
+model (also: not a flipray checkpoint, an MLflow server that does not answer, a --tracking-uri file that is not an
+MLflow store); `fix`: 0 written, 2 bad input, 5 ffmpeg failed, and after a failure the input and --out are as before.
+Details and the --json fields: docs/check.md; every bad input and fault: docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from pathlib import Path
 import torch
 
 from flipray.config import Config
+from flipray.atomic import atomic_output
+from flipray.media import FFmpegError, MediaError, ffmpeg, probe as probe_file, require_stereo_video
 from flipray.optional import require
 from flipray.tracking import NoModelError, load_pretrained
 from flipray.pretext.data import SampleParams, first_line, make_sample, resize_square, window_frame_indices
@@ -59,7 +62,7 @@ class CheckResult:
     windows: int = 0               # windows scored (silent ones are not)
     agree_fraction: float | None = None
     error: str | None = None       # why the input could not be checked
-    reason: str | None = None      # short code: not-a-video no-video no-audio mono channels dual-mono silent too-short
+    reason: str | None = None      # short code (flipray.media.REASONS): missing empty not-a-video corrupt no-video ...
     silent_windows: int = 0
     duration_s: float | None = None
     window_s: float | None = None  # the model's window length
@@ -69,12 +72,9 @@ class CheckResult:
     timeline: list = field(default_factory=list)  # [start_s, P(swapped) or None for a silent window]
 
 
-class CheckError(Exception):
-    """An input that cannot be checked; `reason` is the short code in the JSON, the message says why."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
+class CheckError(MediaError):
+    """An input that cannot be checked; `reason` is the short code in the JSON (flipray.media.REASONS, or "usage"),
+    the message says why."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -130,35 +130,27 @@ def window_starts(grid_frames: int, audio_samples: int, cfg: Config, hop_s: floa
 
 def open_media(path: str | Path, cfg: Config, opts: CheckOptions) -> Media:
     """Decode what the windows need; raises CheckError for anything that cannot be checked."""
-    from torchcodec.decoders import AudioDecoder, VideoDecoder
     path = str(path)
-    if not os.path.isfile(path):
-        raise CheckError("not-a-video", "no such file")
-    if os.path.getsize(path) == 0:
-        raise CheckError("not-a-video", "empty file")
-    try:
-        vdec = VideoDecoder(path, dimension_order="NHWC", seek_mode="exact")
-    except (RuntimeError, ValueError) as e:  # torchcodec's words for what FFmpeg could not open
-        try:
-            AudioDecoder(path)
-        except (RuntimeError, ValueError):
-            raise CheckError("not-a-video", f"not a video ffmpeg can read ({_why(e)})") from None
-        raise CheckError("no-video", f"no video stream ffmpeg can decode, audio only ({_why(e)})") from None
-    try:
-        adec = AudioDecoder(path, sample_rate=cfg.data.sample_rate)
-    except (RuntimeError, ValueError):
-        raise CheckError("no-audio", "no audio stream: nothing to check") from None
-    channels = adec.metadata.num_channels
-    if channels == 1:
-        raise CheckError("mono", "mono audio (1 channel): there is no left and right to check")
-    if channels != 2:
-        raise CheckError("channels", f"{channels} audio channels: flipray check reads stereo (2 channels) only")
+    info = require_stereo_video(probe_file(path), "check")  # missing, empty, not-a-video, no-video, no-audio, mono...
+    try:  # every decode error, wherever it surfaces, is this file's, not the batch's
+        return _decode(path, info.video_duration_s, cfg, opts)
+    except (RuntimeError, ValueError, OSError) as e:  # torchcodec's words for what FFmpeg could not decode
+        raise CheckError("corrupt", f"cannot decode it ({_why(e)}): damaged, or an incomplete download") from None
 
+
+def _decode(path: str, header_s: float | None, cfg: Config, opts: CheckOptions) -> Media:
+    from torchcodec.decoders import AudioDecoder, VideoDecoder
+    vdec = VideoDecoder(path, dimension_order="NHWC", seek_mode="exact")  # exact: scans every packet
+    adec = AudioDecoder(path, sample_rate=cfg.data.sample_rate)
     vm = vdec.metadata
     t0 = vm.begin_stream_seconds or 0.0
     end = vm.end_stream_seconds if vm.end_stream_seconds is not None else t0 + (vm.duration_seconds or 0.0)
     fps = cfg.data.fps
     grid = max(0, math.ceil((end - t0) * fps - 1e-6))  # frames k with t0 + k / fps < end
+    if header_s and end - t0 < header_s - max(1.0, 0.05 * header_s):
+        # the index (moov at the front: -movflags +faststart) promises more than the packets hold
+        raise CheckError("corrupt", f"cut short: the file says {header_s:.1f} s of video, only {end - t0:.1f} s is "
+                                    f"there (an incomplete download?)")
     samples = adec.get_all_samples()
     wave = samples.data.float()
     # sample 0 of `wave` plays at samples.pts_seconds; make it grid time 0 (= the first video frame)
@@ -172,12 +164,9 @@ def open_media(path: str | Path, cfg: Config, opts: CheckOptions) -> Media:
 
     needed = sorted({i for s in starts for i in window_frames(cfg, s, grid)})
     chunks = []
-    try:
-        for j in range(0, len(needed), 64):  # resize as we go: a long 1080p video never sits in memory whole
-            times = [t0 + k / fps + FRAME_EPS_S for k in needed[j:j + 64]]
-            chunks.append(resize_square(vdec.get_frames_played_at(times).data, cfg.data.resize))
-    except (RuntimeError, ValueError) as e:
-        raise CheckError("not-a-video", f"cannot decode the video stream ({_why(e)})") from None
+    for j in range(0, len(needed), 64):  # resize as we go: a long 1080p video never sits in memory whole
+        times = [t0 + k / fps + FRAME_EPS_S for k in needed[j:j + 64]]
+        chunks.append(resize_square(vdec.get_frames_played_at(times).data, cfg.data.resize))
     return Media(torch.cat(chunks), {k: r for r, k in enumerate(needed)}, wave, starts, duration, grid)
 
 
@@ -299,7 +288,7 @@ def check_file(path: str | Path, model, cfg: Config, opts: CheckOptions | None =
         result.swapped_segments = runs(result.timeline, opts, True, cfg.data.window_s, result.duration_s)
         result.p_swapped, result.agree_fraction = round(p, 4), round(agree, 4)
         result.cues = classical_cues(media, cfg)
-    except CheckError as e:
+    except MediaError as e:
         result.error, result.reason = str(e), e.reason
     return result
 
@@ -351,17 +340,23 @@ def _check_task(path: str, model_and_cfg, opts: CheckOptions) -> CheckResult:
 
 
 def connect_ray() -> bool:
-    """Connect to the running Ray cluster (RAY_ADDRESS, e.g. from `eval "$(python -m cluster.local env)"`, or one
-    started on this machine with `ray start`); False, after saying so, when none is running."""
+    """Connect to the running Ray cluster (RAY_ADDRESS, e.g. from `eval "$(python -m cluster.local env)"`, or the one
+    `ray start` last started on this machine); False, after one line saying why, when there is none or it does not
+    answer within a few seconds (ray.init would wait minutes)."""
     ray = require("ray")
+    from flipray.raylocal import RayUnreachable, cluster_address, join
     if ray.is_initialized():
         return True
-    try:
-        ray.init(address="auto", logging_level="warning", log_to_driver=False)
-        return True
-    except ConnectionError:
+    address, source = cluster_address(recorded=True)
+    if not address:
         print("flipray check: no Ray cluster is running (start one: `python -m cluster.local up --ray` and "
               "`eval \"$(python -m cluster.local env)\"`); checking in this process", file=sys.stderr)
+        return False
+    try:
+        join(address, source, logging_level="warning", log_to_driver=False)
+        return True
+    except (RayUnreachable, ConnectionError) as e:
+        print(f"flipray check: {_why(e)}; checking in this process", file=sys.stderr)
         return False
 
 
@@ -381,8 +376,13 @@ def describe(r: CheckResult) -> str:
     return f"{r.path}: {what} (P(swapped) {r.p_swapped:.2f}, {agree}{silent}, {r.duration_s:.1f} s){part}"
 
 
+def looks_swapped(r: CheckResult) -> bool:
+    """Swapped as a whole, or in a stretch (an edit: its segments are in the output); what exit code 1 means."""
+    return not r.error and (r.verdict == "swapped" or bool(r.swapped_segments))
+
+
 def exit_code(results: list[CheckResult]) -> int:
-    code = EXIT_SWAPPED if any(r.verdict == "swapped" and not r.error for r in results) else 0
+    code = EXIT_SWAPPED if any(looks_swapped(r) for r in results) else 0
     return code | (EXIT_UNCHECKED if any(r.error for r in results) else 0)
 
 
@@ -450,23 +450,14 @@ ENCODERS = {"aac": "aac", "mp3": "libmp3lame", "opus": "libopus", "vorbis": "lib
             "pcm_f32le": "pcm_f32le"}
 
 
-def probe_audio(path: str | Path) -> list[dict]:
-    """The audio streams of a file (ffprobe): codec_name, channels, bit_rate, sample_rate."""
-    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "a", "-show_entries",
-                          "stream=index,codec_name,channels,bit_rate,sample_rate", "-of", "json", str(path)],
-                         check=False, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise CheckError("not-a-video", f"not a video ffmpeg can read ({(out.stderr.strip() or 'ffprobe failed')})")
-    return json.loads(out.stdout or "{}").get("streams", [])
-
-
 def fix_command(src: str | Path, dst: str | Path, streams: list[dict]) -> list[str]:
-    """ffmpeg arguments: every stream copied, the audio re-encoded with its left and right swapped."""
+    """ffmpeg arguments (for flipray.media.ffmpeg): every stream copied, the audio re-encoded with its left and right
+    swapped."""
     codec = streams[0]["codec_name"]
     allowed, fallback = CONTAINER_AUDIO.get(Path(dst).suffix.lower(), (None, "aac"))
     if codec not in ENCODERS or (allowed is not None and codec not in allowed):
         codec = fallback
-    args = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-i", str(src), "-map", "0",
+    args = ["-i", str(src), "-map", "0",
             "-c", "copy", "-c:v", "copy", "-af", "pan=stereo|c0=c1|c1=c0", "-c:a", ENCODERS[codec]]
     rate = streams[0].get("bit_rate")
     if codec in ("aac", "mp3", "opus", "vorbis", "ac3", "eac3"):  # lossy: keep the source's bit rate
@@ -475,13 +466,19 @@ def fix_command(src: str | Path, dst: str | Path, streams: list[dict]) -> list[s
 
 
 def fix_file(src: str | Path, dst: str | Path) -> None:
-    """Write `dst`: `src` with its stereo channels swapped (picture and other streams copied bit for bit)."""
+    """Write `dst`: `src` with its stereo channels swapped (picture and other streams copied bit for bit).
+
+    `dst` appears complete or not at all (ffmpeg writes a temporary file beside it, renamed over `dst` when it
+    succeeded): a failed run leaves the input and any earlier `dst` as they were."""
     src, dst = Path(src), Path(dst)
     if not src.is_file():
-        raise CheckError("not-a-video", "no such file")
-    if dst.exists() and dst.resolve() == src.resolve():
-        raise CheckError("usage", "--out must be a new file, not the input")
-    streams = probe_audio(src)
+        raise CheckError("missing", "no such file")
+    if dst.exists() and os.path.samefile(src, dst):  # also a hard link or symlink to the input
+        raise CheckError("usage", f"--out {dst} is the input itself (the same file or a link to it); write the fixed "
+                                  f"copy to a new file")
+    if not dst.parent.is_dir():
+        raise CheckError("usage", f"--out {dst}: no such folder {dst.parent}")
+    streams = probe_file(src).audio
     if not streams:
         raise CheckError("no-audio", "no audio stream: nothing to swap")
     for s in streams:
@@ -490,9 +487,11 @@ def fix_file(src: str | Path, dst: str | Path) -> None:
         if s.get("channels") != 2:
             raise CheckError("channels", f"audio stream {s['index']} has {s.get('channels')} channels; fix swaps "
                                          f"stereo (2 channels) only")
-    run = subprocess.run(fix_command(src, dst, streams), check=False, capture_output=True, text=True)
-    if run.returncode != 0:
-        raise RuntimeError(f"ffmpeg failed on {src}: {run.stderr.strip()[-800:]}")
+    try:
+        with atomic_output(dst) as tmp:
+            ffmpeg(fix_command(src, tmp, streams))
+    except FFmpegError as e:
+        raise RuntimeError(f"ffmpeg failed on {src} (nothing written): {e.stderr[-800:]}") from None
 
 
 def fix_main(argv: list[str] | None = None) -> int:
@@ -509,7 +508,7 @@ def fix_main(argv: list[str] | None = None) -> int:
         return EXIT_UNCHECKED
     try:
         fix_file(args.video, args.out)
-    except CheckError as e:
+    except MediaError as e:
         print(f"flipray fix: {args.video}: {e}", file=sys.stderr)
         return EXIT_UNCHECKED
     except RuntimeError as e:
@@ -560,16 +559,39 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for r in results:
             print(describe(r))
-    if args.plot:
-        for r in results:
-            if r.error:
-                continue
-            out = Path(args.plot)
-            if len(results) > 1:
-                out = out.with_name(f"{out.stem}-{Path(r.path).stem}{out.suffix or '.png'}")
-            plot_timeline(r, out, opts)
+    code = exit_code(results)
+    for r, out in plot_paths(args.plot, results):
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_output(out) as tmp:
+                plot_timeline(r, tmp, opts)
             print(f"timeline: {out}", file=sys.stderr)
-    return exit_code(results)
+        except (OSError, RuntimeError, ValueError) as e:  # a plot that cannot be written is this video's, not the run's
+            print(f"flipray check: {r.path}: cannot write the timeline {out}: {_why(e)}", file=sys.stderr)
+            code |= EXIT_UNCHECKED
+    return code
+
+
+def plot_paths(plot: str | None, results: list[CheckResult]) -> list[tuple[CheckResult, Path]]:
+    """(result, PNG path) of each checked video: `plot` itself for one input, else PLOT-<video stem>.png each, with
+    -2, -3, ... where two inputs share a stem (a/x.mp4, b/x.mp4), so no plot overwrites another."""
+    if not plot:
+        return []
+    base = Path(plot)
+    suffix = base.suffix or ".png"
+    if len(results) == 1:
+        return [] if results[0].error else [(results[0], base.with_suffix(suffix))]
+    out, taken = [], set()
+    for r in results:
+        stem, n = Path(r.path).stem, 1
+        name = f"{base.stem}-{stem}{suffix}"
+        while name in taken:
+            n += 1
+            name = f"{base.stem}-{stem}-{n}{suffix}"
+        taken.add(name)
+        if not r.error:
+            out.append((r, base.with_name(name)))
+    return out
 
 
 if __name__ == "__main__":

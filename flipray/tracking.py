@@ -13,6 +13,7 @@ weights_only=True)`. Both give the same network:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -31,6 +32,56 @@ def tracking_uri(explicit: str | None = None) -> str:
     return uri or f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
 
 
+class StoreError(ValueError):
+    """A tracking URI that is not an MLflow store flipray may use: a server that does not answer, a file that is not
+    an MLflow database."""
+
+
+SERVER_TIMEOUT_S = 5.0
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_store(uri: str, create: bool = False) -> None:
+    """StoreError unless `uri` is an MLflow store: an http(s) server answering /health within SERVER_TIMEOUT_S, or a
+    sqlite file that holds MLflow's tables (with `create`, also a path where nothing is yet). Never writes: MLflow
+    would turn any file it is pointed at, an empty one included, into its database."""
+    if uri.startswith(("http://", "https://")):
+        import urllib.request
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=SERVER_TIMEOUT_S) as r:
+                r.read(64)
+        except OSError as e:
+            raise StoreError(f"no MLflow server answers at {uri} (tried GET {url}, {SERVER_TIMEOUT_S:g}-s time-out: "
+                             f"{getattr(e, 'reason', e)})") from None
+        # later calls fail after a few retries rather than MLflow's default of minutes of backoff
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        return
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///"):])
+    if not path.exists():
+        if create:
+            return
+        raise StoreError(f"no MLflow store at {path}")
+    if not path.is_file():
+        raise StoreError(f"{path} is not a file, so not an MLflow sqlite store")
+    with open(path, "rb") as f:
+        header = f.read(len(SQLITE_HEADER))
+    if header != SQLITE_HEADER:
+        raise StoreError(f"{path} is {'an empty file' if not header else 'not a SQLite database'}, not an MLflow "
+                         f"store; left as it is (name a new path, or an existing MLflow database)")
+    import sqlite3
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{path}: not a readable SQLite database ({e})") from None
+    if "experiments" not in tables:
+        raise StoreError(f"{path} is a SQLite database without MLflow's tables, not an MLflow store; left as it is")
+
+
 def pretext_model_name(task: str) -> str:
     """Registered name of a pretext model: flipray-pretext for the flip task, flipray-pretext-<task> for baselines."""
     return PRETEXT_MODEL if task == "flip" else f"{PRETEXT_MODEL}-{task}"
@@ -42,6 +93,7 @@ def init_tracking(uri: str, experiment: str) -> str:
     Run once by the driver before any worker or trial touches the store: a fresh sqlite store creates its tables
     here, not in several processes at once.
     """
+    check_store(uri, create=True)
     mlflow = require("mlflow")
     mlflow.set_tracking_uri(uri)
     return mlflow.set_experiment(experiment).experiment_id
@@ -123,13 +175,17 @@ def load_pretrained(uri: str, tracking: str | None = None):
         path = Path(uri)
         try:
             return load_model(path / "checkpoint.pt" if path.is_dir() else path)
-        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
             raise NoModelError(f"cannot load the model {uri}: {e}") from None
     store = tracking_uri(tracking)
     if store.startswith("sqlite:///") and not Path(store[len("sqlite:///"):]).exists():
         # MLflow would create an empty store there; say where we looked instead
         raise NoModelError(f"no trained model: no MLflow store at {store[len('sqlite:///'):]}. {HINT} "
                            f"(or set MLFLOW_TRACKING_URI).")
+    try:  # a dead server answers in seconds, not minutes; a file that is not MLflow's is left untouched
+        check_store(store)
+    except StoreError as e:
+        raise NoModelError(f"no trained model: {e}. {HINT}.") from None
     mlflow = require("mlflow")
     mlflow.set_tracking_uri(store)
     with tempfile.TemporaryDirectory() as tmp:

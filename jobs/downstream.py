@@ -120,7 +120,8 @@ def run_methods(task_module, configs: dict, cpus: float, local: bool, gpus: floa
         return {m: task_module.run_trial(cfg) for m, cfg in configs.items()}
     import ray
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        from flipray import raylocal
+        raylocal.init(log_to_driver=True)  # RAY_ADDRESS (failing fast), else a local instance on 127.0.0.1
     remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(_trial)
     # The pretext checkpoints travel through the object store and the figures come back as bytes: a task may run
     # on a node that does not share this driver's disk.

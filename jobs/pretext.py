@@ -13,8 +13,8 @@ restarts from the newest one (`cluster.max_failures`), and running the same comm
 continues a stopped run (the k8s RayJob passes a fixed one, so its retries and re-applies do); a finished run is not
 trained or registered again. Rank 0 logs params, metrics, the learning curve and the final model to MLflow.
 
-Fault drill (what the tests do): FLIPRAY_FAULT_AT_STEP=K FLIPRAY_FAULT_RANK=1 makes rank 1 exit at step K of the
-first attempt.
+Fault drill (what the tests do): FLIPRAY_FAULT_AT_STEP=K FLIPRAY_FAULT_RANK=1 makes rank 1 exit at step K once per
+run (also when K precedes the first checkpoint, so every restart passes step K again).
 """
 from __future__ import annotations
 
@@ -47,6 +47,13 @@ FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "FLIPRAY_
 
 # ---------------------------------------------------------------------------------------------------------------------
 # On each Ray Train worker
+
+def fault_fires_once(run_id: str) -> bool:
+    """True the first time a run's fault drill asks, False after: the mark lives in the cluster's GCS key-value store,
+    which outlives the worker groups Ray Train restarts (a restart from no checkpoint replays step K)."""
+    from ray.experimental.internal_kv import _internal_kv_put
+    return not _internal_kv_put(f"fault-drill:{run_id}", b"fired", overwrite=False, namespace="flipray")
+
 
 def train_worker(config: dict):
     import ray.train
@@ -93,7 +100,8 @@ def train_worker(config: dict):
     fault_rank = int(os.environ.get("FLIPRAY_FAULT_RANK", "1"))
 
     def on_metrics(kind, state, m):
-        if kind == "train" and fault_step and restored is None and rank == fault_rank and state["step"] == fault_step:
+        if (kind == "train" and fault_step and rank == fault_rank and state["step"] == fault_step
+                and fault_fires_once(config["run_id"])):
             log.error("fault drill: rank %d exits at step %d", rank, state["step"])
             os._exit(1)
         if mlflow is None:
@@ -222,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     storage_path, filesystem = storage_location(c.storage_path)
     if not ray.is_initialized():
-        ray.init()
+        from flipray import raylocal
+        raylocal.init()  # RAY_ADDRESS (failing fast when it does not answer), else a local instance on 127.0.0.1
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id,

@@ -55,8 +55,9 @@ def bucket(moto_server):
 def ray_local(moto_server):
     """A local Ray instance with 2 CPUs for the session (started after moto so its workers see AWS_ENDPOINT_URL)."""
     import ray
-    # address="local": always a new instance; a bare init() would join a cluster another engineer started
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    from flipray import raylocal
+    # a new instance on 127.0.0.1, never a cluster another engineer's `ray start` recorded on this machine
+    raylocal.start_local(2, logging_level="warning", log_to_driver=False)
     yield ray
     ray.shutdown()
 

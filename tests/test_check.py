@@ -120,8 +120,9 @@ def test_verdicts_on_reencoded_videos_match_the_test_accuracy(videos, model, res
 
 
 @pytest.mark.slow
-def test_a_swapped_stretch_is_found_where_it_is(videos, results, model, tmp_path):
-    """An edit: 10 s as recorded, 10 s swapped, 10 s as recorded -> undecidable, with the swapped stretch located."""
+def test_a_swapped_stretch_is_found_where_it_is(videos, results, model, demo_run, tmp_path, capsys):
+    """An edit: 10 s as recorded, 10 s swapped, 10 s as recorded -> undecidable, with the swapped stretch located,
+    and exit code 1 (a script trusting the exit code must not miss an edited video)."""
     net, cfg = model
     right = [j for j in range(len(videos)) if (results[j][0].verdict, results[j][1].verdict) == ("correct", "swapped")]
     # fewer than 3 of 8 clips right has probability < 1e-4 for a model at the demo's >= 90% test accuracy: a failure
@@ -140,6 +141,9 @@ def test_a_swapped_stretch_is_found_where_it_is(videos, results, model, tmp_path
     [(start, end)] = r.swapped_segments
     assert start == pytest.approx(10.0, abs=2.0) and end == pytest.approx(20.0, abs=2.0)
     assert f"swapped in {start:.1f}-{end:.1f} s" in check.describe(r)
+    capsys.readouterr()
+    assert cli.main(["check", str(edit), "--model", str(demo_run["checkpoint"])]) == check.EXIT_SWAPPED
+    assert f"swapped in {start:.1f}-{end:.1f} s" in capsys.readouterr().out
 
 
 @pytest.mark.slow

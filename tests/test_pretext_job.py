@@ -108,3 +108,21 @@ def test_ray_job_trains_survives_a_lost_worker_and_registers_the_model(cluster_s
                    if k.split("/")[2].startswith("checkpoint_") and not k.endswith(".json")}
     assert 2 <= len(checkpoints) <= 3, checkpoints
     assert any(k.endswith("checkpoint.pt") for k in keys)
+
+
+def test_fault_before_the_first_checkpoint_fires_once_and_the_run_finishes(cluster_services, synth_root, monkeypatch):
+    """The drill at step 1, before the first checkpoint (step 2): every restart starts from scratch and passes step 1
+    again. It must fire once per run (it used to fire on every attempt, until max_failures ended the run)."""
+    for k, v in cluster_services.env.items():
+        monkeypatch.setenv(k, v)
+    upload_dataset(synth_root, "s3://flipray/tiny/")
+    sets = FAST + ["data.root=s3://flipray/tiny/", "data.cache=false", "train.batch_size=4", "train.total_samples=16",
+                   "train.checkpoint_every_samples=8", "train.eval_every_samples=16", "cluster.workers=2",
+                   "cluster.storage_path=s3://flipray/ray-results", "cluster.max_failures=1"]
+    result = _submit(cluster_services, ["--config", "demo", "--run-name", "fault-early",
+                                        *sum((["--set", s] for s in sets), [])],
+                     {"FLIPRAY_FAULT_AT_STEP": "1", "FLIPRAY_FAULT_RANK": "1", "RAY_DEDUP_LOGS": "0"})
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-6000:]
+    assert out.count("fault drill: rank 1 exits at step 1") == 1, out[-6000:]
+    assert "registered model: models:/flipray-pretext/" in out, out[-6000:]

@@ -82,6 +82,6 @@ def test_ingest_from_an_s3_prefix(source_videos, bucket, ray_local, capsys):
     again = run_ingest(out, videos=f"s3://{bucket}/raw/", opts=opts, progress=False)
     assert again["clips_ingested"] == 0 and again["clips_existing"] == 4
 
-    # the command line: --csv reads a local folder only
-    with pytest.raises(ValueError, match="--csv reads the downloaded videos from a local folder"):
-        main(["--csv", str(folder / "list.csv"), "--videos", f"s3://{bucket}/raw/", "--out", out])
+    # the command line: --csv reads a local folder only (one line, exit 2, before any Ray starts)
+    assert main(["--csv", str(folder / "list.csv"), "--videos", f"s3://{bucket}/raw/", "--out", out]) == 2
+    assert "--csv reads the downloaded videos from a local folder" in capsys.readouterr().err

@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "mlflow": {"uri": uri, "experiment_id": experiment_id, "parent": parent}}
     trainable_with_resources = tune.with_resources(trainable, trial_resources(d))
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+        from flipray import raylocal
+        raylocal.init()  # RAY_ADDRESS (failing fast when it does not answer), else a local instance on 127.0.0.1
     if restoring:
         print(f"restoring sweep {name} from {exp_dir}", flush=True)
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable_with_resources, resume_unfinished=True,

@@ -8,7 +8,9 @@
 On a cluster: `ray job submit --working-dir . -- python -m jobs.ingest --videos s3://bucket/raw/ --out s3://...`
 (an s3:// prefix, each task fetching its source, flipray/dataset/sources.py; or a folder every node reads, e.g. a
 shared file system; the store should then be S3). Without RAY_ADDRESS or --address a local Ray instance is started
-with --num-cpus workers.
+with --num-cpus workers (on 127.0.0.1). Exit codes: 0 the manifest was written (merged with the one already in --out:
+earlier clips stay); 1 no clip could be made; 2 a bad argument: a missing folder or CSV, a CSV without its header, a
+manifest row that is malformed, or a Ray address that does not answer (one line saying which).
 
 What happens: every source is probed with ffprobe (in Ray tasks); files with no video, no audio, mono or more than
 two audio channels, unreadable or shorter than one clip are skipped with that reason. Each remaining source gives
@@ -47,8 +49,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import soundfile as sf
-
+from flipray import media, raylocal
 from flipray.dataset.manifest import assign_splits
 from flipray.optional import require
 from flipray.dataset.store import Store, upload_clip, upload_dataset
@@ -56,6 +57,7 @@ from flipray.dataset.store import Store, upload_clip, upload_dataset
 log = logging.getLogger(__name__)
 
 VIDEO_EXTS = {".mp4", ".mkv", ".webm", ".mov", ".m4v", ".avi"}
+EXIT_NO_CLIPS, EXIT_BAD_INPUT = 1, 2  # 0: manifest written
 CLIP_ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 CONVENTIONS = ("azimuth deg, positive = listener's right, 0 = straight ahead; audio channel 0 = left; "
                "boxes [x0, y0, x1, y1] in pixels")
@@ -110,7 +112,7 @@ def folder_sources(folder: str | os.PathLike) -> list[Source]:
     else:
         folder = Path(folder)
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: not a folder")
+            raise FileNotFoundError(f"{folder}: no such folder")
         paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTS)
         names = [p.relative_to(folder).as_posix() for p in paths]
     stems = collections.Counter(_clean(Path(n).with_suffix("").as_posix()) for n in names)
@@ -133,12 +135,22 @@ def csv_sources(csv_path: str | os.PathLike, folder: str | os.PathLike) -> tuple
 
     Returns (sources, skipped) where skipped rows carry the reason: a malformed row or a file not downloaded.
     """
+    if str(folder).startswith("s3://"):
+        raise ValueError(f"--csv reads the downloaded videos from a local folder, not {folder}")
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder (where the list's videos were downloaded)")
+    if not Path(csv_path).is_file():
+        raise FileNotFoundError(f"{csv_path}: no such file")
     by_stem = {}
-    for p in sorted(folder.rglob("*")) if folder.is_dir() else []:
+    for p in sorted(folder.rglob("*")):
         if p.is_file() and p.suffix.lower() in VIDEO_EXTS:
             by_stem.setdefault(p.stem, p)
-    lines = [(i, line) for i, line in enumerate(Path(csv_path).read_text().splitlines(), 1)
+    try:  # utf-8-sig: spreadsheet programs start a saved CSV with a byte-order mark
+        text = Path(csv_path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{csv_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1)
              if line.strip() and not line.lstrip().startswith("#")]
     if not lines:
         raise ValueError(f"{csv_path}: no header row (expected ytid, ts_start, ts_end)")
@@ -157,7 +169,7 @@ def csv_sources(csv_path: str | os.PathLike, folder: str | os.PathLike) -> tuple
         except (IndexError, ValueError):
             skipped.append({"source": where, "reason": "bad CSV row", "detail": ",".join(row)})
             continue
-        if not CLIP_ID_RE.match(ytid) or not 0 <= t0 < t1:
+        if not CLIP_ID_RE.match(ytid) or not (math.isfinite(t0) and math.isfinite(t1) and 0 <= t0 < t1):
             skipped.append({"source": where, "reason": "bad CSV row", "detail": f"ytid {ytid!r}, {t0}-{t1} s"})
             continue
         stem = f"{ytid}_{round(t0 * 1000)}_{round(t1 * 1000)}"
@@ -173,39 +185,16 @@ def csv_sources(csv_path: str | os.PathLike, folder: str | os.PathLike) -> tuple
 # ---------------------------------------------------------------------------------------------------------------------
 # Probing and transcoding (plain functions; the Ray tasks below wrap them)
 
-def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
-    """Run a command given as an argument list (never through a shell)."""
-    return subprocess.run(args, capture_output=True, timeout=timeout)
-
-
 def probe(path: str, timeout: int = 60) -> dict:
-    """{'duration': s, 'channels': audio channels} of a source; Skip with the reason it cannot be used."""
-    if os.path.getsize(path) == 0:
-        raise Skip("empty file", "0 bytes")
-    proc = _run(["ffprobe", "-v", "error", "-show_entries", "stream=codec_type,channels:format=duration",
-                 "-of", "json", path], timeout)
-    if proc.returncode != 0:
-        message = proc.stderr.decode(errors="replace").strip()
-        raise Skip("unreadable", message.splitlines()[-1] if message else f"ffprobe exit {proc.returncode}")
-    info = json.loads(proc.stdout or b"{}")
-    streams = info.get("streams", [])
-    if not any(s.get("codec_type") == "video" for s in streams):
-        raise Skip("no video stream")
-    audio = [s for s in streams if s.get("codec_type") == "audio"]
-    if not audio:
-        raise Skip("no audio stream")
-    channels = int(audio[0].get("channels") or 0)
-    if channels == 1:
-        raise Skip("mono audio", "stereo is required: left/right is what the model learns")
-    if channels != 2:
-        raise Skip("not stereo", f"{channels} audio channels; stereo is required")
+    """{'duration': s, 'channels': audio channels} of a source; Skip with the reason it cannot be used (the words
+    of flipray.media's vocabulary, as `flipray check` uses it)."""
     try:
-        duration = float(info.get("format", {}).get("duration", "nan"))
-    except ValueError:
-        duration = math.nan
-    if not duration > 0:
+        info = media.require_stereo_video(media.probe(path, timeout), "learn from")
+    except media.MediaError as e:
+        raise Skip(media.LABELS[e.reason], str(e)) from None
+    if info.duration_s is None:
         raise Skip("zero length", "no duration")
-    return {"duration": duration, "channels": channels}
+    return {"duration": info.duration_s, "channels": 2}
 
 
 def plan(source: Source, opts: Options) -> list[ClipJob]:
@@ -235,20 +224,17 @@ def transcode(job: ClipJob, out_dir: Path, opts: Options) -> tuple[Path, Path, i
     frames = round(opts.clip_s * opts.fps)
     vf = (f"fps={opts.fps},crop='min(iw,ih)':'min(iw,ih)',"        # centre crop to a square (crop centres by default)
           f"scale={opts.size}:{opts.size}:flags=area,setsar=1")
-    proc = _run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y",
-                 "-ss", f"{job.start_s:.3f}", "-t", f"{opts.clip_s:.3f}", "-i", job.source.path,
-                 "-map", "0:v:0", "-an", "-sn", "-dn", "-vf", vf, "-frames:v", str(frames),
-                 "-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-row-mt", "1", "-threads", "1",
-                 "-crf", "30", "-b:v", "0", "-g", str(opts.fps), "-keyint_min", str(opts.fps),
-                 "-pix_fmt", "yuv420p", str(webm),
-                 "-map", "0:a:0", "-vn", "-sn", "-dn", "-ac", "2", "-ar", str(opts.sample_rate),
-                 "-c:a", "flac", "-sample_fmt", "s16", str(flac)], opts.timeout_s)
-    if proc.returncode != 0:
-        raise Skip("transcode failed", proc.stderr.decode(errors="replace").strip()[-300:])
-    count = _run(["ffprobe", "-v", "error", "-count_packets", "-select_streams", "v:0", "-show_entries",
-                  "stream=nb_read_packets", "-of", "csv=p=0", str(webm)], 60)
-    n_frames = int(count.stdout.strip() or 0) if count.returncode == 0 else 0
-    n_samples = sf.info(str(flac)).frames if flac.exists() and flac.stat().st_size else 0
+    try:
+        media.ffmpeg(["-ss", f"{job.start_s:.3f}", "-t", f"{opts.clip_s:.3f}", "-i", job.source.path,
+                      "-map", "0:v:0", "-an", "-sn", "-dn", "-vf", vf, "-frames:v", str(frames),
+                      *media.vp9_args(opts.fps), str(webm),
+                      "-map", "0:a:0", "-vn", "-sn", "-dn", *media.flac_args(opts.sample_rate), str(flac)],
+                     timeout=opts.timeout_s)
+    except media.FFmpegError as e:
+        raise Skip("transcode failed", e.stderr[-300:]) from None
+    # real lengths, by decoding: a FLAC with no samples claims 2^63-1 frames in its header
+    n_frames = media.video_frames(webm) if webm.exists() else 0
+    n_samples = media.audio_samples(flac) if flac.exists() else 0
     if n_frames == 0 or n_samples == 0:
         raise Skip("zero length", f"clip at {job.start_s:.1f} s decoded to {n_frames} frames, {n_samples} samples")
     if n_frames < 0.95 * frames or n_samples < 0.95 * opts.clip_s * opts.sample_rate:
@@ -410,8 +396,10 @@ def run_ingest(out: str, videos: str | None = None, csv_path: str | None = None,
         splits = assign_splits([r["scene_id"] for r in rows], seed=seed)
         for row in rows:
             row["split"] = splits[row["scene_id"]]
-        report["manifest"] = store.write_manifest(rows)  # last: only now is the dataset readable
-        report["splits"] = dict(collections.Counter(r["split"] for r in rows))
+        # last: only now is the dataset readable. Merged: clips of earlier runs into this --out stay listed, even
+        # when their sources are not given (or not readable) this time; a scene keeps the split it had.
+        report["manifest"] = store.write_manifest(rows, merge=True)
+        report["splits"] = dict(collections.Counter(r["split"] for r in store.read_manifest()))
     return report
 
 
@@ -454,15 +442,22 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(size=args.size, fps=args.fps, clip_s=args.clip_seconds,
                    max_clips_per_source=args.max_clips_per_video)
     start = time.time()
-    ray = require("ray")
-    if not args.dataset and not ray.is_initialized():
-        ray.init(address=args.address, num_cpus=None if args.address or os.environ.get("RAY_ADDRESS")
-                 else args.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
-    report = run_ingest(args.out, videos=args.videos, csv_path=args.csv, dataset=args.dataset, opts=opts,
-                        seed=args.seed)
+    try:  # bad sources and stores are reported in one line before any Ray instance starts
+        if args.videos:
+            (csv_sources(args.csv, args.videos) if args.csv else folder_sources(args.videos))
+        Store(args.out)
+        if not args.dataset:
+            ray = require("ray")
+            if not ray.is_initialized():
+                raylocal.init(args.address, args.num_cpus, logging_level=logging.WARNING)
+        report = run_ingest(args.out, videos=args.videos, csv_path=args.csv, dataset=args.dataset, opts=opts,
+                            seed=args.seed)
+    except (FileNotFoundError, ValueError, raylocal.RayUnreachable) as e:
+        print(f"flipray ingest: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print_report(report)
     print(f"done in {time.time() - start:.1f} s", file=sys.stderr)
-    return 0 if report["manifest"] else 1
+    return 0 if report["manifest"] else EXIT_NO_CLIPS
 
 
 if __name__ == "__main__":

@@ -7,14 +7,79 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import tempfile
-from pathlib import Path
+import re
+from pathlib import PurePosixPath, Path
+
+from flipray.atomic import write_bytes
 
 SPLITS = ("train", "val", "test")
 MANIFEST_NAME = "manifest.jsonl"
 REQUIRED_FIELDS = ("clip_id", "scene_id", "split", "duration_s", "fps", "num_frames", "sample_rate", "channels",
                    "video", "audio", "meta")
+PATH_FIELDS = ("video", "audio", "meta")
+NUMBER_FIELDS = ("duration_s", "fps", "num_frames", "sample_rate", "channels")
+CLIP_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def relative_key(key, what: str = "path") -> str:
+    """`key` if it is a relative path that stays inside its root (no `..`, not absolute), else ValueError: a path
+    from a manifest or CSV must never reach outside the dataset (reading a credentials file into a bucket)."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"{what} must be a non-empty string, got {key!r}")
+    p = PurePosixPath(key)
+    if p.is_absolute() or "\\" in key or ".." in p.parts or key.startswith("~") or re.match(r"^[A-Za-z]:", key):
+        raise ValueError(f"{what} {key!r} must be a relative path inside the dataset root (no .., not absolute)")
+    return key
+
+
+def check_row(row, where: str) -> dict:
+    """ValueError naming `where` (file:line) unless `row` is a well-formed manifest row."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a manifest row is a JSON object, got {type(row).__name__}")
+    missing = [k for k in REQUIRED_FIELDS if k not in row]
+    if missing:
+        raise ValueError(f"{where}: clip {row.get('clip_id', '?')!r} lacks fields {missing}")
+    cid = row["clip_id"]
+    if not isinstance(cid, str) or not CLIP_ID_RE.match(cid) or cid in (".", ".."):
+        raise ValueError(f"{where}: clip_id must be letters, digits, _ . -, got {cid!r}")
+    if not isinstance(row["scene_id"], str) or not row["scene_id"]:
+        raise ValueError(f"{where}: clip {cid!r}: scene_id must be a non-empty string, got {row['scene_id']!r}")
+    if row["split"] not in SPLITS:
+        raise ValueError(f"{where}: clip {cid!r}: split must be one of {SPLITS}, got {row['split']!r}")
+    for k in NUMBER_FIELDS:
+        v = row[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{where}: clip {cid!r}: {k} must be a positive number, got {v!r}")
+    for k in PATH_FIELDS:
+        try:
+            relative_key(row[k], k)
+        except ValueError as e:
+            raise ValueError(f"{where}: clip {cid!r}: {e}") from None
+    return row
+
+
+def check_rows(rows: list[dict], source: str, lines: list[int] | None = None) -> list[dict]:
+    """check_row for every row, and no clip_id twice; errors name `source`:line (or row number)."""
+    seen = {}
+    for i, row in enumerate(rows):
+        where = f"{source}:{lines[i]}" if lines else f"{source} row {i}"
+        check_row(row, where)
+        if row["clip_id"] in seen:
+            raise ValueError(f"{where}: clip_id {row['clip_id']!r} repeats {seen[row['clip_id']]}")
+        seen[row["clip_id"]] = where
+    return rows
+
+
+def merge_rows(existing: list[dict], new: list[dict]) -> list[dict]:
+    """The rows of a dataset after adding `new` to `existing`: every existing clip stays (a source missing on a
+    re-run never drops clips), a new row replaces an old one with its clip_id, and a scene keeps its split."""
+    scene_split = {r["scene_id"]: r["split"] for r in existing}
+    merged = {r["clip_id"]: r for r in existing}
+    for r in new:
+        merged[r["clip_id"]] = {**r, "split": scene_split.get(r["scene_id"], r["split"])}
+    return [merged[k] for k in sorted(merged)]
 
 
 def assign_splits(scene_ids, seed: int = 0, fractions=(0.8, 0.1, 0.1)) -> dict[str, str]:
@@ -40,25 +105,15 @@ def assign_splits(scene_ids, seed: int = 0, fractions=(0.8, 0.1, 0.1)) -> dict[s
 def write_manifest(root: str | os.PathLike, rows: list[dict]) -> Path:
     """Write `root/manifest.jsonl` atomically (temporary file in the same folder, then rename)."""
     root = Path(root)
-    for i, row in enumerate(rows):
-        missing = [k for k in REQUIRED_FIELDS if k not in row]
-        if missing:
-            raise ValueError(f"manifest row {i} ({row.get('clip_id', '?')}) lacks fields {missing}")
-        if row["split"] not in SPLITS:
-            raise ValueError(f"manifest row {i} ({row['clip_id']}): split must be one of {SPLITS}, "
-                             f"got {row['split']!r}")
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=root)
-    with os.fdopen(fd, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+    check_rows(rows, "manifest")
     path = root / MANIFEST_NAME
-    os.replace(tmp, path)
+    write_bytes(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode())
     return path
 
 
 def parse_manifest(text: str, source: str = MANIFEST_NAME) -> list[dict]:
-    """Parse manifest text; `source` names the file in error messages."""
-    rows = []
+    """Parse and check manifest text (types, paths inside the root, no clip_id twice); errors name `source`:line."""
+    rows, lines = [], []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -66,11 +121,9 @@ def parse_manifest(text: str, source: str = MANIFEST_NAME) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{source}:{lineno}: not valid JSON ({e.msg})") from None
-        missing = [k for k in REQUIRED_FIELDS if k not in row]
-        if missing:
-            raise ValueError(f"{source}:{lineno}: clip {row.get('clip_id', '?')!r} lacks fields {missing}")
         rows.append(row)
-    return rows
+        lines.append(lineno)
+    return check_rows(rows, source, lines)
 
 
 def read_manifest(root: str | os.PathLike, split: str | None = None) -> list[dict]:

@@ -30,7 +30,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from flipray.dataset.manifest import MANIFEST_NAME, SPLITS, parse_manifest, write_manifest
+from flipray.atomic import write_bytes
+from flipray.dataset.manifest import (MANIFEST_NAME, PATH_FIELDS, SPLITS, check_rows, merge_rows, parse_manifest,
+                                      relative_key, write_manifest)
 
 log = logging.getLogger(__name__)
 _CLIENT_LOCK = threading.Lock()
@@ -84,10 +86,14 @@ class Store:
             return self._client
 
     def _key(self, key: str) -> str:
+        if key:  # "" is the root itself (list everything); any other key stays under the root
+            relative_key(key, "key")
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def url(self, key: str) -> str:
         """Where `key` lives: an s3:// URL (DALI readers take these) or a local path."""
+        if key:
+            relative_key(key, "key")
         return f"s3://{self.bucket}/{self._key(key)}" if self.s3 else str(Path(self.root) / key)
 
     def __repr__(self) -> str:
@@ -143,10 +149,7 @@ class Store:
             return
         path = Path(self.url(key))
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        write_bytes(path, data)  # complete or absent, and readable by others as a plain open() would make it
 
     def put_if_changed(self, key: str, data: bytes) -> bool:
         """Upload unless an object with the same sha256 is already there; True when it was sent."""
@@ -191,10 +194,19 @@ class Store:
         rows = parse_manifest(text, self.url(MANIFEST_NAME))
         return rows if split is None else [r for r in rows if r["split"] == split]
 
-    def write_manifest(self, rows: list[dict]) -> str:
-        """Validate and write the manifest (the last write of an upload); returns its URL."""
-        if len({r.get("clip_id") for r in rows}) != len(rows):
-            raise ValueError(f"{self.root}: manifest rows repeat a clip_id")
+    def write_manifest(self, rows: list[dict], merge: bool = False) -> str:
+        """Validate and write the manifest (the last write of an upload); returns its URL. With `merge`, the rows of
+        the manifest already there whose clips are still stored are kept (manifest.merge_rows): a dataset only grows.
+        """
+        check_rows(rows, f"{self.root}: new manifest")
+        if merge and self.has_manifest():
+            stored = set(self.list("clips/"))
+            existing = self.read_manifest()
+            old = [r for r in existing if all(r[k] in stored for k in PATH_FIELDS)]
+            dropped = len(existing) - len(old)
+            if dropped:
+                log.warning("%s: %d manifest rows dropped: their clip files are no longer stored", self.root, dropped)
+            rows = merge_rows(old, rows)
         if not self.s3:
             return str(write_manifest(self.root, rows))
         with tempfile.TemporaryDirectory() as tmp:  # flipray.dataset.manifest validates and serialises, one place for both
@@ -220,8 +232,10 @@ def upload_clip(store: Store, local_root: str | os.PathLike, row: dict) -> tuple
     """
     local_root = Path(local_root)
     data = {}
-    for field in ("video", "audio", "meta"):
-        path = local_root / row[field]
+    for field in PATH_FIELDS:
+        path = local_root / relative_key(row[field], field)
+        if not path.resolve().is_relative_to(local_root.resolve()):
+            raise ValueError(f"{path}: clip {row['clip_id']}'s {field} file leads outside {local_root} (a link)")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: clip {row['clip_id']} lists it as its {field} file, it does not exist")
         data[field] = path.read_bytes()
@@ -245,14 +259,18 @@ def upload_dataset(local_root: str | os.PathLike, dest: str | Store, workers: in
     """
     from tqdm import tqdm
     store = dest if isinstance(dest, Store) else Store(dest)
-    rows = [dict(r) for r in parse_manifest((Path(local_root) / MANIFEST_NAME).read_text(),
-                                            str(Path(local_root) / MANIFEST_NAME))]
+    manifest = Path(local_root) / MANIFEST_NAME
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest}: no manifest; --dataset takes a clip-format dataset "
+                                f"(`flipray synth` output)")
+    # every row is checked (types, paths inside the root, no clip_id twice) before the first object goes up
+    rows = [dict(r) for r in parse_manifest(manifest.read_text(encoding="utf-8-sig"), str(manifest))]
     with ThreadPoolExecutor(max_workers=workers) as pool:  # I/O bound: threads share one thread-safe client
         results = list(tqdm(pool.map(lambda r: upload_clip(store, local_root, r), rows), total=len(rows),
                             unit="clip", desc=f"upload to {store.root}", disable=not progress))
     out_rows = [r for r, _ in results]
     sent = sum(n for _, n in results)
-    url = store.write_manifest(out_rows)
+    url = store.write_manifest(out_rows, merge=True)  # clips uploaded earlier into the same root stay listed
     log.info("%s: %d clips, %d objects sent, manifest written last", store.root, len(out_rows), sent)
     return {"clips": len(out_rows), "clips_sent": sum(n > 0 for _, n in results), "sent": sent,
             "unchanged": 3 * len(out_rows) - sent, "manifest": url}

@@ -225,9 +225,17 @@ def load_checkpoint(path: str | Path) -> dict:
 def load_model(path: str | Path) -> tuple[SpatialAlignmentNet, Config]:
     """A trained SpatialAlignmentNet (eval mode) and its config from a checkpoint file."""
     ckpt = load_checkpoint(path)
-    cfg = config_from_dict(ckpt["config"])
-    model = SpatialAlignmentNet(cfg)
-    model.load_state_dict(ckpt["model"])
+    # a file torch can load is not yet a checkpoint: a list, a tensor, a string config all load with weights_only
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model"), dict)):
+        got = f"a dict with keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: not a flipray checkpoint (expected a dict with a 'config' dict and a 'model' state "
+                         f"dict, got {got})")
+    try:
+        cfg = config_from_dict(ckpt["config"])
+        model = SpatialAlignmentNet(cfg)
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, KeyError, ValueError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a usable flipray checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     return model.eval(), cfg
 
 

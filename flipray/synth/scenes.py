@@ -35,19 +35,17 @@ import json
 import math
 import multiprocessing
 import os
-import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 from scipy.ndimage import zoom
 from scipy.signal import fftconvolve, lfilter
 from tqdm import tqdm
 
-from flipray import overrides
+from flipray import media, overrides
 from flipray.dataset.manifest import assign_splits, write_manifest
 
 
@@ -481,13 +479,7 @@ def _diffuse_noise(rng, n, sr):
     return math.sqrt(coherence) * common + math.sqrt(1 - coherence) * np.stack([left, right]), beta
 
 
-def _ffmpeg(args, stdin=None):
-    """Run ffmpeg with an argument list (never a shell string); stdout bytes, or an error carrying its stderr."""
-    proc = subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostats", "-y", *args],
-                          input=stdin, capture_output=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ffmpeg {' '.join(args)} failed: {proc.stderr.decode(errors='replace')[-2000:]}")
-    return proc.stdout
+_ffmpeg = media.ffmpeg  # every ffmpeg call goes through flipray.media
 
 
 def _aac_round_trip(audio, sr, kbps):
@@ -638,12 +630,9 @@ def make_clip(out_dir, cfg: SynthConfig, seed: int, scene: int, k: int) -> dict:
             region = frame[y:y + obj["h"], x:x + obj["w"]]
             region[:] = np.clip(region * (1 - obj["cover"]) + obj["rgb"], 0, 255).astype(np.uint8)
     clips_dir = Path(out_dir) / "clips"
-    _ffmpeg(["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{size}x{size}", "-r", str(fps), "-i", "-", "-an",
-             "-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-row-mt", "1", "-threads", "1",
-             "-crf", "30", "-b:v", "0", "-g", str(fps), "-keyint_min", str(fps), "-pix_fmt", "yuv420p",
-             "-fflags", "+bitexact", "-flags:v", "+bitexact",  # no random segment id or version strings
-             str(clips_dir / f"{clip_id}.webm")], stdin=frames.tobytes())
-    sf.write(clips_dir / f"{clip_id}.flac", audio.T, sr, subtype="PCM_16", format="FLAC")
+    media.ffmpeg(["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{size}x{size}", "-r", str(fps), "-i", "-", "-an",
+                  *media.vp9_args(fps), str(clips_dir / f"{clip_id}.webm")], stdin=frames.tobytes())
+    media.write_flac(clips_dir / f"{clip_id}.flac", audio, sr)
 
     sidecar_objects = []
     for obj in objects:

@@ -35,14 +35,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 from scipy.ndimage import zoom
 from scipy.signal import fftconvolve
 
-from flipray import foa, overrides
+from flipray import foa, media, overrides
 from flipray.dataset.manifest import SPLITS, assign_splits, write_manifest
-from flipray.synth.scenes import (SILENT_CLASSES, SOUNDING_CLASSES, _ffmpeg, render_clips, room_tails,  # noqa: F401
-                                  source_signal, sprite)  # _ffmpeg: until flipray/media.py (reliability) replaces it
+from flipray.synth.scenes import (SILENT_CLASSES, SOUNDING_CLASSES, render_clips, room_tails, source_signal,
+                                  sprite)
 
 MOTIONS = ("static", "orbit", "wander")
 
@@ -259,12 +258,9 @@ def make_clip(out_dir, cfg: Synth360Config, seed: int, scene: int, k: int) -> di
         obj["boxes"] = [draw_object(frame, obj["rgb"], obj["cover"], a, e)
                         for frame, a, e in zip(frames, obj["az"], obj["el"])]
     clips_dir = Path(out_dir) / "clips"
-    _ffmpeg(["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{W}x{H}", "-r", str(fps), "-i", "-", "-an",
-             "-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-row-mt", "1", "-threads", "1",
-             "-crf", "30", "-b:v", "0", "-g", str(fps), "-keyint_min", str(fps), "-pix_fmt", "yuv420p",
-             "-fflags", "+bitexact", "-flags:v", "+bitexact", str(clips_dir / f"{clip_id}.webm")],
-            stdin=frames.tobytes())
-    sf.write(clips_dir / f"{clip_id}.flac", audio.T, sr, subtype="PCM_16", format="FLAC")
+    media.ffmpeg(["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{W}x{H}", "-r", str(fps), "-i", "-", "-an",
+                  *media.vp9_args(fps), str(clips_dir / f"{clip_id}.webm")], stdin=frames.tobytes())
+    media.write_flac(clips_dir / f"{clip_id}.flac", audio, sr)
 
     sidecar = {
         "clip_id": clip_id, "scene_id": scene_id, "source": "synthetic-360", "duration_s": cfg.duration_s,

@@ -1,0 +1,483 @@
+"""Bad inputs and faults (docs/reliability.md): every bad file gets one line and the batch goes on, exit codes mean what
+the README says, a user's file is replaced only by an atomic rename of a complete result, a dataset never loses clips,
+paths from manifests and CSVs stay inside their root, local services bind to 127.0.0.1, dead services fail fast.
+
+    .venv/bin/python -m pytest tests/test_reliability.py -x -q -m "not slow"
+
+The bad files are made here with ffmpeg. `flipray check` runs with a real SpatialAlignmentNet whose classifier is
+zeroed: P(swapped) is exactly 0.5 for every window, so a checked file's verdict (undecidable, no segments) and the
+exit code are known without training a model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from flipray import check, cli, media
+from flipray.dataset import ingest
+from flipray.dataset.manifest import MANIFEST_NAME, read_manifest
+from flipray.dataset.store import Store, upload_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+H264 = ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"]
+AAC = ["-c:a", "aac", "-b:a", "128k"]
+STEREO = "aevalsrc=0.5*sin(2*PI*440*t)|0.3*sin(2*PI*660*t+1):s=48000:d={d}"
+
+
+def _ffmpeg(*args: str) -> None:
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args], check=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def make_video(path: Path, seconds: float = 5, audio: str | None = STEREO, extra: tuple = (), size="320x240",
+               fps: int = 25) -> Path:
+    args = ["-f", "lavfi", "-i", f"testsrc2=s={size}:r={fps}:d={seconds}"]
+    if audio:
+        args += ["-f", "lavfi", "-i", audio.format(d=seconds), *AAC]
+    _ffmpeg(*args, *H264, *extra, str(path))
+    return path
+
+
+def bad_inputs(folder: Path) -> dict[str, str]:
+    """{file: the reason code `flipray check` must give}: every bad input of docs/reliability.md."""
+    folder.mkdir(parents=True, exist_ok=True)
+    make_video(folder / "no_audio.mp4", 4, audio=None)
+    _ffmpeg("-f", "lavfi", "-i", STEREO.format(d=4), *AAC, str(folder / "audio_only.m4a"))
+    make_video(folder / "mono.mp4", 4, audio="sine=f=440:r=44100:d={d}")
+    make_video(folder / "six.mp4", 4, audio="sine=f=440:r=48000:d={d}", extra=("-ac", "6"))
+    make_video(folder / "dual_mono.mp4", 4, audio="sine=f=440:r=44100:d={d}", extra=("-ac", "2"))
+    make_video(folder / "silent.mp4", 4, audio="anullsrc=r=48000:cl=stereo:d={d}")
+    make_video(folder / "short.mp4", 0.5)
+    # a half-downloaded file: the index at the front (+faststart) promises 10 s, half the bytes are there
+    whole = make_video(folder / "whole.mp4", 10, size="640x360", fps=30, extra=("-movflags", "+faststart"))
+    data = whole.read_bytes()
+    (folder / "half.mp4").write_bytes(data[:len(data) // 2])
+    whole.unlink()
+    (folder / "notes.mp4").write_text("not a video, whatever its name says\n")
+    (folder / "garbage.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(range(256)) * 80)
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "a-folder.mp4").mkdir()
+    return {"no_audio.mp4": "no-audio", "audio_only.m4a": "no-video", "mono.mp4": "mono", "six.mp4": "channels",
+            "dual_mono.mp4": "dual-mono", "silent.mp4": "silent", "short.mp4": "too-short", "half.mp4": "corrupt",
+            "notes.mp4": "not-a-video", "garbage.mp4": "not-a-video", "empty.mp4": "empty",
+            "missing.mp4": "missing", "a-folder.mp4": "missing"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("inputs")
+    make_video(folder / "good.mp4", 5)
+    make_video(folder / "good2.mkv", 4)
+    (folder / "a").mkdir()
+    (folder / "b").mkdir()
+    make_video(folder / "a" / "clip.mp4", 4)
+    make_video(folder / "b" / "clip.mp4", 4)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bad(files) -> dict[str, str]:
+    return bad_inputs(files / "bad")
+
+
+@pytest.fixture(scope="module")
+def flat_model(tmp_path_factory) -> Path:
+    """A demo-preset checkpoint whose classifier is zeroed: P(swapped) = 0.5 for every window."""
+    from flipray.config import load_config
+    from flipray.pretext.models import SpatialAlignmentNet
+    cfg = load_config("demo")
+    net = SpatialAlignmentNet(cfg)
+    torch.nn.init.zeros_(net.classifier.weight)
+    torch.nn.init.zeros_(net.classifier.bias)
+    path = tmp_path_factory.mktemp("model") / "flat.pt"
+    torch.save({"model": net.state_dict(), "config": cfg.to_dict()}, path)
+    return path
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`flipray ARGS` in a child process (a traceback or a hang there cannot take the test run with it)."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "flipray.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=REPO)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# flipray check
+
+def test_batch_over_every_bad_input_gives_both_verdicts_one_line_each_and_exit_2(files, bad, flat_model):
+    """Issue 15 #1 and the batch test: good.mp4, every bad input, good2.mkv."""
+    paths = [str(files / "good.mp4")] + [str(files / "bad" / name) for name in bad] + [str(files / "good2.mkv")]
+    proc = run_cli("check", *paths, "--model", str(flat_model))
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == len(paths), proc.stdout
+    assert lines[0].startswith(f"{paths[0]}: undecidable (P(swapped) 0.50") and "5.0 s" in lines[0]
+    assert lines[-1].startswith(f"{paths[-1]}: undecidable (P(swapped) 0.50") and "4.0 s" in lines[-1]
+    for path, line in zip(paths[1:-1], lines[1:-1]):
+        assert line.startswith(f"{path}: cannot check: "), line
+    assert proc.returncode == check.EXIT_UNCHECKED  # 2: nothing swapped, some inputs could not be checked
+    js = run_cli("check", *paths, "--model", str(flat_model), "--json")
+    objs = json.loads(js.stdout)
+    assert [o["reason"] for o in objs[1:-1]] == list(bad.values())
+    assert objs[0]["error"] is None and objs[-1]["error"] is None
+    assert objs[0]["p_swapped"] == objs[-1]["p_swapped"] == 0.5 and objs[0]["swapped_segments"] == []
+    assert js.returncode == check.EXIT_UNCHECKED
+
+
+def test_half_downloaded_faststart_file_is_reported_cut_short(bad, files, flat_model):
+    net, cfg = check.load_check_model(str(flat_model))
+    r = check.check_file(files / "bad" / "half.mp4", net, cfg)
+    assert r.reason == "corrupt" and r.verdict == "undecidable" and r.p_swapped is None
+    assert "cut short" in r.error or "cannot decode" in r.error
+
+
+def test_exit_code_counts_a_partly_swapped_video_as_swapped():
+    """Issue 15 #7: an edit (undecidable, swapped in one stretch) must not exit 0."""
+    edit = check.CheckResult("edit.mp4", verdict="undecidable", p_swapped=0.45, windows=28, agree_fraction=0.64,
+                             duration_s=30.0,
+                             swapped_segments=[[9.9, 19.9]])
+    fine = check.CheckResult("fine.mp4", verdict="correct", p_swapped=0.1, windows=8)
+    assert check.exit_code([fine]) == 0
+    assert check.exit_code([fine, edit]) == check.EXIT_SWAPPED
+    unreadable = check.CheckResult("x.mp4", error="no such file", reason="missing")
+    assert check.exit_code([edit, unreadable]) == check.EXIT_SWAPPED | check.EXIT_UNCHECKED
+    assert "swapped in 9.9-19.9 s" in check.describe(edit)
+
+
+@pytest.mark.parametrize("payload", ["list", "tensor", "string-config", "no-weights", "wrong-config"])
+def test_malformed_checkpoints_exit_4_with_one_line(payload, files, tmp_path, capsys):
+    """Issue 15 #6."""
+    bad_ckpt = tmp_path / f"{payload}.pt"
+    torch.save({"list": [1, 2, 3], "tensor": torch.zeros(3), "string-config": {"model": {}, "config": "demo"},
+                "no-weights": {"config": {"data": {}}},
+                "wrong-config": {"model": {}, "config": {"data": {"no_such_field": 1}, "model": {}, "train": {}}},
+                }[payload], bad_ckpt)
+    assert cli.main(["check", str(files / "good.mp4"), "--model", str(bad_ckpt)]) == check.EXIT_NO_MODEL
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad_ckpt) in err[0] and "not a" in err[0], err
+
+
+def test_plot_into_a_missing_folder_and_same_stem_inputs(files, flat_model, tmp_path, capsys):
+    """Issue 15 #8: the folder is made; a/clip.mp4 and b/clip.mp4 get a plot each."""
+    out = tmp_path / "new" / "deeper" / "timeline.png"
+    code = cli.main(["check", str(files / "a" / "clip.mp4"), str(files / "b" / "clip.mp4"), "--model",
+                     str(flat_model), "--plot", str(out)])
+    assert code == 0
+    pngs = sorted(p.name for p in out.parent.iterdir())
+    assert pngs == ["timeline-clip-2.png", "timeline-clip.png"]
+    for name in pngs:
+        assert (out.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out.parent / name).stat().st_mode & 0o777 == _umask_mode()
+    err = capsys.readouterr().err
+    assert err.count("timeline: ") == 2
+
+
+def test_plot_that_cannot_be_written_is_one_line_and_exit_2(files, flat_model, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")  # --plot a-file/t.png: its folder cannot be made
+    code = cli.main(["check", str(files / "good.mp4"), "--model", str(flat_model), "--plot", str(blocker / "t.png")])
+    assert code == check.EXIT_UNCHECKED
+    assert "cannot write the timeline" in capsys.readouterr().err
+
+
+def test_ray_at_an_address_that_does_not_answer_fails_fast_and_checks_here(files, flat_model):
+    """Issue 15 #9: RAY_ADDRESS names a cluster that is gone. Before: ray.init waited for minutes."""
+    address = f"127.0.0.1:{_free_port()}"
+    proc = run_cli("check", str(files / "good.mp4"), "--model", str(flat_model), "--ray", timeout=120,
+                   env={"RAY_ADDRESS": address})
+    assert f"cannot reach the Ray cluster at {address} (from RAY_ADDRESS)" in proc.stderr, proc.stderr[-2000:]
+    assert "checking in this process" in proc.stderr
+    assert proc.stdout.startswith(f"{files / 'good.mp4'}: undecidable") and proc.returncode == 0
+
+
+def test_dead_mlflow_server_fails_fast_saying_what_was_tried(files):
+    """Issue 15 #9: before, MLflow retried for 278 s."""
+    uri = f"http://127.0.0.1:{_free_port()}"
+    proc = run_cli("check", str(files / "good.mp4"), "--tracking-uri", uri, timeout=120)
+    assert proc.returncode == check.EXIT_NO_MODEL, proc.stderr[-2000:]
+    assert f"no MLflow server answers at {uri} (tried GET {uri}/health" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("content", [b"", b"my notes, not a database\n"])
+def test_tracking_uri_at_a_file_that_is_not_an_mlflow_store_is_left_alone(content, files, tmp_path, capsys):
+    """Issue 15 #9: MLflow would have turned the user's file into its database."""
+    theirs = tmp_path / "theirs.db"
+    theirs.write_bytes(content)
+    code = cli.main(["check", str(files / "good.mp4"), "--tracking-uri", f"sqlite:///{theirs}"])
+    assert code == check.EXIT_NO_MODEL
+    assert "not an MLflow store" in capsys.readouterr().err
+    assert theirs.read_bytes() == content
+    from flipray.tracking import StoreError, init_tracking
+    with pytest.raises(StoreError, match="left as it is"):  # nor does a training job take it over
+        init_tracking(f"sqlite:///{theirs}", "x")
+    assert theirs.read_bytes() == content
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# flipray fix: a failure leaves the input and any earlier --out byte-identical
+
+def test_fix_refuses_a_hard_link_to_the_input(files, tmp_path, capsys):
+    """Issue 15 #3: --out as a hard link passed the same-file check and ffmpeg truncated the input."""
+    src = tmp_path / "in.mp4"
+    src.write_bytes((files / "good.mp4").read_bytes())
+    before = src.read_bytes()
+    link = tmp_path / "link.mp4"
+    os.link(src, link)
+    assert cli.main(["fix", str(src), "--out", str(link), "--force"]) == check.EXIT_UNCHECKED
+    assert "is the input itself" in capsys.readouterr().err
+    assert src.read_bytes() == before and link.read_bytes() == before
+
+
+def test_fix_force_with_a_failing_conversion_keeps_the_old_out(files, tmp_path, capsys):
+    """Issue 15 #3: ffmpeg cannot put H.264 in WebM; the existing --out must survive, and no stub may be left."""
+    out = tmp_path / "fixed.webm"
+    out.write_bytes(b"the user's earlier result")
+    src_before = (files / "good.mp4").read_bytes()
+    assert cli.main(["fix", str(files / "good.mp4"), "--out", str(out), "--force"]) == check.EXIT_FFMPEG
+    assert "nothing written" in capsys.readouterr().err
+    assert out.read_bytes() == b"the user's earlier result" and (files / "good.mp4").read_bytes() == src_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.webm"]  # no temporary file left
+    fresh = tmp_path / "fresh.webm"
+    assert cli.main(["fix", str(files / "good.mp4"), "--out", str(fresh)]) == check.EXIT_FFMPEG
+    assert not fresh.exists()  # no stub that would block the next run with "exists"
+    good = tmp_path / "fresh.mp4"
+    assert cli.main(["fix", str(files / "good.mp4"), "--out", str(good)]) == 0
+    assert good.stat().st_mode & 0o777 == _umask_mode()  # as a plain open() would make it, not mkstemp's 0600
+
+
+def test_fix_over_every_bad_input_leaves_input_and_out_untouched(files, bad, tmp_path, capsys):
+    for name in bad:
+        src = files / "bad" / name
+        before = src.read_bytes() if src.is_file() else None
+        out = tmp_path / f"out-{name}.mp4"
+        out.write_bytes(b"earlier")
+        code = cli.main(["fix", str(src), "--out", str(out), "--force"])
+        err = capsys.readouterr().err.strip().splitlines()
+        # stereo files fix (dual mono, silent, short and audio-only ones too); the others must fail
+        assert code in (0, check.EXIT_UNCHECKED, check.EXIT_FFMPEG), (name, code)
+        assert code or bad[name] in ("dual-mono", "silent", "too-short", "corrupt", "no-video"), (name, code)
+        if code:
+            assert len(err) == 1 and err[0].startswith("flipray fix: "), (name, err)
+            assert out.read_bytes() == b"earlier", name
+        assert (src.read_bytes() if src.is_file() else None) == before, name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ingest: sources, CSVs, clips
+
+def test_a_clip_whose_audio_ended_early_is_not_stored(tmp_path):
+    """Issue 15 #2: a 0-sample FLAC's header says 2^63-1 frames; the clip was stored and listed as 10 s."""
+    src = make_video(tmp_path / "early.mp4", 20.5, audio="aevalsrc=0.5*sin(2*PI*440*t)|0.3*sin(2*PI*660*t):"
+                                                        "s=48000:d=8")
+    assert media.audio_samples(src) < 8.1 * 48000
+    opts = ingest.Options()
+    jobs = ingest.plan(ingest.Source(str(src), "early.mp4", "early"), opts)
+    assert len(jobs) == 2
+    store = Store(tmp_path / "ds")
+    results = [ingest.ingest_clip(job, store, opts) for job in jobs]
+    assert [r["status"] for r in results] == ["skipped", "skipped"]
+    assert results[0]["reason"] == "incomplete clip" and results[1]["reason"] == "zero length"
+    assert store.list() == []
+
+
+def test_csv_with_inf_bom_bad_header_and_missing_folders(tmp_path, capsys):
+    """Issue 15 #10."""
+    folder = tmp_path / "dl"
+    folder.mkdir()
+    make_video(folder / "abcdefghijk_0_12000.mp4", 1)
+    good = tmp_path / "list.csv"
+    # a byte-order mark (spreadsheet export), an infinite end, a NaN start, a good row
+    good.write_bytes("\ufeffytid, ts_start, ts_end\nzzzzzzzzzzz, 0, inf\nyyyyyyyyyyy, nan, 3\n"
+                     "abcdefghijk, 0, 12\n".encode())
+    sources, skipped = ingest.csv_sources(good, folder)
+    assert [s.scene_id for s in sources] == ["abcdefghijk"]
+    assert [(s["source"], s["reason"]) for s in skipped] == [("list.csv:2", "bad CSV row"),
+                                                             ("list.csv:3", "bad CSV row")]
+    bad_header = tmp_path / "bad.csv"
+    bad_header.write_text("# a comment\nid, start, end\nabcdefghijk, 0, 12\n")
+    for args, words in [(["--csv", str(bad_header), "--videos", str(folder)], f"{bad_header}:2: header lacks"),
+                        (["--csv", str(good), "--videos", str(tmp_path / "nope")], "nope: no such folder"),
+                        (["--csv", str(tmp_path / "none.csv"), "--videos", str(folder)], "none.csv: no such file"),
+                        (["--videos", str(tmp_path / "nope")], "nope: no such folder")]:
+        assert ingest.main([*args, "--out", str(tmp_path / "out")]) == ingest.EXIT_BAD_INPUT
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("flipray ingest: ") and words in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# manifests and the store
+
+def fake_dataset(root: Path, rows: list[dict], write_files: bool = True) -> Path:
+    """A clip-format dataset folder with the given manifest rows (files with stand-in bytes)."""
+    root.mkdir(parents=True, exist_ok=True)
+    full = []
+    for r in rows:
+        cid = r["clip_id"]
+        row = {"scene_id": cid.split("_")[0], "split": "train", "duration_s": 4.0, "fps": 6, "num_frames": 24,
+               "sample_rate": 16000, "channels": 2, "video": f"clips/{cid}.webm", "audio": f"clips/{cid}.flac",
+               "meta": f"clips/{cid}.json", **r}
+        full.append(row)
+        if write_files:
+            for k in ("video", "audio", "meta"):
+                p = root / row[k]
+                if ".." not in row[k] and not Path(row[k]).is_absolute():
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    p.write_bytes(json.dumps({"source": "test", "clip_id": cid}).encode() if k == "meta"
+                                  else f"{cid} {k}".encode())
+    (root / MANIFEST_NAME).write_text("".join(json.dumps(r) + "\n" for r in full))
+    return root
+
+
+@pytest.mark.parametrize("case,words", [
+    ("dotdot", "must be a relative path inside the dataset root"),
+    ("absolute", "must be a relative path inside the dataset root"),
+    ("duplicate", "clip_id 'a_1' repeats"),
+    ("type", "duration_s must be a positive number, got 'ten'"),
+    ("not-an-object", "a manifest row is a JSON object, got list"),
+])
+def test_bad_manifest_rows_are_refused_naming_file_and_line_before_any_upload(case, words, tmp_path, capsys):
+    """Issue 15 #4 and #11: `ingest --dataset` read ../ and absolute paths, and found duplicates after uploading."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("aws_secret_access_key = do-not-upload")
+    rows = [{"clip_id": "a_1"}, {"clip_id": "a_2"}]
+    third = {"dotdot": {"clip_id": "a_3", "video": "../../secret.txt"},
+             "absolute": {"clip_id": "a_3", "meta": str(secret)},
+             "duplicate": {"clip_id": "a_1"},
+             "type": {"clip_id": "a_3", "duration_s": "ten"},
+             "not-an-object": None}[case]
+    src = fake_dataset(tmp_path / "src" / "ds", rows + ([third] if third else []))
+    if case == "not-an-object":
+        with open(src / MANIFEST_NAME, "a") as f:
+            f.write('["a_3"]\n')
+    out = tmp_path / "out"
+    assert ingest.main(["--dataset", str(src), "--out", str(out)]) == ingest.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{src / MANIFEST_NAME}:3" in err[0] and words in err[0], err
+    assert not out.exists() or not any(out.rglob("*"))  # nothing was uploaded
+    with pytest.raises(ValueError, match="inside the dataset root"):
+        Store(out).url("../../secret.txt")
+
+
+def test_a_second_upload_into_the_same_out_keeps_the_first_clips(tmp_path):
+    """Issue 15 #5 (--dataset): the manifest is merged, never rebuilt from this run's sources alone."""
+    out = Store(tmp_path / "out")
+    first = [{"clip_id": "a_1", "split": "val"}, {"clip_id": "a_2", "split": "val"}]
+    upload_dataset(fake_dataset(tmp_path / "a", first), out)
+    upload_dataset(fake_dataset(tmp_path / "b", [{"clip_id": "b_1"}, {"clip_id": "a_2", "split": "test",
+                                                                        "scene_id": "a"}]), out)
+    rows = {r["clip_id"]: r for r in out.read_manifest()}
+    assert sorted(rows) == ["a_1", "a_2", "b_1"]
+    assert rows["a_1"]["split"] == "val" and rows["a_2"]["split"] == "val"  # a scene keeps its split
+    mode = _umask_mode()
+    for p in [tmp_path / "out" / MANIFEST_NAME, *(tmp_path / "out" / "clips").iterdir()]:
+        assert p.stat().st_mode & 0o777 == mode, p  # issue 15 #12: was 0600 (mkstemp)
+
+
+def test_written_files_are_readable_by_others(tmp_path):
+    """Issue 15 #12, for the local store and the manifest writer."""
+    from flipray.dataset.manifest import write_manifest
+    store = Store(tmp_path / "ds")
+    store.put("clips/x.webm", b"data")
+    rows = [{"clip_id": "x", "scene_id": "x", "split": "train", "duration_s": 1.0, "fps": 6, "num_frames": 6,
+             "sample_rate": 16000, "channels": 2, "video": "clips/x.webm", "audio": "clips/x.flac",
+             "meta": "clips/x.json"}]
+    write_manifest(tmp_path / "ds", rows)
+    for p in (tmp_path / "ds" / "clips" / "x.webm", tmp_path / "ds" / MANIFEST_NAME):
+        assert p.stat().st_mode & 0o777 == _umask_mode()
+    assert read_manifest(tmp_path / "ds") == rows
+
+
+@pytest.mark.slow
+def test_a_second_ingest_into_the_same_out_keeps_the_first_clips(ray_local, tmp_path):
+    """Issue 15 #5 (--videos): the second run's folder lacks the first run's video; its clips stay listed."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    make_video(first / "one.mp4", 10.5)
+    make_video(second / "two.mp4", 10.5)
+    out = str(tmp_path / "ds")
+    r1 = ingest.run_ingest(out, videos=str(first), progress=False)
+    r2 = ingest.run_ingest(out, videos=str(second), progress=False)
+    assert r1["clips_ingested"] == r2["clips_ingested"] == 1
+    assert sorted(r["scene_id"] for r in read_manifest(out)) == ["one", "two"]
+
+
+@pytest.mark.slow
+def test_ingest_own_ray_instance_listens_on_loopback_only(tmp_path):
+    """Issue 15 #13: ingest's ray.init() listened on every interface."""
+    make_video(tmp_path / "v.mp4", 1)
+    script = textwrap.dedent(f"""
+        import json, os, subprocess
+        import flipray.dataset.ingest as ingest
+
+        def listening():
+            import ray
+            node = ray._private.worker._global_node
+            pids = [p.process.pid for ps in node.all_processes.values() for p in ps] + [os.getpid()]
+            kids = subprocess.run(["pgrep", "-P", ",".join(map(str, pids))], capture_output=True, text=True)
+            pids += [int(k) for k in kids.stdout.split()]
+            inodes = set()
+            for pid in pids:
+                for fd in os.listdir(f"/proc/{{pid}}/fd"):
+                    try:
+                        link = os.readlink(f"/proc/{{pid}}/fd/{{fd}}")
+                    except OSError:
+                        continue
+                    if link.startswith("socket:["):
+                        inodes.add(link[8:-1])
+            ips = set()
+            for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+                for line in open(table).readlines()[1:]:
+                    f = line.split()
+                    if f[3] == "0A" and f[9] in inodes:  # LISTEN
+                        ips.add(f[1].rsplit(":", 1)[0])
+            return sorted(ips)
+
+        def spy(*args, **kwargs):
+            print("LISTEN", json.dumps(listening()))
+            return {{"clips_ingested": 0, "clips_existing": 0, "clips_skipped": {{}}, "sources_skipped": {{}},
+                    "sources": 0, "skipped": [], "manifest": None, "splits": {{}}}}
+
+        ingest.run_ingest = spy
+        ingest.main(["--videos", {str(tmp_path)!r}, "--out", {str(tmp_path / "out")!r}, "--num-cpus", "1"])
+        import ray
+        ray.shutdown()
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**env, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
+    [line] = [line for line in proc.stdout.splitlines() if line.startswith("LISTEN")]
+    ips = json.loads(line.split(" ", 1)[1])
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+    assert ips and set(ips) <= loopback, ips  # 00000000 = 0.0.0.0 (every interface) before
+
+
+@pytest.mark.slow
+def test_fault_drill_fires_once_per_run(ray_local):
+    """The drill's mark outlives worker-group restarts (a restart before the first checkpoint replays step K)."""
+    from jobs.pretext import fault_fires_once
+    assert fault_fires_once("run-a") is True
+    assert fault_fires_once("run-a") is False
+    assert fault_fires_once("run-b") is True
