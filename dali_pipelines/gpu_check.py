@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="flipray-gpu-check-") as tmp:
         root, split = args.root, args.split
         if not root:
-            from flipray.synth.scenes import scenes as synth
+            from flipray.synth import scenes as synth
             root, split = str(Path(tmp) / "synth"), "train"
             rows = synth.generate(root, args.clips, seed=0)
             # every clip in one split, so the check times all of them

@@ -156,7 +156,7 @@ def demo_run(tmp_path_factory) -> dict:
     2 idle cores). Yields {"data": dataset folder, "run_dir": run folder, "checkpoint": checkpoint.pt, "report": the
     report dict}. Read-only for its users: test_demo checks the accuracy, test_check and the downstream tests use the
     trained model."""
-    from flipray.synth.scenes import scenes as synth
+    from flipray.synth import scenes as synth
     from flipray.pretext import train
     base = tmp_path_factory.mktemp("demo")
     data = base / "demo"

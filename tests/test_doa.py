@@ -11,7 +11,7 @@ from flipray import foa
 
 from flipray.tasks import doa
 
-from flipray.synth.scenes import scenes360 as synth360
+from flipray.synth import scenes360 as synth360
 from flipray.tasks.base import apply
 from flipray.dataset.manifest import read_manifest
 

@@ -10,7 +10,7 @@ import torch
 
 from flipray import foa
 
-from flipray.synth.scenes import scenes360 as synth360
+from flipray.synth import scenes360 as synth360
 from flipray.config import load_config
 from flipray.pretext.data import AudioFeatures, ClipDataset, SampleParams, collate, decode_video, draw_params
 from flipray.dataset.manifest import read_manifest

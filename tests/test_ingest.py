@@ -140,7 +140,7 @@ def test_youtube_asmr_csv_into_a_folder_and_resume_after_a_lost_sidecar(source_v
 
 
 def test_synthetic_dataset_goes_through_the_same_upload(bucket, tmp_path, capsys):
-    from flipray.synth.scenes import scenes as synth
+    from flipray.synth import scenes as synth
     synth.generate(tmp_path / "synth", 2, seed=1, workers=1, duration_s=3.0, size=64)
     out = f"s3://{bucket}/synth"
     for ingested, existing in ((2, 0), (0, 2)):  # the second run finds every object in place

@@ -24,7 +24,7 @@ from flipray.dataset.store import ChecksumError, Store, sha256, upload_dataset
 @pytest.fixture(scope="module")
 def synth_dataset(tmp_path_factory):
     """Six short synthetic clips (3 scenes) in a local folder: what `flipray synth` writes."""
-    from flipray.synth.scenes import scenes as synth
+    from flipray.synth import scenes as synth
     root = tmp_path_factory.mktemp("synth")
     synth.generate(root, 6, seed=3, workers=1, duration_s=4.0, size=64)
     return root

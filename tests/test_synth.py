@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from flipray.synth.scenes import scenes as synth
+from flipray.synth import scenes as synth
 from flipray.dataset.manifest import REQUIRED_FIELDS, SPLITS, read_manifest
 
 SR = 16000
