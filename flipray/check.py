@@ -248,12 +248,14 @@ def score_windows(model, cfg: Config, media: Media, starts: list[int], opts: Che
     features = features or AudioFeatures(cfg)
     margin = (cfg.data.resize - cfg.data.crop) // 2  # the evaluation crop: centre, no jitter
     device = torch.device(opts.device)
+    # waveforms meet AudioFeatures on its device (check_files puts it on the GPU with the model)
+    feature_device = next(features.buffers()).device
     out = []
     for b in range(0, len(starts), opts.batch_size):
         videos, audios = [], []
         for s in starts[b:b + opts.batch_size]:
             frames = media.frames[[media.frame_pos[i] for i in window_frame_indices(cfg, s)]]
-            wave = window_audio(media.wave, s, cfg)
+            wave = window_audio(media.wave, s, cfg).to(feature_device)
             for joint_flip, swap in VIEWS:
                 sample = make_sample(frames, wave, SampleParams(s, margin, margin, 1.0, 1.0, 1.0, joint_flip, swap),
                                      cfg, features)

@@ -147,6 +147,31 @@ def merge_pending(state: dict, world_size: int = 1) -> None:
     state["pending_digests"] = {}
 
 
+def planned_digests(cfg: Config, epoch_items: int) -> dict:
+    """{epoch: digest} of the samples a run of train.total_samples must train on, at any world size and through any
+    restarts: each epoch's order (EpochSampler) in steps of train.batch_size until samples_seen reaches the total.
+    (Clips skipped as undecodable are logged and missing from a run's record.)"""
+    plan, seen, epoch = {}, 0, 0
+    while seen < cfg.train.total_samples:
+        order = EpochSampler(epoch_items, cfg.train.seed, epoch, step_size=cfg.train.batch_size).order()
+        for s in range(0, len(order), cfg.train.batch_size):
+            real = [i for i in order[s:s + cfg.train.batch_size] if i >= 0]
+            add_digest(plan, epoch, sample_digest(epoch, real))
+            seen += len(real)
+            if seen >= cfg.train.total_samples:
+                break
+        epoch += 1
+    return plan
+
+
+def digest_mismatch(actual: dict, plan: dict) -> list[str]:
+    """What differs between a run's sample_digests and the plan, one line per epoch (empty: exactly the plan)."""
+    actual = {int(e): list(d) for e, d in actual.items() if d[0]}
+    return [f"epoch {e}: {actual.get(e, [0])[0]} samples trained, {plan.get(e, [0])[0]} planned"
+            + ("" if actual.get(e, [0])[0] != plan.get(e, [0])[0] else " (different samples)")
+            for e in sorted(set(actual) | set(plan)) if actual.get(e) != list(plan.get(e, []))]
+
+
 def _with_last(iterable):
     """(item, is_last) pairs: one item of lookahead, so the epoch's last micro-batch is known when it arrives."""
     it = iter(iterable)
