@@ -12,8 +12,13 @@ workers). The global batch stays `train.batch_size` whatever the worker count (g
 restarts from the newest one (`cluster.max_failures`), and running the same command with the same `--run-name`
 continues a stopped run. Rank 0 logs params, metrics, the learning curve and the final model to MLflow.
 
-Fault drill (what the tests do): FLIPRAY_FAULT_AT_STEP=K FLIPRAY_FAULT_RANK=1 makes rank 1 exit at step K of the
-first attempt.
+With `--set cluster.min_workers=M` (< cluster.workers) the run is elastic: it starts on what the cluster has, goes on
+with fewer workers after a node loss and grows when nodes return, with the same batch, schedule and samples
+(docs/cluster.md, "Failures and scaling"). Every rank evaluates its shard of val/test.
+
+Test-only drills: FLIPRAY_FAULT_AT_STEP=K FLIPRAY_FAULT_RANK=1 makes rank 1 exit at step K of the first attempt;
+FLIPRAY_FAULT_SAMPLER=skip|repeat makes a resumed attempt start one sample late or early; FLIPRAY_HOLD_DIR (and
+FLIPRAY_HOLD_S) makes every attempt note its start and wait after its first checkpoint until DIR/release exists.
 """
 from __future__ import annotations
 

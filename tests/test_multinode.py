@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cluster import local
 from flipray.config import load_config
 from flipray.pretext.data import ClipDataset, EpochSampler
 from flipray.pretext.models import SpatialAlignmentNet
@@ -34,7 +34,8 @@ SETS = ["data.num_frames=3", "data.eval_windows=1", "data.resize=40", "data.crop
         "model.visual_width=8", "model.audio_width=8", "model.audio_dim=32", "model.fusion_dim=32",
         "train.log_every=1", "data.num_workers=0", "data.cache=true", "train.batch_size=4",
         "train.micro_batch_size=2", "train.total_samples=40", "train.checkpoint_every_samples=8",
-        "train.eval_every_samples=100", "train.warmup_samples=0", "cluster.workers=2", "cluster.min_workers=1",
+        "train.eval_every_samples=100", "train.warmup_samples=0", "train.optimizer=sgd", "train.lr=0.05",
+        "cluster.workers=2", "cluster.min_workers=1",
         "cluster.resize_check_s=2", "cluster.max_failures=3", "cluster.register_as="]
 
 
@@ -50,13 +51,21 @@ def cluster():
     from ray.cluster_utils import Cluster
     env = pytest.MonkeyPatch()
     env.setenv("RAY_AUTH_MODE", "token")
-    env.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    # Ray's own token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, made if missing): this process's
+    # GCS client reads it once, so the raylets and drivers must get the same one
+    env.setenv("RAY_AUTH_TOKEN", local.ray_token(create=True)[0])
+    from ray._raylet import Config
+    Config.initialize("")  # this process's Ray config re-reads RAY_AUTH_MODE (as Ray's own _enable_token_auth does)
     env.setenv("PYTHONPATH", str(REPO))  # the raylets' workers import flipray and jobs from the checkout
     env.setenv("TQDM_DISABLE", "1")
+    # Ray swaps node_ip_address 127.0.0.1 for the machine's address unless in single-machine mode (cluster/local.py)
+    env.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    for name in ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT"):  # fixed defaults another Ray may hold
+        env.setenv(name, str(_free_port()))
     c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "port": _free_port(), "include_dashboard": False, "object_store_memory": 80 * 2 ** 20,
-        "dashboard_agent_listen_port": _free_port(), "metrics_export_port": _free_port(),
-        "ray_client_server_port": _free_port()})
+        # the GCS takes a port grpc picks
+        "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False, "object_store_memory": 80 * 2 ** 20,
+        "dashboard_agent_listen_port": _free_port(), "metrics_export_port": _free_port()})
     try:
         yield c
     finally:
@@ -65,7 +74,8 @@ def cluster():
 
 
 def _add(cluster):
-    return cluster.add_node(num_cpus=1, object_store_memory=80 * 2 ** 20, metrics_export_port=_free_port(),
+    return cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=80 * 2 ** 20,
+                            metrics_export_port=_free_port(),
                             dashboard_agent_listen_port=_free_port())
 
 
@@ -143,10 +153,14 @@ def _check_against_uninterrupted(ckpt: dict, synth_root):
                                                                step_size=B), micro),
         validate=lambda: None, save=lambda state: None, accum_steps=accum)
     assert reference["sample_digests"] == {int(e): d for e, d in state["sample_digests"].items()}
-    trained = dict(model.named_parameters())
-    for name, value in ckpt["model"].items():
-        if name in trained:
-            torch.testing.assert_close(value, trained[name].detach(), rtol=1e-3, atol=1e-4, msg=name)
+    # SGD (linear in the gradients): the runs differ only by float summation order, far less than training moved them
+    torch.manual_seed(cfg.train.seed)
+    init = torch.cat([p.detach().flatten() for p in SpatialAlignmentNet(cfg).parameters()])
+    ref = torch.cat([p.detach().flatten() for p in model.parameters()])
+    names = [n for n, _ in model.named_parameters()]
+    run = torch.cat([ckpt["model"][n].flatten() for n in names])
+    moved, apart = (ref - init).norm().item(), (run - ref).norm().item()
+    assert apart < 1e-3 * moved, (apart, moved)
 
 
 def test_node_lost_without_replacement_finishes_on_one_worker(cluster, synth_root, tmp_path):
