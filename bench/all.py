@@ -9,6 +9,9 @@ Runs, in order:
              ResNet-50, counted by torch.utils.flop_counter on the meta device; bytes per sample from data/demo
   decode     bench.decode: DALI CPU, torchcodec and the raw ffmpeg floor on the same windows of the same clips
              (paper preset: 18 frames, 224 px, 128 mels); ratios to the ffmpeg decode-only floor
+  cache      bench.cache: S3 GETs per sample per epoch with the node-local clip cache off and on, and loader
+             samples/s with 0 and 30 ms per S3 request, one request at a time against 8 in flight (moto + a
+             delaying proxy, started for the run)
   train      bench.train: forward + backward + optimizer samples/s of the demo preset (global batch 32) and the
              paper preset (batch 4), plain PyTorch vs Ray Train with 1 and 2 workers, data-wait fraction;
              ratios to plain PyTorch; achieved GFLOP/s = samples/s x the counted FLOPs
@@ -29,13 +32,14 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/train.py: OpenMP spinning on a busy machine
 
-from bench import decode, train
+from bench import cache, decode, train
 from bench.common import machine
 from bench.project import clip_bytes, model_cost, resnet50_cost
 
 # (default, --quick) settings; sized so the default finishes in about 10 minutes on an idle 2-core machine
 SETTINGS = {
     "decode": ({"clips": 16, "batch_size": 8}, {"clips": 8, "batch_size": 4}),
+    "cache": ({"clips": 32, "batch_size": 8, "delay_ms": 30.0}, {"clips": 8, "batch_size": 4, "delay_ms": 30.0}),
     "demo": ({"overrides": [], "samples": 320, "repeats": 3, "warmup": 3},
              {"overrides": [], "samples": 64, "repeats": 1, "warmup": 1}),
     "paper": ({"overrides": ["train.batch_size=4"], "samples": 8, "repeats": 1, "warmup": 1},
@@ -62,6 +66,9 @@ def run(quick: bool = False, data: str | None = None, threads: int | None = None
     if "decode" not in skip:
         print("decode benchmark ...", file=sys.stderr)
         report["decode"] = decode.run(root=data, config="paper", threads=threads, **pick["decode"])
+    if "cache" not in skip:
+        print("S3 request / cache benchmark ...", file=sys.stderr)
+        report["cache"] = cache.run(root=data, threads=threads, **pick["cache"])
     started = False
     if any(m.startswith("ray") for m in modes) and not ray.is_initialized() and {"demo", "paper"} - set(skip):
         ray.init(address="local", num_cpus=max(threads, 2), include_dashboard=False, logging_level="warning",
@@ -116,6 +123,19 @@ def markdown(report: dict) -> str:
                          f"{sps['median']:.2f} samples/s{spread} | "
                          f"{'' if ratio is None else f'{ratio:.2f}'} | {'plain' if ratio is not None else ''} | "
                          f"{m['data_wait_fraction']:.0%} | {m['achieved_gflop_per_s']:.0f} |")
+    if "cache" in report:
+        c = report["cache"]
+        for k, v in c["gets_per_sample"].items():
+            loader, on = k.split("_cache_")
+            lines.append(f"| S3 GETs per sample, epochs 0 / 1 / 2 ({c['clips']} clips) | {loader}, cache {on} | "
+                         f"{' / '.join(f'{x:.2f}' for x in v)} | | | | |")
+        d = f"{c['delay_ms']:g}ms"
+        for name, rates in (("fetch stage", c["fetch_stage_samples_per_s"]),
+                            *((f"{n} loader", {k[len(n) + 1:]: v for k, v in c["loader_samples_per_s"].items()
+                                               if k.startswith(n + "_")}) for n in ("dali", "torchcodec"))):
+            lines.append(f"| {name}, {d} per S3 request (batch {c['batch_size']}) | 8 in flight / 1 | "
+                         f"{rates[d + '_threads8']:.1f} / {rates[d + '_threads1']:.1f} samples/s | "
+                         f"{rates[d + '_threads8'] / rates[d + '_threads1']:.2f} | 1 in flight | | |")
     mach = report["machine"]
     load = report["load_average_1_5_15"]
     lines.append("")
@@ -134,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data", default=None, help="dataset root for every part (default: synthetic clips, cached)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--modes", default=",".join(train.MODES), help="training modes (subset of plain,ray_1,ray_2)")
-    p.add_argument("--skip", default="", help="comma-separated parts to leave out: decode, demo, paper")
+    p.add_argument("--skip", default="", help="comma-separated parts to leave out: decode, cache, demo, paper")
     p.add_argument("--clips-root", default="data/demo", help="dataset whose clip sizes give bytes per sample")
     p.add_argument("--json-out", default=None, metavar="PATH")
     p.add_argument("--md-out", default=None, metavar="PATH")

@@ -3,6 +3,7 @@
     python -m bench.project --cpu docs/bench-cpu.json                       # assumptions for everything GPU-side
     python -m bench.project --cpu docs/bench-cpu.json --gpu out/gpu.json    # bench/gpu.sh's figures replace them
     python -m bench.project --cpu docs/bench-cpu.json --set price_per_gpu_hour=2.5 --set global_batch=256
+    python -m bench.project --cpu docs/bench-cpu.json --cache docs/bench-cache.json --set node_cache_gb=200
 
 Prints a markdown table (and --json-out). Every GPU node is an 8x H100 node; per GPU the run can go no faster than
 the slowest of four rates, and the slowest names the bound:
@@ -14,8 +15,9 @@ the slowest of four rates, and the slowest names the bound:
   decode     NVDEC frames/s per GPU / frames decoded per sample (window + the lead-in from the last keyframe),
              capped by the FLAC decode on the GPU's share of CPU threads (the ffmpeg audio floor measured by
              bench.decode, per thread); the CPU-only DALI path is shown beside it (measured per thread, scaled)
-  S3         two GETs per sample (video + audio object) against S3's per-prefix request rate, and bytes per sample
-             (clip sizes in --clips-root) against the node's S3 bandwidth, shared by all GPUs
+  S3         GETs per sample (measured by bench.cache: video + audio object, and none from a node's second pass
+             over the set when data.cache_dir holds it; --set node_cache_gb=...) against S3's per-prefix request
+             rate, and bytes per sample (clip sizes in --clips-root) against the node's S3 bandwidth
 Which numbers are measured and which are assumptions is part of the output; replace the assumptions with
 bench/gpu.sh figures (--gpu) as soon as a GPU node has run it.
 """
@@ -56,6 +58,13 @@ class Assumptions:
     s3_gb_s_per_node: float = 5.0         # ASSUMED: sustained S3 reads per node (~40 Gb/s of a 100+ Gb/s NIC)
     s3_price_per_1000_get: float = 0.0004  # PUBLISHED: S3 Standard GET, us-east-1
     dataset_clips: int = 30_000           # the paper's curated YouTube-ASMR (80% train): for the NVMe-cache remedy
+    train_fraction: float = 0.8
+    s3_gets_per_sample: float = 2.0       # MEASURED (bench.cache, --cache): clip-object GETs per sample per epoch,
+                                          # cache off (video + audio)
+    cache_gets_per_sample: float = 0.0    # MEASURED (bench.cache, --cache): the same from a node's second pass on,
+                                          # data.cache_dir holding the set
+    node_cache_gb: float = 0.0            # data.cache_gb on each node (0 = cache off); a random order each epoch
+                                          # hits about cache/set of the time when the set does not fit
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -122,10 +131,22 @@ LIFTS = {
     "all-reduce": "larger per-GPU batch (fewer all-reduces per sample), bf16 gradient compression hook, "
                   "hierarchical all-reduce",
     "decode": "NVDEC (data.loader=dali on GPU workers); more CPU threads per GPU for FLAC; pre-decoded audio",
-    "S3 requests": "spread clip keys over more prefixes (hash prefixes) or cache the dataset on local NVMe after "
-                   "epoch 1 (30K clips x {mb:.2f} MB = {gb:.0f} GB)",
-    "S3 bandwidth": "local NVMe cache after epoch 1; smaller audio objects (FLAC dominates the bytes)",
+    "S3 requests": "data.cache_dir on local NVMe (the set: 30K clips x {mb:.2f} MB = {gb:.0f} GB; "
+                   "--set node_cache_gb=...) or spread clip keys over more prefixes (hash prefixes)",
+    "S3 bandwidth": "data.cache_dir on local NVMe; smaller audio objects (FLAC dominates the bytes)",
 }
+
+
+def gets_per_sample(a: Assumptions, nodes: int, clips: dict | None) -> float:
+    """S3 GETs per sample averaged over the run. With a node cache each node fetches each object of the set once
+    and reads the rest from disk; the share of the set that does not fit misses as without a cache."""
+    if a.node_cache_gb <= 0:
+        return a.s3_gets_per_sample
+    set_clips = a.dataset_clips * a.train_fraction
+    set_gb = set_clips * (clips["sample_mb"] if clips else 1.0) / 1e3
+    hit = min(1.0, a.node_cache_gb / set_gb)
+    fetch_once = min(1.0, nodes * set_clips / a.total_samples)
+    return a.s3_gets_per_sample * ((1 - hit) + hit * fetch_once) + hit * (1 - fetch_once) * a.cache_gets_per_sample
 
 
 def project(cpu: dict, gpu: dict | None, a: Assumptions, gpus=(1, 4, 8, 32), cost: dict | None = None,
@@ -196,8 +217,10 @@ def project(cpu: dict, gpu: dict | None, a: Assumptions, gpus=(1, 4, 8, 32), cos
         exposed = max(0.0, allreduce_s - 2 / 3 * compute_s)
         step_with_ar = batch / (compute_s + exposed)
         nodes = math.ceil(n / a.gpus_per_node)
-        s3_requests = a.s3_get_per_s_per_prefix * a.s3_prefixes / 2 / n  # samples/s per GPU
-        s3_bytes = nodes * a.s3_gb_s_per_node * 1e3 / clips["sample_mb"] / n if clips else math.inf
+        gets = gets_per_sample(a, nodes, clips)
+        s3_requests = a.s3_get_per_s_per_prefix * a.s3_prefixes / gets / n if gets else math.inf  # samples/s/GPU
+        s3_mb = clips["sample_mb"] * gets / a.s3_gets_per_sample if clips else 0.0  # from S3, per sample
+        s3_bytes = nodes * a.s3_gb_s_per_node * 1e3 / s3_mb / n if s3_mb else math.inf
         rates = {"step": rate, "all-reduce": step_with_ar if exposed > 0 else math.inf, "decode": decode_rate,
                  "S3 requests": s3_requests, "S3 bandwidth": s3_bytes}
         ranked = sorted(rates, key=rates.get)
@@ -207,10 +230,11 @@ def project(cpu: dict, gpu: dict | None, a: Assumptions, gpus=(1, 4, 8, 32), cos
             bound = "step (small per-GPU batch)"
         total_rate = per_gpu * n
         hours = a.total_samples / total_rate / 3600
-        s3_cost = a.total_samples * 2 * a.s3_price_per_1000_get / 1000
+        s3_cost = a.total_samples * gets * a.s3_price_per_1000_get / 1000
         rows.append({"gpus": n, "per_gpu_batch": batch, "step_samples_per_s": rate, "compute_ms": compute_s * 1e3,
                      "allreduce_ms": allreduce_s * 1e3, "exposed_allreduce_ms": exposed * 1e3,
                      "decode_samples_per_s": decode_rate, "cpu_decode_samples_per_s": cpu_path,
+                     "s3_gets_per_sample": gets,
                      "s3_request_cap_per_gpu": s3_requests, "s3_bandwidth_cap_per_gpu": s3_bytes,
                      "samples_per_s_per_gpu": per_gpu, "samples_per_s": total_rate, "hours": hours,
                      "gpu_hours": hours * n, "cost_usd": hours * n * a.price_per_gpu_hour + s3_cost,
@@ -224,16 +248,17 @@ def markdown(p: dict) -> str:
     a, clips = p["assumptions"], p["clip_bytes"] or {"sample_mb": float("nan")}
     header = (f"| GPUs | batch per GPU | step samples/s per GPU | all-reduce ms (exposed) | decode cap per GPU: "
               f"NVDEC (CPU only) | "
-              f"S3 GET cap per GPU | samples/s | wall time | GPU-hours | cost at ${a['price_per_gpu_hour']:.2f}/GPU-h "
+              f"S3 GETs per sample | S3 GET cap per GPU | samples/s | wall time | GPU-hours | "
+              f"cost at ${a['price_per_gpu_hour']:.2f}/GPU-h "
               f"| bound | what would lift it | then |")
-    lines = [header, "|" + "---|" * 13]
+    lines = [header, "|" + "---|" * 14]
     for r in p["rows"]:
         lift = LIFTS[r["bound"]].format(mb=clips["sample_mb"], gb=a["dataset_clips"] * clips["sample_mb"] / 1e3)
         lines.append(
             f"| {r['gpus']} | {r['per_gpu_batch']:g} | {r['step_samples_per_s']:.0f} | {r['allreduce_ms']:.2f} "
             f"({r['exposed_allreduce_ms']:.2f}) | {r['decode_samples_per_s']:.0f} "
             f"({r['cpu_decode_samples_per_s']:.0f}) | "
-            f"{r['s3_request_cap_per_gpu']:.0f} "
+            f"{r['s3_gets_per_sample']:.3g} | {r['s3_request_cap_per_gpu']:.0f} "
             f"| {r['samples_per_s']:.0f} | {r['hours']:.1f} h | {r['gpu_hours']:.1f} | ${r['cost_usd']:.0f} "
             f"| {r['bound']} | {lift} | {r['next_samples_per_s']:.0f} samples/s, {r['next_bound']}-bound |")
     return "\n".join(lines)
@@ -244,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", default="docs/bench-cpu.json", help="python -m bench.all's JSON")
     p.add_argument("--gpu", default=None, help="bench/gpu.sh's gpu.json (replaces the GPU-side assumptions)")
+    p.add_argument("--cache", default=None, help="python -m bench.cache's JSON: measured GETs per sample")
     p.add_argument("--clips-root", default=None, help="dataset whose clip sizes give bytes per sample "
                    "(default: the figure in --cpu, else data/demo)")
     p.add_argument("--gpus", default="1,4,8,32")
@@ -262,7 +288,15 @@ def main(argv: list[str] | None = None) -> dict:
     if gpu and gpu.get("dry_run"):
         raise ValueError(f"{args.gpu} comes from bench/gpu.sh --dry-run (CPU toy settings); project from a real run")
     clips = clip_bytes(args.clips_root) if args.clips_root else None
+    if args.cache:  # steady-state epochs of the torchcodec loader (DALI's epochs blur by its run-ahead)
+        measured = json.loads(Path(args.cache).read_text())["gets_per_sample"]
+        a.s3_gets_per_sample = measured["torchcodec_cache_off"][1]
+        a.cache_gets_per_sample = measured["torchcodec_cache_on"][1]
     result = project(cpu, gpu, a, tuple(int(g) for g in args.gpus.split(",")), clips=clips)
+    result["sources"]["S3 GETs per sample"] = (
+        f"{'measured by bench.cache' if args.cache else 'assumed'}: {a.s3_gets_per_sample:g} per sample per epoch "
+        f"without the cache, {a.cache_gets_per_sample:g} from a node's second pass with it; node cache "
+        f"{a.node_cache_gb:g} GB" + (" (off)" if a.node_cache_gb <= 0 else ""))
     print(markdown(result))
     for k, v in result["sources"].items():
         print(f"- {k}: {v}")

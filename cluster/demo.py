@@ -8,9 +8,10 @@
 3. upload the dataset to s3://flipray/demo/ (idempotent: unchanged objects are not sent again);
 4. `ray job submit` the pretext job (jobs/pretext.py) with `--workers` Ray Train workers, checkpoints in S3;
    with `--downstream full` also the mismatch and shift baseline pretext jobs;
-5. `ray job submit` the downstream tables (jobs.analyze, localize, spatialize, separate; `demo` presets) from the
-   registered models, then jobs.report: `quick` runs the flip and no-pretraining rows of each table, `full` every
-   row (the baselines included), `none` skips this step;
+5. `ray job submit` the downstream tables (jobs.downstream, every task of flipray.tasks that starts from the flip
+   model: analyze, localize, spatialize, separate; `demo` presets) from the registered models, then jobs.report:
+   `quick` runs the flip and no-pretraining rows of each table, `full` every row (the baselines included), `none`
+   skips this step;
 6. print the flip accuracy, the MLflow run URL, the registered model version and where the report is;
 7. stop the services it started (not those it found running), unless --keep-services.
 
@@ -32,9 +33,13 @@ from cluster import local
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(r"^(flip accuracy: .*|MLflow run: .*|registered model: .*)$", re.M)
-DOWNSTREAM = ("analyze", "localize", "spatialize", "separate")
-QUICK_METHODS = {"analyze": "flip,scratch", "localize": "flip,scratch", "spatialize": "flip,scratch",
-                 "separate": "flip,scratch"}
+QUICK_METHODS = "flip,scratch"  # `--downstream quick`: the flip and no-pretraining rows of every table
+
+
+def downstream() -> list[str]:
+    """The registered tasks that run on the demo's stereo set from its flip (and baseline) pretext models."""
+    from flipray import tasks
+    return tasks.starting_from("flip")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
                 summary = SUMMARY.findall("".join(lines))
         report = None
         if args.downstream != "none":
-            print(f"[5/6] downstream tables ({args.downstream}): {', '.join(DOWNSTREAM)}, then jobs.report", flush=True)
-            for job in DOWNSTREAM:
-                methods = ["--methods", QUICK_METHODS[job]] if args.downstream == "quick" else []
-                ok, _ = submit(env, [f"jobs.{job}", "--data", "s3://flipray/demo/", "--preset", "demo",
+            jobs = downstream()
+            print(f"[5/6] downstream tables ({args.downstream}): {', '.join(jobs)}, then jobs.report", flush=True)
+            for job in jobs:
+                methods = ["--methods", QUICK_METHODS] if args.downstream == "quick" else []
+                ok, _ = submit(env, ["jobs.downstream", "--task", job, "--data", "s3://flipray/demo/", "--preset", "demo",
                                      "--out", "runs/demo-downstream", *methods])
                 if not ok:
                     print(f"\nthe {job} job failed; its log is above", file=sys.stderr)

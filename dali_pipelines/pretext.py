@@ -13,7 +13,9 @@ DALI converts YUV to RGB with its own filter; log-mel within float tolerance).
 
 How: a per-sample `fn.external_source` callback (`ClipSource`) maps (epoch, position) to an item, draws its
 `SampleParams`, fetches the clip's two objects through `flipray.dataset.store` (S3 or a folder) and checks them against the
-manifest's sha256. DALI then does the work: `fn.decoders.video` (CPU, or "mixed" = NVDEC on the GPU) decodes only the
+manifest's sha256 (through the node-local cache when data.cache_dir is set), with data.fetch_threads requests in
+flight per process: the positions the process will be asked for next are fetched ahead (`ClipSource.ahead`).
+DALI then does the work: `fn.decoders.video` (CPU, or "mixed" = NVDEC on the GPU) decodes only the
 window (`start_frame`, `sequence_length`, `stride`), `fn.decoders.audio` the FLAC, and resize, mirror, crop, colour
 jitter, normalisation, channel swap, peak normalisation, STFT, mel filterbank and log10 run as DALI operators (on the
 GPU with device="gpu"). A reader with a fixed file list cannot reshuffle per epoch in `EpochSampler`'s order, so the
@@ -40,6 +42,7 @@ import torch
 from flipray.config import Config
 from flipray.pretext.data import (IMAGENET_MEAN, IMAGENET_STD, ClipDecodeError, EpochSampler, audio_window, decode_audio,
                           decode_video, item_params, num_items, window_frame_indices, window_samples_range)
+from flipray.dataset.cache import open_store
 from flipray.dataset.store import ChecksumError, Store
 
 log = logging.getLogger(__name__)
@@ -93,21 +96,27 @@ class ClipSource:
     batch when the callback stops mid-batch, so the epoch is padded to whole batches and the loader drops the pads.
     EpochSampler's own pads (item -1 - i) decode item i and come out with weight 0. `start` is the global position
     of the first epoch (EpochSampler's), `skip` this shard's samples already served from there (a rebuild).
+    The objects of the next positions this process serves are fetched ahead on data.fetch_threads threads (only
+    bytes move early: every draw is still made from the SampleInfo alone).
     """
 
     def __init__(self, cfg: Config, clips: list[dict], root: str, seed: int, train: bool, shuffle: bool,
                  shard_id: int, num_shards: int, batch_size: int, first_epoch: int, start: int,
-                 bad: dict[str, int] | None = None, step_size: int | None = None, skip: int = 0):
-        self.cfg, self.clips, self.store, self.seed, self.train = cfg, clips, Store(root), seed, train
+                 bad: dict[str, int] | None = None, py_workers: int = 0, step_size: int | None = None,
+                 skip: int = 0):
+        self.cfg, self.clips, self.seed, self.train = cfg, clips, seed, train
+        self.store = open_store(root, cfg.data.cache_dir, cfg.data.cache_gb)
         self.shuffle, self.shard_id, self.num_shards, self.batch_size = shuffle, shard_id, num_shards, batch_size
         self.first_epoch, self.start, self.bad = first_epoch, start, dict(bad or {})
-        self.step_size, self.skip = step_size, skip
+        self.py_workers, self.step_size, self.skip = py_workers, step_size, skip
         self.n_items = num_items(len(clips), cfg, train)
         self._orders: dict[int, list[int]] = {}
         self._filler_audio = None
+        self._pool = None
+        self._pending: dict[tuple[int, int], object] = {}  # (epoch, position) -> Future of fetch_item
 
     def __getstate__(self):
-        return {**self.__dict__, "_orders": {}}
+        return {**self.__dict__, "_orders": {}, "_pool": None, "_pending": {}}
 
     def order(self, epoch: int) -> list[int]:
         """This shard's items of `epoch`, from the start position on (EpochSampler's order exactly)."""
@@ -122,8 +131,9 @@ class ClipSource:
         return math.ceil(len(self.order(epoch)) / self.batch_size)
 
     def item(self, item: int, epoch: int):
-        """(clip index, SampleParams) of dataset item `item`, exactly as ClipDataset.__getitem__ draws them."""
-        return item_params(self.cfg, self.clips, self.seed, epoch, item, self.train)
+        """(clip index, SampleParams) of dataset item `item` (an EpochSampler pad -1 - i: item i), exactly as
+        ClipDataset.__getitem__ draws them."""
+        return item_params(self.cfg, self.clips, self.seed, epoch, item if item >= 0 else -1 - item, self.train)
 
     def fetch(self, clip: dict) -> tuple[bytes, bytes, int]:
         """The clip's video and audio bytes and a status code. A missing, corrupt or foreign object is a status;
@@ -145,6 +155,46 @@ class ClipSource:
             return b"", b"", NOT_FLAC
         return video, audio, OK
 
+    def fetch_item(self, item: int, epoch: int) -> tuple[bytes, bytes, int]:
+        """fetch() of the clip item `item` shows and of the clip whose audio it hears (the mismatch negative's)."""
+        ci, p = self.item(item, epoch)
+        video, audio, code = self.fetch(self.clips[ci])
+        audio_ci = audio_window(self.cfg, ci, p)[0]
+        if code == OK and audio_ci != ci:
+            _, audio, code = self.fetch(self.clips[audio_ci])
+        return video, audio, code
+
+    def ahead(self, epoch: int, k: int) -> range:
+        """Positions of `epoch` this process will be asked for from `k` on, at most data.fetch_threads of them.
+        Inline (py_workers=0) one process serves every position in order. In parallel mode DALI splits each batch
+        into py_workers contiguous chunks and a worker serves one chunk in order (nvidia/dali/_multiproc/pool.py,
+        `_split_work`), so the window stops at the end of k's chunk: no object is fetched by two workers."""
+        end = k + self.cfg.data.fetch_threads
+        if self.py_workers > 0:
+            b, i = divmod(k, self.batch_size)
+            size, extra = divmod(self.batch_size, self.py_workers)
+            bounds = [0]
+            for w in range(self.py_workers):
+                bounds.append(bounds[-1] + size + (w < extra))
+            end = min(end, b * self.batch_size + next(x for x in bounds if x > i))
+        return range(k, min(end, len(self.order(epoch))))
+
+    def _fetch_ahead(self, item: int, epoch: int, k: int) -> tuple[bytes, bytes, int]:
+        """fetch_item() of position k, with the next positions' requests already in flight."""
+        if self.cfg.data.fetch_threads <= 1:
+            return self.fetch_item(item, epoch)
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(self.cfg.data.fetch_threads, thread_name_prefix="flipray-fetch")
+        window = self.ahead(epoch, k)
+        for key in [key for key in self._pending if key[0] != epoch or key[1] not in window]:
+            self._pending.pop(key).cancel()  # a jump (new epoch, resume): what was fetched ahead is not needed
+        order = self.order(epoch)
+        for pos in window:
+            if (epoch, pos) not in self._pending:
+                self._pending[(epoch, pos)] = self._pool.submit(self.fetch_item, order[pos], epoch)
+        return self._pending.pop((epoch, k)).result()
+
     def __call__(self, info):
         epoch = self.first_epoch + info.epoch_idx
         order = self.order(epoch)
@@ -155,11 +205,9 @@ class ClipSource:
         if item is None:
             ci, p, video, audio, code = 0, None, b"", b"", PAD
         else:
-            ci, p = self.item(item if item >= 0 else -1 - item, epoch)
-            video, audio, code = self.fetch(self.clips[ci])
-            audio_ci, audio_start = audio_window(self.cfg, ci, p)
-            if code == OK and audio_ci != ci:  # mismatch negative: another clip's audio
-                _, audio, code = self.fetch(self.clips[audio_ci])
+            ci, p = self.item(item, epoch)
+            video, audio, code = self._fetch_ahead(item, epoch, k)
+            audio_start = audio_window(self.cfg, ci, p)[1]
         if code != OK:  # decode the filler instead; the loader drops the sample
             if self._filler_audio is None:
                 self._filler_audio = _filler_flac(self.cfg.data.sample_rate)
@@ -303,7 +351,8 @@ class DaliClipLoader:
 
     def _make_source(self, epoch: int, start: int, skip: int = 0) -> ClipSource:
         return ClipSource(self.cfg, self.clips, self.root, self.seed, self.train, self.shuffle, self.shard_id,
-                          self.num_shards, self.batch_size, epoch, start, self.bad, self.step_size, skip)
+                          self.num_shards, self.batch_size, epoch, start, self.bad, self.py_workers,
+                          self.step_size, skip)
 
     def _build(self, epoch: int, start: int, skip: int = 0) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator

@@ -5,38 +5,12 @@
     flipray check videos/*.mp4 --json --ray                  # a batch as Ray tasks on the running local cluster
     flipray fix my-video.mp4 --out fixed.mp4                 # video stream copied, audio channels swapped back
 
-How a video is checked: the frames the model sees are taken on the model's frame grid (6 Hz for every preset: the
-frame shown at k/6 s, whatever the file's frame rate), centre-cropped to a square and resized to `data.resize`;
-the audio is resampled to 16 kHz by torchcodec. That is what training saw (`flipray.pretext.data`: resize_square,
-window_frame_indices, the evaluation crop without jitter, peak_normalise, AudioFeatures), done by the same
-functions. A 2.87-s window slides over the whole video every `--hop` seconds (1 s: every moment is in about three
-windows; one more window ends at the end of the video). Each window is scored four times (test-time augmentation):
-as it is (p1), mirrored with its channels swapped (p2: training's joint flip, which keeps picture and sound
-consistent, so the answer is the same), with its channels swapped (p3: the answer flips) and mirrored only (p4: the
-answer flips), and P(swapped) = (p1 + p2 + (1 - p3) + (1 - p4)) / 4, so a bias of the model towards either answer
-cancels and a channel-swapped copy of a video scores exactly 1 - P. Windows quieter than --silence-dbfs (RMS over both channels,
-before normalisation) are not scored: they carry no direction.
-
-Verdict, from the mean P(swapped) of the scored windows and the fraction of them on the same side of 0.5:
-    swapped      mean P >= 0.5 + margin (0.6) and at least --min-agree (60%) of the windows agree
-    correct      mean P <= 0.5 - margin (0.4) and at least --min-agree of the windows agree
-    undecidable  anything else: a model that is unsure, or a video whose channels change part-way (--min-run, 3,
-                 windows in a row at P >= 0.6 and as many elsewhere at P <= 0.4)
-Where the channels look swapped is reported as segments (runs of --min-run confident windows; on the 60 validation
-clips of the demo set no correctly-wired clip had even two such windows in a row), and `--plot` draws the timeline.
-
-Inputs that cannot be checked get one line each and no verdict: not a file ffmpeg can read, no video stream, no
-audio stream, mono audio, more than two channels, dual mono (two identical channels: swapping changes nothing),
-silent audio (every window below the floor), or shorter than one window.
-
-Exit codes (`check`): 0 every video was checked and none looks swapped; 1 at least one looks swapped; 2 at least one
-input could not be checked, or a usage error (2 + 1 = 3: both); 4 no trained model (run `make demo`, or pass
---model PATH). `fix`: 0 written; 2 bad input or usage; 5 ffmpeg failed.
-
-`--json` prints a list with one object per video: path, verdict (correct | swapped | undecidable), p_swapped,
-windows (scored), agree_fraction, error (null, or why the input could not be checked; its verdict is then
-undecidable), reason (a short code for the error), silent_windows, duration_s, window_s, swapped_segments
-([start_s, end_s] each) and timeline: [start_s, P(swapped) or null for a silent window] per window.
+A 2.87-s window slides over the video every --hop seconds, seen exactly as training saw it (the same functions of
+flipray.pretext.data); each window is scored as is, mirrored+swapped, swapped and mirrored, so a model's bias cancels.
+The verdict (swapped | correct | undecidable) comes from the mean P(swapped) and how many windows agree; inputs that
+cannot be checked get one line each. Exit codes (`check`): 0 none swapped, 1 some swapped, 2 some unchecked or a
+usage error (3: both), 4 no trained model; `fix`: 0 written, 2 bad input, 5 ffmpeg failed. Details and the --json
+fields: docs/check.md.
 """
 from __future__ import annotations
 
@@ -53,7 +27,10 @@ from pathlib import Path
 import torch
 
 from flipray.config import Config
-from flipray.pretext.data import AudioFeatures, SampleParams, _first_line, make_sample, resize_square, window_frame_indices
+from flipray.optional import require
+from flipray.tracking import NoModelError, load_pretrained
+from flipray.pretext.data import (AudioFeatures, SampleParams, first_line, make_sample, resize_square,
+                                  window_frame_indices)
 
 DEFAULT_MODEL = "models:/flipray-pretext/latest"
 EXIT_SWAPPED, EXIT_UNCHECKED, EXIT_NO_MODEL, EXIT_FFMPEG = 1, 2, 4, 5
@@ -97,49 +74,22 @@ class CheckError(Exception):
         self.reason = reason
 
 
-class NoModelError(Exception):
-    """No trained model where --model (or the default registered model) points."""
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The model
 
 def load_check_model(spec: str | None = None, tracking: str | None = None):
     """(SpatialAlignmentNet in eval mode, Config) from a checkpoint path / run folder or a models:/ URI.
 
-    models:/ URIs go through flipray.tracking (MLflow, imported only here); a missing store or model, or a model trained
-    for another pretext task, raises NoModelError with what to do about it.
+    Resolved by flipray.tracking.load_pretrained; a missing store or model, or a model trained for another pretext
+    task, raises NoModelError with what to do about it.
     """
     spec = spec or DEFAULT_MODEL
-    model, cfg = _load_model(spec, tracking)
+    model, cfg = load_pretrained(spec, tracking)
     task, channels = getattr(cfg.train, "task", "flip"), getattr(cfg.data, "audio_channels", 2)
     if task != "flip" or channels != 2:
         raise NoModelError(f"{spec} was trained for the {task!r} pretext task on {channels}-channel audio; flipray "
                            f"check needs a stereo flip-task model (flipray-pretext, as `make demo` trains)")
     return model, cfg
-
-
-def _load_model(spec: str, tracking: str | None):
-    hint = "Run `make demo` (it trains the demo model and registers it as flipray-pretext), or pass --model PATH"
-    if not spec.startswith("models:/"):
-        from flipray.pretext.train import load_model
-        path = Path(spec)
-        try:
-            return load_model(path / "checkpoint.pt" if path.is_dir() else path)
-        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
-            raise NoModelError(f"cannot load the model {spec}: {e}") from None
-    from flipray.tracking import load_pretrained, tracking_uri
-    uri = tracking_uri(tracking)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        # MLflow would create an empty store there; say where we looked instead
-        raise NoModelError(f"no trained model: no MLflow store at {uri[len('sqlite:///'):]}. {hint} "
-                           f"(or set MLFLOW_TRACKING_URI).")
-    try:
-        return load_pretrained(spec, tracking)
-    except Exception as e:  # noqa: BLE001 - MLflow's own exception types for a missing model mean "no model here"
-        why = _why(e)
-        raise NoModelError(f"no trained model: {why}; or pass --model PATH" if "make demo" in why else
-                           f"no trained model at {spec} in {uri}: {why}. {hint}.") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -220,7 +170,7 @@ def open_media(path: str | Path, cfg: Config, opts: CheckOptions) -> Media:
 
 
 def _why(e: Exception) -> str:
-    return _first_line(e).strip().rstrip(".")
+    return first_line(e).strip().rstrip(".")
 
 
 def _db(x: torch.Tensor) -> float:
@@ -343,7 +293,7 @@ def check_files(paths: list[str], model, cfg: Config, opts: CheckOptions | None 
     from tqdm import tqdm
     opts = opts or CheckOptions()
     if use_ray and connect_ray():
-        import ray
+        ray = require("ray")
         remote = ray.remote(num_cpus=1)(_check_task)
         model_ref = ray.put((model.cpu(), cfg))
         # workers run elsewhere (another folder, maybe another node: the files must be on a shared file system)
@@ -375,7 +325,7 @@ def _check_task(path: str, model_and_cfg, opts: CheckOptions) -> CheckResult:
 def connect_ray() -> bool:
     """Connect to the running Ray cluster (RAY_ADDRESS, e.g. from `eval "$(python -m cluster.local env)"`, or one
     started on this machine with `ray start`); False, after saying so, when none is running."""
-    import ray
+    ray = require("ray")
     if ray.is_initialized():
         return True
     try:

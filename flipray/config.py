@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from flipray.overrides import apply, read_yaml
 
 
 @dataclass
@@ -46,6 +46,11 @@ class DataConfig:
     n_mels: int = 128                 # must be divisible by 16 (four stride-2 audio blocks)
     num_workers: int = 2              # DataLoader worker processes (torchcodec loader)
     cache: bool = False               # decode every clip once into RAM at `resize` (small datasets, e.g. the demo)
+    cache_dir: str = ""               # node-local disk cache of fetched clip objects (flipray/dataset/cache.py),
+                                      # shared by every rank of a node, e.g. /mnt/nvme/flipray-cache | "" = off
+    cache_gb: float = 100.0           # bound of cache_dir; least recently used objects are evicted beyond it
+    fetch_threads: int = 8            # object requests in flight per loader process (hides S3's 20-50 ms per GET);
+                                      # 1 = one at a time
 
 
 @dataclass
@@ -137,6 +142,10 @@ class Config:
                              f"at {d.fps} fps), got {d.num_frames}")
         if d.eval_windows < 1:
             raise ValueError(f"data.eval_windows must be >= 1, got {d.eval_windows}")
+        if d.fetch_threads < 1:
+            raise ValueError(f"data.fetch_threads must be >= 1 (1 = one request at a time), got {d.fetch_threads}")
+        if d.cache_dir and d.cache_gb <= 0:
+            raise ValueError(f"data.cache_gb must be > 0 when data.cache_dir is set, got {d.cache_gb}")
         if d.crop > d.resize:
             raise ValueError(f"data.crop ({d.crop}) must not exceed data.resize ({d.resize})")
         if m.variant not in VARIANTS:
@@ -196,6 +205,30 @@ class Config:
 VARIANTS = ("base", "motion", "mono", "gcc-phat", "pooled-visual")
 TASKS = ("flip", "mismatch", "shift", "rotate")
 
+# The paper's numbers (Yang, Russell & Salamon, CVPR 2020) as printed, on real data (YouTube-ASMR, FAIR-Play,
+# TAU), for orientation; flipray.tasks.tables puts them beside ours. numbers: {method: {metric: value}}.
+PAPER = {
+    # Table 2: pretext (flip) test accuracy, %, of the architecture ablations.
+    "pretext": {
+        "table": "Table 2", "data": "YouTube-ASMR and FAIR-Play test sets",
+        "units": {"acc_asmr": "%", "acc_fairplay": "%"},
+        "labels": {
+            "imagenet": "Pretrained on ImageNet",
+            "base": "Ours",
+            "motion": "Motion",
+            "mono": "+Mono Audio",
+            "gcc-phat": "+GCC-Phat",
+        },
+        "numbers": {
+            "imagenet": {"acc_asmr": 80.4, "acc_fairplay": 92.6},
+            "base": {"acc_asmr": 80.1, "acc_fairplay": 93.6},
+            "motion": {"acc_asmr": 80.4, "acc_fairplay": 71.3},
+            "mono": {"acc_asmr": 81.3, "acc_fairplay": 96.3},
+            "gcc-phat": {"acc_asmr": 80.1, "acc_fairplay": 94.1},
+        },
+    },
+}
+
 
 def _preset(name: str) -> Config:
     if name == "paper":
@@ -221,42 +254,16 @@ def _preset(name: str) -> Config:
     raise ValueError(f"unknown preset {name!r}; presets are demo, small, paper (or pass a YAML file)")
 
 
-def _set(cfg: Config, dotted: str, value) -> None:
-    section, _, key = dotted.partition(".")
-    sub = getattr(cfg, section, None)
-    if sub is None or not dataclasses.is_dataclass(sub) or not key:
-        raise ValueError(f"unknown config key {dotted!r}; keys look like data.root, model.variant, train.lr, "
-                         f"cluster.workers")
-    fields = {f.name: f for f in dataclasses.fields(sub)}
-    if key not in fields:
-        raise ValueError(f"unknown config key {dotted!r}; {section} has {sorted(fields)}")
-    current = getattr(sub, key)
-    if isinstance(value, str) and not isinstance(current, str):
-        value = yaml.safe_load(value)  # "0.02" -> 0.02, "true" -> True
-    if isinstance(current, bool) and not isinstance(value, bool):
-        raise ValueError(f"{dotted} must be true or false, got {value!r}")
-    if isinstance(current, (int, float)) and not isinstance(current, bool):
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ValueError(f"{dotted} must be a number, got {value!r}")
-        value = type(current)(value) if isinstance(current, float) or float(value).is_integer() else value
-    setattr(sub, key, value)
-
-
 def load_config(spec: str = "demo", overrides: list[str] | None = None) -> Config:
-    """A preset name or a YAML path, then `key=value` overrides; validated."""
-    path = Path(spec)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.exists():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping of sections (data/model/train), got {type(raw).__name__}")
+    """A preset name or a YAML path (which may name a `preset:` to start from), then `key=value` overrides
+    (flipray.overrides: the type rules and errors every config shares); validated."""
+    if Path(spec).suffix in (".yaml", ".yml"):
+        raw = read_yaml(spec)
         cfg = _preset(raw.pop("preset", "paper"))
-        for section, values in raw.items():
-            if not isinstance(values, dict):
-                raise ValueError(f"{path}: section {section!r} must be a mapping")
-            for k, v in values.items():
-                _set(cfg, f"{section}.{k}", v)
+        try:
+            apply(cfg, raw)
+        except ValueError as e:
+            raise ValueError(f"{spec}: {e}") from None
     else:
         cfg = _preset(spec)
     return apply_overrides(cfg, overrides)
@@ -264,12 +271,7 @@ def load_config(spec: str = "demo", overrides: list[str] | None = None) -> Confi
 
 def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
     """Apply `section.key=value` strings in place; validated."""
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} must look like section.key=value")
-        _set(cfg, key.strip(), value)
-    return cfg.validate()
+    return apply(cfg, overrides).validate()
 
 
 def config_from_dict(d: dict) -> Config:

@@ -1,12 +1,15 @@
 """MLflow for flipray jobs: where the tracking store is, the registered pretext model, and loading it back.
 
 The tracking URI comes from `--tracking-uri`, else MLFLOW_TRACKING_URI, else the local services' sqlite
-store `.flipray/local/mlflow.db` (the one `make demo` and `python -m cluster.local up --mlflow` use). Models are
-registered as a state_dict artifact (`checkpoint.pt` + `config.yaml`), not a pickled class, so they load back as
-flipray's own SpatialAlignmentNet with `torch.load(..., weights_only=True)`:
+store `.flipray/local/mlflow.db` (the one `make demo` and `python -m cluster.local up --mlflow` use). A registered
+version is a standard MLflow PyTorch model (`mlflow.pytorch`, so the UI shows its flavor and `mlflow.pytorch.
+load_model` works) that carries the state_dict checkpoint (`checkpoint.pt` + `config.yaml`) as extra files.
+flipray itself loads that checkpoint, never the pickled module: SpatialAlignmentNet with `torch.load(...,
+weights_only=True)`. Both give the same network:
 
     from flipray.tracking import load_pretrained
     model, cfg = load_pretrained("models:/flipray-pretext/latest")      # or /3, @alias, or a checkpoint.pt path
+    net = mlflow.pytorch.load_model("models:/flipray-pretext/latest")   # unpickles: trusted stores only
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+
+from flipray.optional import require
 
 log = logging.getLogger(__name__)
 
@@ -37,65 +42,146 @@ def init_tracking(uri: str, experiment: str) -> str:
     Run once by the driver before any worker or trial touches the store: a fresh sqlite store creates its tables
     here, not in several processes at once.
     """
-    import mlflow
+    mlflow = require("mlflow")
     mlflow.set_tracking_uri(uri)
     return mlflow.set_experiment(experiment).experiment_id
 
 
 def find_run(experiment_id: str, run_name: str):
     """The MLflow run of a flipray run name (so a restored Ray run keeps logging into the same MLflow run)."""
-    from mlflow import MlflowClient
+    MlflowClient = require("mlflow").MlflowClient
     runs = MlflowClient().search_runs([experiment_id], filter_string=f"tags.`flipray.run_name` = '{run_name}'",
                                       max_results=1, order_by=["attributes.start_time DESC"])
     return runs[0] if runs else None
 
 
 def register_checkpoint(run_id: str, checkpoint_dir: str | Path, name: str, tags: dict[str, str]) -> int:
-    """Log `checkpoint_dir` (checkpoint.pt, config.yaml) as the run's `model` artifact and register it as a new
-    version of model `name`; returns the version number (`models:/NAME/latest` resolves to the newest)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    """Register the network of `checkpoint_dir` (checkpoint.pt, config.yaml) as a new version of model `name`, logged
+    in MLflow's PyTorch flavor with the checkpoint as extra files; the run also keeps the checkpoint as its `model`
+    artifact. Logging ends the run (status FINISHED), as the caller does after registering. Returns the version
+    number (`models:/NAME/latest` resolves to the newest)."""
+    import numpy as np
+    import torch
+
+    from flipray.pretext.train import load_model
+    mlflow = require("mlflow")
+    mlflow_pytorch = require("mlflow.pytorch")
+    MlflowClient, MlflowException = mlflow.MlflowClient, require("mlflow.exceptions").MlflowException
+    ModelSignature = require("mlflow.models").ModelSignature
+    Schema, TensorSpec = require("mlflow.types").Schema, require("mlflow.types").TensorSpec
+    checkpoint_dir = Path(checkpoint_dir)
     client = MlflowClient()
     client.log_artifacts(run_id, str(checkpoint_dir), artifact_path="model")
+    network, _ = load_model(checkpoint_dir / "checkpoint.pt")
+    # (B, T, 3, H, W) frames and (B, C, mels, frames) log-mel audio in; one flip logit per clip out
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, 3, -1, -1), "video"),
+                       TensorSpec(np.dtype(np.float32), (-1, -1, -1, -1), "audio")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,), "flip_logit")]))
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow_pytorch.log_model(
+            # "pickle": load_model gives back flipray's class (MLflow 3.17's default, "pt2", exports a traced graph)
+            network, name=name, signature=signature, serialization_format="pickle",
+            extra_files=[str(checkpoint_dir / "checkpoint.pt"), str(checkpoint_dir / "config.yaml")],
+            # flipray (the class) must be importable where it loads; pinning torch avoids MLflow's slow inference
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
     try:
         client.create_registered_model(name, description="flipray Spatial Alignment Network (flipray.pretext.models); "
-                                                          "load with flipray.tracking.load_pretrained")
+                                                          "mlflow.pytorch.load_model, or flipray.tracking."
+                                                          "load_pretrained for the weights_only checkpoint")
     except MlflowException as e:
         if "already exists" not in str(e):
             raise
-    # create_model_version, not mlflow.register_model: MLflow 3 only registers runs:/ URIs of logged models, and
-    # this is a plain state_dict artifact.
-    version = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id,
+    version = client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
                                           tags={k: str(v)[:5000] for k, v in tags.items()})
     log.info("registered %s version %s from run %s", name, version.version, run_id)
     return int(version.version)
 
 
+class NoModelError(ValueError):
+    """No trained model where a models:/ URI, run folder or checkpoint path points; the message says what to do."""
+
+
+HINT = "Run `make demo` (it trains the demo model and registers it as flipray-pretext), or pass --model PATH"
+
+
+def _checkpoint_in(folder: str | Path) -> Path:
+    """checkpoint.pt of a downloaded model: beside MLmodel's extra_files/ (PyTorch flavor) or at the top (older
+    versions, registered as a bare state_dict artifact)."""
+    for path in (Path(folder) / "extra_files" / "checkpoint.pt", Path(folder) / "checkpoint.pt"):
+        if path.exists():
+            return path
+    raise NoModelError(f"{folder}: no checkpoint.pt in this model")
+
+
 def load_pretrained(uri: str, tracking: str | None = None):
     """(SpatialAlignmentNet in eval mode, Config) from `models:/NAME/VERSION`, `models:/NAME@ALIAS`,
-    `models:/NAME/latest`, a run folder, or a checkpoint.pt path."""
+    `models:/NAME/latest`, a run folder, or a checkpoint.pt path: the one model resolution of flipray check, the
+    downstream tasks and the jobs. Raises NoModelError (a ValueError) saying where it looked."""
     from flipray.pretext.train import load_model
     if not uri.startswith("models:/"):
         path = Path(uri)
-        return load_model(path / "checkpoint.pt" if path.is_dir() else path)
-    import mlflow
-    mlflow.set_tracking_uri(tracking_uri(tracking))
+        try:
+            return load_model(path / "checkpoint.pt" if path.is_dir() else path)
+        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+            raise NoModelError(f"cannot load the model {uri}: {e}") from None
+    store = tracking_uri(tracking)
+    if store.startswith("sqlite:///") and not Path(store[len("sqlite:///"):]).exists():
+        # MLflow would create an empty store there; say where we looked instead
+        raise NoModelError(f"no trained model: no MLflow store at {store[len('sqlite:///'):]}. {HINT} "
+                           f"(or set MLFLOW_TRACKING_URI).")
+    mlflow = require("mlflow")
+    mlflow.set_tracking_uri(store)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = _download(uri, tmp)
-        except Exception as e:
-            raise ValueError(f"cannot load {uri} from {mlflow.get_tracking_uri()}: {e}. Train and register one "
-                             f"with `make demo` or `python -m jobs.pretext`.") from None
-        return load_model(Path(local) / "checkpoint.pt")
+        except Exception as e:  # noqa: BLE001 - MLflow's own exception types for a missing model mean "no model here"
+            raise NoModelError(f"no trained model at {uri} in {store}: {_why(e)}. {HINT}.") from None
+        return load_model(_checkpoint_in(local))
+
+
+def resolve_pretext(specs: list[str], needed: set[str], out: Path, tracking_uri: str | None) -> dict[str, str]:
+    """{pretext task: local checkpoint.pt} for the pretext tasks the methods need; models:/ URIs are downloaded
+    into out/pretext/<task>/ so Ray tasks on any node read a plain file. Missing models are left out."""
+    import torch
+
+    from flipray.config import TASKS
+    given = dict(s.split("=", 1) for s in specs)
+    unknown = set(given) - set(TASKS)
+    if unknown:
+        raise ValueError(f"--pretext takes {', '.join(f'{t}=URI' for t in TASKS)}, got {sorted(unknown)}")
+    paths = {}
+    for task in sorted(needed):
+        uri = given.get(task, f"models:/{pretext_model_name(task)}/latest")
+        try:
+            model, cfg = load_pretrained(uri, tracking_uri)
+        except NoModelError as e:
+            if task in given:
+                raise
+            log.warning("no %s pretext model (%s): its methods are left out. Train it with `python -m jobs.pretext "
+                        "--set train.task=%s`.", task, e, task)
+            continue
+        path = out / "pretext" / task / "checkpoint.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, path)
+        paths[task] = str(path)
+        log.info("pretext %s: %s", task, uri)
+    return paths
+
+
+def _why(e: Exception) -> str:
+    """The first line of an MLflow error, without its exception class noise."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 def _download(uri: str, dst: str) -> str:
     """Download a models:/ URI. With a sqlite store whose artifacts were written through an MLflow server
     (mlflow-artifacts:/...), read them from the server's artifacts folder beside the database, so a model trained by
     `make demo` loads after the server is gone."""
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    mlflow = require("mlflow")
+    MlflowClient = require("mlflow").MlflowClient
+    MlflowException = require("mlflow.exceptions").MlflowException
     try:
         return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
     except MlflowException as e:
@@ -111,9 +197,12 @@ def _download(uri: str, dst: str) -> str:
         version = max(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
     else:
         version = client.get_model_version(name, ref)
-    run = client.get_run(version.run_id)
-    rel = run.info.artifact_uri.split("mlflow-artifacts:/", 1)[1].lstrip("/")
-    folder = Path(store[len("sqlite:///"):]).parent / "mlartifacts" / rel / version.source.split("/", 3)[-1]
-    if not (folder / "checkpoint.pt").exists():
-        raise FileNotFoundError(f"{uri}: artifacts expected in {folder}, not there")
+    if version.source.startswith("models:/"):  # a logged model (PyTorch flavor), models:/<model id>
+        model_id = getattr(version, "model_id", None) or version.source[len("models:/"):].split("/")[0]
+        location = client.get_logged_model(model_id).artifact_location
+    else:  # a run artifact (runs:/<run>/model)
+        location = f"{client.get_run(version.run_id).info.artifact_uri}/{version.source.split('/', 3)[-1]}"
+    rel = location.split("mlflow-artifacts:/", 1)[1].lstrip("/")
+    folder = Path(store[len("sqlite:///"):]).parent / "mlartifacts" / rel
+    _checkpoint_in(folder)  # FileNotFoundError naming the folder when it is not there
     return str(folder)

@@ -11,10 +11,9 @@ every method (flip, mismatch, shift pretext weights; random weights) as a Ray ta
 Writes <out>/analyze/analyze.{md,json} and per method scatter.png, tracking.png, gradcam.png, result.json.
 Metrics and their definitions: flipray/tasks/analyze.py. Options: jobs/downstream.py.
 """
-from flipray.tasks import analyze
-from jobs.downstream import table_main
+from jobs.downstream import entrypoint
 
-main = table_main(analyze)
+main = entrypoint(__file__)  # the task named like this file
 
 if __name__ == "__main__":
     main()

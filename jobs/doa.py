@@ -9,10 +9,9 @@
 Rows: scratch, rotate (the rotate pretext network, `flipray train-pretext --set train.task=rotate` on 360 clips),
 svm-random, svm-rotate (one-shot linear SVMs on frozen embeddings) and intensity (active intensity vector).
 """
-from flipray.tasks import doa
-from jobs.downstream import table_main
+from jobs.downstream import entrypoint
 
-main = table_main(doa)
+main = entrypoint(__file__)  # the task named like this file
 
 if __name__ == "__main__":
     main()

@@ -1,10 +1,11 @@
 """Run one paper table: every method of a downstream task as a Ray task, tracked in MLflow, written as a table.
 
-    python -m jobs.localize   --data data/demo --preset small --pretext flip=models:/flipray-pretext/latest \
-        --pretext mismatch=models:/flipray-pretext-mismatch/latest --pretext shift=models:/flipray-pretext-shift/latest
+    python -m jobs.downstream --task localize --data data/demo --preset small \
+        --pretext flip=models:/flipray-pretext/latest --pretext mismatch=models:/flipray-pretext-mismatch/latest
     ray job submit --working-dir . -- python -m jobs.spatialize --data s3://flipray/demo/ --preset small ...
 
-Each `jobs/<task>.py` is `main = table_main(flipray.<task>)`. Options:
+Any task of flipray.tasks.registry() runs with `--task NAME`; `python -m jobs.<task>` (jobs/localize.py, ...) is the
+same job for the tasks that have one. Options:
     --data ROOT           dataset root (folder or s3://), default $FLIPRAY_DATA or data/demo
     --preset NAME         the task's PRESETS entry (demo | small | paper)
     --pretext TASK=URI    pretext weights per pretext task (flip, mismatch, shift): models:/NAME/VERSION|latest or a
@@ -13,11 +14,13 @@ Each `jobs/<task>.py` is `main = table_main(flipray.<task>)`. Options:
     --config-file F.yaml  task config fields from a YAML file (e.g. a sweep's best.yaml), applied after the preset
     --set key=value       any field of the task's config dataclass (e.g. lr=3e-4, epochs=20), applied last
     --out DIR             table + per-method results + figures land in DIR/<task>/ (default runs/downstream)
-    --cpus N              CPUs per method (Ray task resources); --local runs the methods one after another here
+    --cpus N, --gpus N    Ray resources per method (default $FLIPRAY_TASK_CPUS / $FLIPRAY_TASK_GPUS, else 1 CPU, no
+                          GPU; on Kubernetes the flipray-env ConfigMap sets them); --local runs the methods one after
+                          another here
 
 Methods whose pretext weights are missing are left out with a warning naming the model to train. The table goes
-through `jobs.report.write_table` (markdown + JSON with the paper's numbers and Wilcoxon p-values); MLflow gets a
-parent run for the table and one nested run per method (params, per-epoch metrics, final metrics, figures).
+through `flipray.tasks.tables.write_table` (markdown + JSON with the paper's numbers and Wilcoxon p-values); MLflow
+gets a parent run for the table and one nested run per method (params, per-epoch metrics, final metrics, figures).
 """
 from __future__ import annotations
 
@@ -29,8 +32,11 @@ import sys
 import time
 from pathlib import Path
 
-from flipray.tasks.base import apply, write_json
-from flipray import tracking
+from flipray import overrides, tasks, tracking
+from flipray.overrides import apply, read_yaml
+from flipray.tasks.base import write_json
+from flipray.tasks.tables import paper_tables, write_table
+from flipray.tracking import resolve_pretext
 
 log = logging.getLogger("jobs.downstream")
 
@@ -39,47 +45,38 @@ EXPERIMENT = "flipray-downstream"
 
 def parse_args(task_module, argv):
     name = task_module.TABLE["task"]
-    p = argparse.ArgumentParser(prog=f"python -m jobs.{name}", description=__doc__,
+    p = argparse.ArgumentParser(prog=f"python -m jobs.downstream --task {name}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=os.environ.get("FLIPRAY_DATA", "data/demo"))
     p.add_argument("--preset", default="small", choices=sorted(task_module.PRESETS))
     p.add_argument("--pretext", action="append", default=[], metavar="TASK=URI")
     p.add_argument("--methods", default="", help=f"comma-separated subset of {list(task_module.METHODS)}")
-    p.add_argument("--config-file", default=None, help="YAML of task config fields (e.g. tuning's best.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    overrides.add_arguments(p, "task config")  # --config-file (e.g. tuning's best.yaml), --set
     p.add_argument("--out", default="runs/downstream")
-    p.add_argument("--cpus", type=float, default=1.0)
+    cpus, gpus = task_resources()
+    p.add_argument("--cpus", type=float, default=cpus, help="CPUs per method (default $FLIPRAY_TASK_CPUS, else 1)")
+    p.add_argument("--gpus", type=float, default=gpus, help="GPUs per method (default $FLIPRAY_TASK_GPUS, else 0)")
     p.add_argument("--local", action="store_true", help="run the methods in this process, without Ray")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--no-mlflow", action="store_true")
     return p.parse_args(argv)
 
 
-def resolve_pretext(specs: list[str], needed: set[str], out: Path, tracking_uri: str | None) -> dict[str, str]:
-    """{pretext task: local checkpoint.pt} for the pretext tasks the methods need; models:/ URIs are downloaded
-    into out/pretext/<task>/ so Ray tasks on any node read a plain file. Missing models are left out."""
-    import torch
-    given = dict(s.split("=", 1) for s in specs)
-    unknown = set(given) - {"flip", "mismatch", "shift", "rotate"}
-    if unknown:
-        raise ValueError(f"--pretext takes flip=URI, mismatch=URI, shift=URI or rotate=URI, got {sorted(unknown)}")
-    paths = {}
-    for task in sorted(needed):
-        uri = given.get(task, f"models:/{tracking.pretext_model_name(task)}/latest")
+def task_resources(env=None) -> tuple[float, float]:
+    """(CPUs, GPUs) a downstream method or sweep trial asks Ray for: FLIPRAY_TASK_CPUS / FLIPRAY_TASK_GPUS (the
+    cluster's config, e.g. the flipray-env ConfigMap on Kubernetes), else (1, 0)."""
+    env = os.environ if env is None else env
+    values = []
+    for key, default in (("FLIPRAY_TASK_CPUS", 1.0), ("FLIPRAY_TASK_GPUS", 0.0)):
+        raw = env.get(key, "").strip()
         try:
-            model, cfg = tracking.load_pretrained(uri, tracking_uri)
-        except (ValueError, FileNotFoundError) as e:
-            if task in given:
-                raise
-            log.warning("no %s pretext model (%s): its methods are left out. Train it with `python -m jobs.pretext "
-                        "--set train.task=%s`.", task, e, task)
-            continue
-        path = out / "pretext" / task / "checkpoint.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, path)
-        paths[task] = str(path)
-        log.info("pretext %s: %s", task, uri)
-    return paths
+            value = float(raw) if raw else default
+        except ValueError:
+            raise ValueError(f"{key}={raw!r}: expected a number of {key.split('_')[-1]}") from None
+        if value < 0:
+            raise ValueError(f"{key}={raw!r}: expected a number >= 0")
+        values.append(value)
+    return values[0], values[1]
 
 
 # Fields a config file may not carry over from another run: they say which row and weights a trial is.
@@ -90,12 +87,8 @@ def method_configs(task_module, args, pretext: dict[str, str]) -> dict[str, obje
     """One config per method: the preset, then --config-file (minus PER_METHOD fields), the method's pretext weights
     (or the flip network's shape with random weights), then --set."""
     from_file = {}
-    if args.config_file:
-        import yaml
-        raw = yaml.safe_load(Path(args.config_file).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{args.config_file}: expected a mapping of {task_module.TABLE['task']} config fields")
-        from_file = {k: v for k, v in raw.items() if k not in PER_METHOD}
+    for path in args.config_file:
+        from_file |= {k: v for k, v in read_yaml(path).items() if k not in PER_METHOD}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] or list(task_module.METHODS)
     bad = [m for m in methods if m not in task_module.METHODS]
     if bad:
@@ -121,14 +114,14 @@ def method_configs(task_module, args, pretext: dict[str, str]) -> dict[str, obje
     return configs
 
 
-def run_methods(task_module, configs: dict, cpus: float, local: bool) -> dict[str, dict]:
+def run_methods(task_module, configs: dict, cpus: float, local: bool, gpus: float = 0.0) -> dict[str, dict]:
     """{method: run_trial result}; as Ray tasks unless `local` (progress printed as methods finish)."""
     if local:
         return {m: task_module.run_trial(cfg) for m, cfg in configs.items()}
     import ray
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-    remote = ray.remote(num_cpus=cpus)(_trial)
+    remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(_trial)
     # The pretext checkpoints travel through the object store and the figures come back as bytes: a task may run
     # on a node that does not share this driver's disk.
     blobs = {path: ray.put(Path(path).read_bytes()) for path in {c.pretext for c in configs.values() if c.pretext}}
@@ -162,12 +155,11 @@ def _trial(module_name: str, cfg, pretext_bytes: bytes | None):
 
 
 def build_table(task_module, args, configs: dict, results: dict) -> dict:
-    from jobs.report import PAPER_TABLES
     t = task_module.TABLE
     rows = [{"method": m, "label": task_module.METHODS[m]["label"], "metrics": r["metrics"],
              "per_clip": r.get("per_clip", {}), "clip_ids": r.get("clip_ids", [])} for m, r in results.items()]
     return {**t, "dataset": args.data, "preset": args.preset, "rows": rows,
-            "paper": PAPER_TABLES.get(t["task"], {}),
+            "paper": paper_tables().get(t["task"], {}),
             "config": {m: dataclasses.asdict(c) for m, c in configs.items()}}
 
 
@@ -202,11 +194,10 @@ def log_mlflow(task_module, args, configs, results, table_files, uri: str) -> st
 
 
 def table_main(task_module):
-    """The `main(argv)` of jobs/<task>.py for a task module of flipray/."""
+    """The `main(argv)` of one task's table job (a module of flipray.tasks)."""
     def main(argv: list[str] | None = None) -> dict:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        from jobs.report import write_table
         args = parse_args(task_module, argv)
         task = task_module.TABLE["task"]
         out = Path(args.out) / task
@@ -219,7 +210,7 @@ def table_main(task_module):
         print(f"{task}: {len(configs)} methods ({', '.join(configs)}) on {args.data}, preset {args.preset}",
               flush=True)
         t0 = time.time()
-        results = run_methods(task_module, configs, args.cpus, args.local)
+        results = run_methods(task_module, configs, args.cpus, args.local, args.gpus)
         for m, r in results.items():
             write_json(out / m / "result.json", r)
         table = build_table(task_module, args, configs, results)
@@ -234,5 +225,24 @@ def table_main(task_module):
     return main
 
 
+def entrypoint(module_file: str):
+    """`main` of a thin jobs/<task>.py: the table job of the task named like the file (README's commands)."""
+    return table_main(tasks.get(Path(module_file).stem))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`python -m jobs.downstream --task NAME [the task's options]`: any registered task."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--task" not in argv or argv.index("--task") + 1 >= len(argv):
+        sys.exit(f"usage: python -m jobs.downstream --task {{{','.join(tasks.registry())}}} [options] "
+                 f"(--task NAME --help for a task's options)")
+    i = argv.index("--task")
+    try:
+        task = tasks.get(argv[i + 1])
+    except ValueError as e:
+        sys.exit(f"python -m jobs.downstream: {e}")
+    return table_main(task)(argv[:i] + argv[i + 2:])
+
+
 if __name__ == "__main__":
-    sys.exit("run a task's job instead: python -m jobs.localize | spatialize | separate | analyze")
+    main()

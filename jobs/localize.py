@@ -7,10 +7,9 @@
 
 Methods, metrics and ground truth: flipray/tasks/localize.py. Options: jobs/downstream.py.
 """
-from flipray.tasks import localize
-from jobs.downstream import table_main
+from jobs.downstream import entrypoint
 
-main = table_main(localize)
+main = entrypoint(__file__)  # the task named like this file
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,8 @@ workers). The global batch stays `train.batch_size` whatever the worker count (g
 `train.micro_batch_size` is smaller), and the learning rate follows samples seen. Checkpoints go to
 `cluster.storage_path/<run name>` (a folder or s3://) every `train.checkpoint_every_samples`; a failed worker group
 restarts from the newest one (`cluster.max_failures`), and running the same command with the same `--run-name`
-continues a stopped run. Rank 0 logs params, metrics, the learning curve and the final model to MLflow.
+continues a stopped run (the k8s RayJob passes a fixed one, so its retries and re-applies do); a finished run is not
+trained or registered again. Rank 0 logs params, metrics, the learning curve and the final model to MLflow.
 
 With `--set cluster.min_workers=M` (< cluster.workers) the run is elastic: it starts on what the cluster has, goes on
 with fewer workers after a node loss and grows when nodes return, with the same batch, schedule and samples
@@ -29,7 +30,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import yaml
@@ -40,10 +40,13 @@ from flipray.pretext.models import SpatialAlignmentNet, count_parameters
 from flipray.pretext.train import (evaluate, evaluate_splits, fit, load_checkpoint, make_loader, make_optimizer,
                                   new_state, plot_curves, prepare_model, save_checkpoint, split_batch, upgrade_state)
 from flipray import tracking
+from flipray.dataset.store import storage_location
 
 log = logging.getLogger("jobs.pretext")
 
 # Non-secret environment the workers need; credentials come from the nodes' own environment (k8s Secret, IAM role).
+# Set on the MLflow run when training and registration are done: a rerun with the same --run-name stops there.
+COMPLETED_TAG = "flipray.completed_samples"
 FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "FLIPRAY_FAULT_AT_STEP", "FLIPRAY_FAULT_RANK",
                "FLIPRAY_FAULT_SAMPLER", "FLIPRAY_HOLD_DIR", "FLIPRAY_HOLD_S")
 
@@ -205,26 +208,16 @@ def _log(client, run_id: str, step: int, **metrics):
 # ---------------------------------------------------------------------------------------------------------------------
 # On the driver
 
-def storage_location(path: str):
-    """(storage_path, pyarrow filesystem or None) for RunConfig: s3:// paths honour AWS_ENDPOINT_URL (MinIO, moto)."""
-    if not path.startswith("s3://"):
-        return str(Path(path).resolve()), None
-    import pyarrow.fs
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    kwargs = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
-    if endpoint:
-        parsed = urlparse(endpoint)
-        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
-    return path[len("s3://"):].rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)
-
-
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
-    if uri.startswith("http"):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    """Where a person opens the run: FLIPRAY_MLFLOW_UI (on Kubernetes the port-forward or Ingress address, not the
+    in-cluster service name the job talks to), else the tracking server itself."""
+    ui = os.environ.get("FLIPRAY_MLFLOW_UI") or (uri if uri.startswith("http") else "")
+    if ui:
+        return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return f"mlflow ui --backend-store-uri {uri}  ->  experiment {experiment_id}, run {run_id}"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.pretext", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="demo", help="preset (demo, small, paper) or YAML file")
@@ -233,7 +226,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--run-name", default=None, help="Ray run / MLflow run name; an existing one is continued")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                                                         "else sqlite:///./mlflow.db)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import ray
     from mlflow import MlflowClient
@@ -249,6 +246,13 @@ def main(argv: list[str] | None = None) -> dict:
     experiment_id = tracking.init_tracking(uri, c.experiment)
     client = MlflowClient(uri)
     previous = tracking.find_run(experiment_id, run_name)
+    done = int((previous.data.tags if previous else {}).get(COMPLETED_TAG, -1))
+    if done >= cfg.train.total_samples:  # e.g. a finished RayJob applied again: nothing to train, nothing to register
+        print(f"run {run_name} already finished ({done} samples, MLflow run {previous.info.run_id}); "
+              f"pass another --run-name to train a new model, or a larger train.total_samples to continue it")
+        print(f"MLflow run: {run_url(uri, experiment_id, previous.info.run_id)}")
+        return {"run_name": run_name, "run_id": previous.info.run_id, "experiment_id": experiment_id,
+                "tracking_uri": uri, "already_finished": True, "samples_seen": done}
     if previous is not None:
         run_id = previous.info.run_id
         log.info("continuing MLflow run %s (%s)", run_id, run_name)
@@ -284,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "task": cfg.train.task,
                     **{k: f"{v:.4f}" for k, v in metrics.items() if k.endswith("flip_acc")}}
             version = tracking.register_checkpoint(run_id, d, c.register_as, tags)
+    client.set_tag(run_id, COMPLETED_TAG, str(metrics["samples_seen"]))
     client.set_terminated(run_id)
     summary = {"run_name": run_name, "run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri,
                "metrics": metrics, "model": c.register_as, "model_version": version,

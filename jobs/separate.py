@@ -9,10 +9,9 @@
 Writes <out>/separate/separate.{md,json} (the table, with Wilcoxon tests on per-clip SDR), per-method result.json,
 curves and FLAC examples (mixture, estimate, truth) under <out>/separate/<method>/. Options: jobs/downstream.py.
 """
-from flipray.tasks import separate
-from jobs.downstream import table_main
+from jobs.downstream import entrypoint
 
-main = table_main(separate)
+main = entrypoint(__file__)  # the task named like this file
 
 if __name__ == "__main__":
     main()

@@ -8,10 +8,9 @@
 Writes <out>/spatialize/spatialize.{md,json} (the table, with Wilcoxon tests on per-clip STFT distance), per-method
 result.json, curves and stereo FLAC examples under <out>/spatialize/<method>/. Options: jobs/downstream.py.
 """
-from flipray.tasks import spatialize
-from jobs.downstream import table_main
+from jobs.downstream import entrypoint
 
-main = table_main(spatialize)
+main = entrypoint(__file__)  # the task named like this file
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ Each argument is a kustomization directory (built with `kubectl kustomize`) or a
 of the build is checked against:
 
 * schema       KubeRay kinds (ray.io) against the strict JSON Schemas made from the KubeRay v1.7.0 CRDs
-               (../shared/k8s-schemas/kuberay/jsonschema-strict/), every other kind with `kubernetes-validate`
+               (vendored in k8s/schemas/kuberay/), every other kind with `kubernetes-validate`
                in strict mode for Kubernetes KUBERNETES_VERSION. Unknown fields fail, as they do with kubectl's
                server-side strict field validation. A kind that has no schema fails too.
 * name         metadata.name is a DNS-1123 subdomain (Services: DNS-1035 label); RayCluster at most 53 and
@@ -57,8 +57,7 @@ import yaml
 from packaging.requirements import Requirement
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = REPO_ROOT.parent / "shared"
-KUBERAY_SCHEMA_DIR = SHARED_DIR / "k8s-schemas" / "kuberay" / "jsonschema-strict"
+KUBERAY_SCHEMA_DIR = REPO_ROOT / "k8s" / "schemas" / "kuberay"  # vendored, v1.7.0 (its README: source, license)
 EXTERNAL_SECRETS_FILE = REPO_ROOT / "k8s" / "base" / "external-secrets.txt"
 PYPROJECT = REPO_ROOT / "pyproject.toml"
 
@@ -122,8 +121,10 @@ def build(path: Path) -> list[dict[str, Any]]:
 
 
 def pinned_version(package: str, pyproject: Path = PYPROJECT) -> str:
-    """The exact version `package==X` pinned in pyproject.toml's [project].dependencies."""
-    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    """The exact version `package==X` pinned in pyproject.toml's [project] dependencies or optional-dependencies
+    (ray and mlflow are extras)."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    deps = project["dependencies"] + [d for extra in project.get("optional-dependencies", {}).values() for d in extra]
     for dep in deps:
         req = Requirement(dep)
         if req.name.lower() == package.lower():
@@ -240,7 +241,7 @@ def _schema_problems(doc: dict[str, Any]) -> list[Problem]:
     group, _, version = api_version.rpartition("/")
     if group == "ray.io":
         if not KUBERAY_SCHEMA_DIR.is_dir():
-            raise FileNotFoundError(f"KubeRay schemas not found at {KUBERAY_SCHEMA_DIR} (../shared/ beside the repo)")
+            raise FileNotFoundError(f"KubeRay schemas not found at {KUBERAY_SCHEMA_DIR} (part of the repository)")
         validator = kuberay_validator(kind, version)
         if validator is None:
             return [Problem("schema", ident(doc), f"no KubeRay schema for {api_version} {kind}")]

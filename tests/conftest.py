@@ -3,64 +3,43 @@
     .venv/bin/python -m pytest tests/test_store.py tests/test_ingest.py tests/test_dali.py -x -q
 
 Services are started by the fixtures that need them, each in its own process group, and stopped by PID; nothing is
-left running. The AWS variables set here are moto's dummies, not credentials.
+left running. Only tests marked `slow` use them, so `make test-fast` (`-m "not slow"`) starts none
+(tests/test_lanes.py checks). The AWS variables set here are moto's dummies, not credentials.
 """
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# moto's dummy keys for the session (moto accepts any): not credentials.
+_MOTO_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+             "AWS_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory):
-    """moto's S3 server on 127.0.0.1 at a free port; sets AWS_ENDPOINT_URL & co. for the session; yields the URL."""
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    log_path = tmp_path_factory.mktemp("moto") / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    """moto's S3 server on 127.0.0.1 at a free port, started by cluster.local (the launcher `make demo` and
+    `python -m cluster.local up` use) and stopped by its PID; sets AWS_ENDPOINT_URL & co. for the session; yields the
+    URL. Slow tests only: the fast lane (`-m "not slow"`) never starts it."""
+    from cluster import local
+    keys = {"aws_access_key_id": _MOTO_ENV["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": _MOTO_ENV["AWS_SECRET_ACCESS_KEY"]}
+    service = local.start_s3(tmp_path_factory.mktemp("moto"), credentials=keys)
+    env = pytest.MonkeyPatch()
     try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"moto server did not start on {endpoint}: {log_path.read_text()[-2000:]}")
-                time.sleep(0.2)
-        env = pytest.MonkeyPatch()
-        for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                           "AWS_REGION": "us-east-1"}.items():
+        for key, value in {"AWS_ENDPOINT_URL": service.url, **_MOTO_ENV}.items():
             env.setenv(key, value)
         for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
             env.delenv(key, raising=False)
-        yield endpoint
-        env.undo()
+        yield service.url
     finally:
-        proc.send_signal(signal.SIGTERM)  # by PID: this process only
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        env.undo()
+        local.stop(service)
 
 
 @pytest.fixture
@@ -76,7 +55,8 @@ def bucket(moto_server):
 def ray_local(moto_server):
     """A local Ray instance with 2 CPUs for the session (started after moto so its workers see AWS_ENDPOINT_URL)."""
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    # address="local": always a new instance; a bare init() would join a cluster another engineer started
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
     yield ray
     ray.shutdown()
 

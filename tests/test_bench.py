@@ -24,9 +24,10 @@ TINY = {"decode": {"clips": 2, "batch_size": 2},
         "paper": {"overrides": ["train.batch_size=1"], "samples": 1, "repeats": 1, "warmup": 1}}
 
 
+@pytest.mark.slow
 def test_bench_all_reports_positive_figures_with_ratios_to_the_same_run(synth_root):
     report = bench_all.run(quick=True, data=str(synth_root), threads=1, modes=("plain",), settings=TINY,
-                           clips_root=str(synth_root))
+                           clips_root=str(synth_root), skip=("cache",))  # test_bench_cache_* runs that part
     report = json.loads(json.dumps(report))  # one JSON document: everything serialises
 
     machine = report["machine"]
@@ -80,6 +81,7 @@ def test_bench_all_reports_positive_figures_with_ratios_to_the_same_run(synth_ro
     assert rows[-1]["samples_per_s"] <= a.s3_get_per_s_per_prefix / 2 + 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_gpu_sh_dry_run_writes_its_json(synth_root, tmp_path):
     # the script makes its own clips; hand it four of the fixture's so the test does not wait for synthesis
@@ -100,11 +102,58 @@ def test_gpu_sh_dry_run_writes_its_json(synth_root, tmp_path):
     assert (out / "gpu.log").read_text().count("done in") >= 5
     steps = {r["variant"]: r for r in report["step"]}
     assert {"fp32, eager", "bf16, eager", "bf16 + channels_last, eager"} <= set(steps)
-    assert all(r["samples_per_s"] > 0 and r["batch"] == 2 for r in report["step"])
-    assert report["compile"]["compiled"] == "aot_eager" and report["compile"]["samples_per_s"] > 0
+    # on the CPU the GPU variants run without bf16 autocast and channels_last (bench/gpu.py): each row says so
+    assert [(r["amp_bf16"], r["channels_last"]) for r in report["step"]] == [(False, False)] * len(report["step"])
+    for r in report["step"]:  # batch x 1000 ms: a rate and a step time measured over the same steps
+        assert r["batch"] == 2 and r["samples_per_s"] * r["ms_per_step"] == pytest.approx(2 * 1000, rel=1e-6)
+    compiled = report["compile"]
+    assert compiled["compiled"] == "aot_eager" and compiled["speedup_over_eager"] == pytest.approx(
+        compiled["samples_per_s"] / steps["bf16 + channels_last, eager"]["samples_per_s"])
     loader = report["decode"]["dali_cpu"]
     assert loader["samples_per_s"] > 0 and loader["samples"] == 2 * len(rows)  # two timed epochs of every clip
     keeps = report["keeps_up"]
     assert keeps["loader_over_step"] == pytest.approx(keeps["loader_samples_per_s"] / keeps["step_samples_per_s"])
     assert 0 <= report["end_to_end"]["data_wait_fraction"] < 1 and report["end_to_end"]["samples"] > 0
     assert report["gpu_check"]["returncode"] == 2  # no GPU here: gpu_check says so instead of failing
+
+
+def test_projection_takes_the_measured_gets_per_sample_and_the_node_cache(tmp_path):
+    from bench.project import main as project_main
+    cpu = json.loads((REPO / "docs" / "bench-cpu.json").read_text())
+    clips = cpu["clip_bytes"]
+    set_clips = 30_000 * 0.8
+    set_gb = set_clips * clips["sample_mb"] / 1e3
+    base = project(cpu, None, Assumptions(per_gpu_batch=32))["rows"]
+    fits = project(cpu, None, Assumptions(per_gpu_batch=32, node_cache_gb=2 * set_gb))["rows"]
+    half = project(cpu, None, Assumptions(per_gpu_batch=32, node_cache_gb=set_gb / 2))["rows"]
+    for b, f, h in zip(base, fits, half):
+        n, nodes = b["gpus"], math.ceil(b["gpus"] / 8)
+        once = nodes * set_clips / 7_000_000  # each node fetches each object once, then reads its disk
+        assert b["s3_gets_per_sample"] == 2 and f["s3_gets_per_sample"] == pytest.approx(2 * once)
+        assert h["s3_gets_per_sample"] == pytest.approx(2 * (0.5 + 0.5 * once))
+        assert f["s3_request_cap_per_gpu"] == pytest.approx(5500 / f["s3_gets_per_sample"] / n)
+        assert f["samples_per_s"] >= h["samples_per_s"] >= b["samples_per_s"]
+        assert f["cost_usd"] < b["cost_usd"]  # fewer GETs billed
+    assert base[2]["bound"] == "S3 requests" and fits[2]["bound"] != "S3 requests"  # 8 GPUs
+
+    # --cache reads bench.cache's JSON: its steady-state epochs replace the assumed figures
+    measured = {"gets_per_sample": {"torchcodec_cache_off": [2.0, 2.5, 2.5], "torchcodec_cache_on": [2.0, 0.25, 0.0]}}
+    (tmp_path / "cache.json").write_text(json.dumps(measured))
+    out = project_main(["--cpu", str(REPO / "docs" / "bench-cpu.json"), "--cache", str(tmp_path / "cache.json"),
+                        "--gpus", "1"])
+    assert out["assumptions"]["s3_gets_per_sample"] == 2.5 and out["assumptions"]["cache_gets_per_sample"] == 0.25
+    assert out["rows"][0]["s3_gets_per_sample"] == 2.5
+    assert "measured by bench.cache" in out["sources"]["S3 GETs per sample"]
+
+
+@pytest.mark.slow
+def test_bench_cache_counts_no_gets_from_the_second_epoch_with_the_cache(synth_root):
+    from bench import cache
+    r = cache.run(clips=4, delay_ms=30.0, batch_size=2, threads=1, root=str(synth_root))
+    g = r["gets_per_sample"]  # epochs 0, 1, 2: two objects per sample, none once the node has them
+    assert g["torchcodec_cache_off"] == [2.0, 2.0, 2.0] and g["torchcodec_cache_on"] == [2.0, 0.0, 0.0]
+    # DALI's epoch e holds its run-ahead into e+1 (here the whole of it: 2 batches ahead, 2 per epoch)
+    assert g["dali_cache_off"] == [4.0, 2.0, 2.0] and g["dali_cache_on"] == [2.0, 0.0, 0.0]
+    rates = {**r["fetch_stage_samples_per_s"], **r["loader_samples_per_s"]}
+    assert len(rates) == 4 + 12 and all(v > 0 for v in rates.values())  # 4 fetch-stage, 12 loader figures
+    assert r["serial_bound_samples_per_s"] == pytest.approx(1000 / 60, abs=0.1)

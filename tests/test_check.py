@@ -94,6 +94,7 @@ def results(videos, model) -> list[tuple[check.CheckResult, check.CheckResult]]:
     return list(zip(flat[0::2], flat[1::2]))
 
 
+@pytest.mark.slow
 def test_verdicts_on_reencoded_videos_match_the_test_accuracy(videos, model, results, demo_run):
     from torchcodec.decoders import AudioDecoder, VideoDecoder
     _, cfg = model
@@ -118,18 +119,22 @@ def test_verdicts_on_reencoded_videos_match_the_test_accuracy(videos, model, res
     assert p_swap - p_orig > 0.5
 
 
+@pytest.mark.slow
 def test_a_swapped_stretch_is_found_where_it_is(videos, results, model, tmp_path):
     """An edit: 10 s as recorded, 10 s swapped, 10 s as recorded -> undecidable, with the swapped stretch located."""
     net, cfg = model
-    same_format = range(0, len(videos), len(FORMATS))  # concatenated clips need one size and frame rate
-    right = [j for j in same_format if (results[j][0].verdict, results[j][1].verdict) == ("correct", "swapped")]
-    if len(right) < 3:
-        pytest.skip(f"the model got only {len(right)} clips of one format right; the accuracy test says more")
+    right = [j for j in range(len(videos)) if (results[j][0].verdict, results[j][1].verdict) == ("correct", "swapped")]
+    # fewer than 3 of 8 clips right has probability < 1e-4 for a model at the demo's >= 90% test accuracy: a failure
+    # here is a broken model or check, not bad luck
+    assert len(right) >= 3, f"only clips {right} of {len(videos)} got both verdicts right"
     a, b, c = right[:3]
+    # concat wants one size and frame rate: every part in FORMATS[0] (the other format's square scaled into it)
+    parts = [f"[{k}:v]{FORMATS[0][0] if j % len(FORMATS) else 'null'},setsar=1[v{k}];"
+             f"[{k}:a]aresample={FORMATS[0][1]}[a{k}];" for k, j in enumerate((a, b, c))]
     edit = tmp_path / "edit.mp4"
     _ffmpeg("-i", str(videos[a][0]), "-i", str(videos[b][1]), "-i", str(videos[c][0]), "-filter_complex",
-            "[0:v][0:a][1:v][1:a][2:v][2:a]concat=n=3:v=1:a=1[v][a]", "-map", "[v]", "-map", "[a]", *H264,
-            "-c:a", "aac", "-b:a", "128k", str(edit))
+            "".join(parts) + "[v0][a0][v1][a1][v2][a2]concat=n=3:v=1:a=1[v][a]", "-map", "[v]", "-map", "[a]",
+            *H264, "-c:a", "aac", "-b:a", "128k", str(edit))
     [r] = check.check_files([str(edit)], net, cfg, progress=False)
     assert r.verdict == "undecidable" and r.windows == 28
     [(start, end)] = r.swapped_segments
@@ -137,6 +142,7 @@ def test_a_swapped_stretch_is_found_where_it_is(videos, results, model, tmp_path
     assert f"swapped in {start:.1f}-{end:.1f} s" in check.describe(r)
 
 
+@pytest.mark.slow
 def test_fix_swaps_the_audio_back_and_copies_the_video(videos, results, demo_run, tmp_path, capsys):
     from torchcodec.decoders import AudioDecoder
     # the clip the model gets right most surely, so "the verdict flips" tests fix, not the model's weak spots
@@ -188,6 +194,7 @@ def _bad_inputs(folder: Path) -> dict[str, tuple[str, str]]:
             "notes.mp4": ("not-a-video", "not a video ffmpeg can read")}
 
 
+@pytest.mark.slow
 def test_bad_inputs_get_one_line_each_and_exit_codes(videos, demo_run, tmp_path, capsys):
     bad = _bad_inputs(tmp_path)
     ckpt = str(demo_run["checkpoint"])
@@ -208,6 +215,7 @@ def test_bad_inputs_get_one_line_each_and_exit_codes(videos, demo_run, tmp_path,
     assert "mono audio" in capsys.readouterr().err and not (tmp_path / "x.mp4").exists()
 
 
+@pytest.mark.slow
 def test_no_model_says_how_to_get_one(videos, tmp_path, monkeypatch, capsys):
     video = str(videos[0][0])
     assert cli.main(["check", video, "--model", str(tmp_path / "none.pt")]) == check.EXIT_NO_MODEL
@@ -220,6 +228,7 @@ def test_no_model_says_how_to_get_one(videos, tmp_path, monkeypatch, capsys):
     assert not store.exists()  # looking did not create an empty store
 
 
+@pytest.mark.slow
 def test_plot_and_json(videos, results, demo_run, tmp_path, capsys):
     import matplotlib.image
     swapped = videos[0][1]
@@ -234,6 +243,7 @@ def test_plot_and_json(videos, results, demo_run, tmp_path, capsys):
     assert img.shape[1] == 1100 and 300 < img.shape[0] < 800 and img.std() > 0.05  # a picture, not a blank page
 
 
+@pytest.mark.slow
 def test_ray_batch_gives_the_in_process_results(ray_local, videos, results, model):
     net, cfg = model
     paths = [str(p) for p in videos[1]]

@@ -100,6 +100,7 @@ def services(state_dir):
     return started
 
 
+@pytest.mark.slow
 def test_up_starts_healthy_services_on_loopback(services):
     assert set(services.services) == {"s3", "mlflow", "ray"}
     sessions = set()
@@ -115,6 +116,7 @@ def test_up_starts_healthy_services_on_loopback(services):
     assert all(_is_loopback(address) for _, address, _ in listening), listening  # GCS and raylet too
 
 
+@pytest.mark.slow
 def test_job_runs_on_the_venv_python_with_the_token(services):
     result = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--", "python", "-c",
                              "import sys; print(sys.executable)"],
@@ -124,6 +126,7 @@ def test_job_runs_on_the_venv_python_with_the_token(services):
     assert "succeeded" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_job_api_rejects_requests_without_the_token(services):
     jobs = f"{services.ray.url}/api/jobs/"
     submit = json.dumps({"entrypoint": "echo should-not-run"}).encode()
@@ -133,6 +136,7 @@ def test_job_api_rejects_requests_without_the_token(services):
     assert _get(jobs, headers={"Authorization": f"Bearer {local.ray_token(create=False)[0]}"}) == 200
 
 
+@pytest.mark.slow
 def test_mlflow_run_artifact_lands_in_the_bucket(services):
     script = ("import mlflow\n"
               "with mlflow.start_run() as run:\n"
@@ -153,6 +157,7 @@ def test_mlflow_run_artifact_lands_in_the_bucket(services):
     assert _get(services.mlflow.url + "/") == 200  # the UI
 
 
+@pytest.mark.slow
 def test_env_prints_exports_but_never_the_token(services, state_dir):
     result = subprocess.run([sys.executable, "-m", "cluster.local", "env", "--state-dir", str(state_dir)],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -169,6 +174,7 @@ def test_env_prints_exports_but_never_the_token(services, state_dir):
     assert token not in (state_dir / local.STATE_FILE).read_text()
 
 
+@pytest.mark.slow
 def test_second_up_reuses_the_running_services(services, state_dir):
     t0 = time.monotonic()
     again = local.up(state_dir, ray_cpus=1, object_store_mb=128, timeout=STARTUP_TIMEOUT)
@@ -177,6 +183,7 @@ def test_second_up_reuses_the_running_services(services, state_dir):
     assert all(s.owned for s in again.services.values())
 
 
+@pytest.mark.slow
 def test_down_stops_everything_it_started(services, state_dir):
     before = {name: local._session_processes(svc.pid, svc.start_ticks) for name, svc in services.services.items()}
     assert len(before["ray"]) > 3  # GCS, raylet, dashboard, workers, ...
@@ -194,6 +201,7 @@ def test_down_stops_everything_it_started(services, state_dir):
 
 # ---- reuse without ownership -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_down_leaves_a_reused_service_running(tmp_path):
     port = local.free_port()
     url = f"http://127.0.0.1:{port}"

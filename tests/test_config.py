@@ -19,7 +19,7 @@ def test_overrides_are_typed_and_checked(tmp_path):
                                "train.total_samples=100"])
     assert cfg.train.lr == 0.02 and cfg.data.cache is False and cfg.model.variant == "pooled-visual"
     assert isinstance(cfg.train.total_samples, int)
-    with pytest.raises(ValueError, match="unknown config key 'train.lrr'"):
+    with pytest.raises(ValueError, match="unknown key train.lrr; did you mean train.lr?"):
         load_config("demo", ["train.lrr=1"])
     with pytest.raises(ValueError, match="train.lr must be a number"):
         load_config("demo", ["train.lr=fast"])
@@ -42,5 +42,5 @@ def test_yaml_file_and_round_trip(tmp_path):
     assert cfg.flat()["train.lr"] == 0.005
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: 3\n")
-    with pytest.raises(ValueError, match="section 'train' must be a mapping"):
+    with pytest.raises(ValueError, match="bad.yaml: train is a section: give a mapping"):
         load_config(str(bad))

@@ -18,6 +18,8 @@ from flipray.pretext.data import IMAGENET_MEAN, IMAGENET_STD, ClipDataset, Epoch
 from flipray.dataset.manifest import MANIFEST_NAME
 from flipray.dataset.store import Store
 
+pytestmark = pytest.mark.slow  # every test reads the `ingested` dataset (moto S3 + Ray)
+
 # Full-size frames (the stored 256 px, no resize) cropped to 224, 6 of the window's 18 frames, 64 mels.
 OVERRIDES = ["data.cache=false", "data.resize=256", "data.crop=224"]
 
@@ -109,7 +111,8 @@ def test_parity_with_the_torchcodec_loader(ingested, train, overrides):
 
     loud = ref["audio"] > -6  # log10 power above 1e-6; below that both sides round float noise near the floor
     audio_err = (got["audio"] - ref["audio"]).abs()
-    assert audio_err[loud].max() < 2e-3 and audio_err.max() < 0.05
+    # measured over these five cases: max 1.8-1.9e-4 above the floor (median 2.5e-6), 5.8-6.9e-3 anywhere (README)
+    assert audio_err[loud].max() < 3e-4 and audio_err.max() < 0.02
 
     # Normalised units (1 = 0.225 of full scale): measured mean 0.03-0.05, median 0.001, 99th percentile 0.7 at
     # the test pictures' saturated colour edges, where the two conversions interpolate chroma differently.

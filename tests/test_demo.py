@@ -9,6 +9,8 @@ import pytest
 
 from flipray.config import load_config
 
+pytestmark = pytest.mark.slow  # trains the demo model
+
 
 @pytest.mark.timeout(2400)  # ~7 minutes on 2 idle cores; generous for a loaded machine
 def test_demo_preset_learns_the_flip_task(demo_run):

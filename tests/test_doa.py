@@ -74,6 +74,7 @@ def test_one_shot_takes_one_clip_per_direction(doa_set):
         float(foa.angular_error(p * STEP, c.azimuth_deg)) for p, c in zip([0, 4, 2], clips[:3])]
 
 
+@pytest.mark.slow
 def test_doa_job_runs_every_row_end_to_end(doa_set, rotate_checkpoint, tmp_path):
     from jobs.doa import main
     summary = main(["--data", str(doa_set), "--preset", "demo", "--pretext", f"rotate={rotate_checkpoint}",
@@ -84,17 +85,20 @@ def test_doa_job_runs_every_row_end_to_end(doa_set, rotate_checkpoint, tmp_path)
     assert [r["method"] for r in table["rows"]] == list(doa.METHODS)
     for row in table["rows"]:
         errs = row["per_clip"]["doa_err"]
-        assert len(errs) == len(row["clip_ids"]) == 8 and all(0 <= e <= 180 for e in errs)
+        assert len(errs) == len(row["clip_ids"]) == 8
+        # predictions are grid directions and the sources sit on the grid: every error is 0-4 whole steps
+        assert all(abs(e / STEP - round(e / STEP)) < 1e-6 and 0 <= round(e / STEP) <= 4 for e in errs), errs
         assert row["metrics"]["doa_err"] == pytest.approx(np.mean(errs))
     rows = {r["method"]: r for r in table["rows"]}
     assert rows["intensity"]["metrics"]["doa_err"] < 10.0
     for m in ("scratch", "rotate"):  # the classifier learns: its training loss falls
         history = json.loads((tmp_path / "doa" / m / "result.json").read_text())["history"]
         assert history[-1]["loss"] < 0.8 * history[0]["loss"], history
-    assert (tmp_path / "doa" / "scratch" / "doa.png").stat().st_size > 0
+    assert (tmp_path / "doa" / "scratch" / "doa.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Table 6" in (tmp_path / "doa" / "doa.md").read_text()
 
 
+@pytest.mark.slow
 def test_doa_rows_as_ray_tasks(doa_set, rotate_checkpoint, ray_local, tmp_path):
     from jobs.doa import main
     summary = main(["--data", str(doa_set), "--preset", "demo", "--methods", "intensity,svm-rotate",
@@ -102,6 +106,10 @@ def test_doa_rows_as_ray_tasks(doa_set, rotate_checkpoint, ray_local, tmp_path):
                     "--set", f"step_deg={STEP}"])
     assert set(summary["results"]) == {"intensity", "svm-rotate"}
     assert summary["results"]["intensity"]["doa_err"] < 10.0
-    assert 0 <= summary["results"]["svm-rotate"]["doa_err"] <= 180
+    # the Ray task gives the in-process result: same features, same one-shot pick, same SVM
+    here = main(["--data", str(doa_set), "--preset", "demo", "--methods", "svm-rotate", "--local",
+                 "--pretext", f"rotate={rotate_checkpoint}", "--no-mlflow", "--out", str(tmp_path / "here"),
+                 "--set", f"step_deg={STEP}"])
+    assert summary["results"]["svm-rotate"]["doa_err"] == pytest.approx(here["results"]["svm-rotate"]["doa_err"])
     with pytest.raises(ValueError, match="rotate=URI"):
         main(["--data", str(doa_set), "--pretext", "spin=x.pt", "--local", "--no-mlflow", "--out", str(tmp_path)])

@@ -87,7 +87,7 @@ def test_plane_wave_rotated_by_theta_decodes_at_azimuth_plus_theta():
 def test_panorama_roll_turns_the_picture_the_way_rotate_foa_turns_the_sound():
     height, width = 64, 128
     look = synth360.SOUNDING_CLASSES["shaker"][1]
-    rgb, cover = synth360._sprite(look, 12, 10, np.random.default_rng(0))
+    rgb, cover = synth360.sprite(look, 12, 10, np.random.default_rng(0))
     for az in (0.0, 45.0, 100.0, -150.0, 175.0):  # 175: the sprite straddles the seam
         frame = np.zeros((height, width, 3), np.uint8)
         synth360.draw_object(frame, rgb, cover, az, 0.0)
@@ -110,7 +110,7 @@ def test_panorama_roll_turns_the_picture_the_way_rotate_foa_turns_the_sound():
 
 def test_panorama_resize_keeps_the_whole_sphere():
     frame = np.zeros((1, 64, 128, 3), np.uint8)
-    rgb, cover = synth360._sprite(synth360.SOUNDING_CLASSES["bell"][1], 16, 16, np.random.default_rng(1))
+    rgb, cover = synth360.sprite(synth360.SOUNDING_CLASSES["bell"][1], 16, 16, np.random.default_rng(1))
     synth360.draw_object(frame[0], rgb, cover, 120.0, 20.0)
     small = foa.resize_panorama(torch.from_numpy(frame), 32)
     assert small.shape == (1, 32, 64, 3)

@@ -12,6 +12,7 @@ import subprocess
 
 import boto3
 import numpy as np
+import pytest
 import soundfile as sf
 
 from flipray.dataset.manifest import MANIFEST_NAME, REQUIRED_FIELDS
@@ -28,6 +29,7 @@ def ffprobe_json(path, *args):
     return json.loads(out)
 
 
+@pytest.mark.slow
 def test_counts_and_reasons(ingested, source_videos):
     _, report = ingested
     assert report["sources"] == 9  # notes.txt is not a video
@@ -37,6 +39,7 @@ def test_counts_and_reasons(ingested, source_videos):
     assert sum(report["splits"].values()) == 8
 
 
+@pytest.mark.slow
 def test_clips_land_in_the_training_format(ingested, tmp_path):
     root, report = ingested
     store = Store(root)
@@ -73,6 +76,7 @@ def test_clips_land_in_the_training_format(ingested, tmp_path):
             row["source"]
 
 
+@pytest.mark.slow
 def test_rerun_resumes_without_transcoding_or_duplicates(ingested, source_videos):
     root, _ = ingested
     store = Store(root)
@@ -100,6 +104,7 @@ def test_scene_ids_are_unique_and_clean(tmp_path):
     assert ids["a.mp4"].startswith("a-") and ids["b c.webm"].startswith("b-c-")
 
 
+@pytest.mark.slow
 def test_youtube_asmr_csv_into_a_folder_and_resume_after_a_lost_sidecar(source_videos, ray_local, tmp_path,
                                                                           capsys):
     src, _ = source_videos
@@ -139,6 +144,7 @@ def test_youtube_asmr_csv_into_a_folder_and_resume_after_a_lost_sidecar(source_v
     assert [r["clip_id"] for r in Store(out).read_manifest()] == [r["clip_id"] for r in rows]
 
 
+@pytest.mark.slow
 def test_synthetic_dataset_goes_through_the_same_upload(bucket, tmp_path, capsys):
     from flipray.synth import scenes as synth
     synth.generate(tmp_path / "synth", 2, seed=1, workers=1, duration_s=3.0, size=64)

@@ -42,6 +42,8 @@ def test_variant_shapes(variant, visual_dim, audio_dim):
     assert feats["audio"].shape == (3, audio_dim, 18)
     assert feats["fused"].shape == (3, cfg.model.fusion_dim, 18)
     assert model(video, audio).shape == (3,)
+    with torch.no_grad():  # samples do not mix: a reshape that crossed batch and time would break this
+        assert torch.allclose(model.eval()(video, audio)[1:], model(video[1:], audio[1:]), atol=1e-5)
 
 
 def test_flattened_visual_map_keeps_position_pooled_does_not():

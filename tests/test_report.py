@@ -100,8 +100,10 @@ def test_markdown_has_ours_and_the_papers_numbers():
 
 
 def test_paper_tables_are_labelled():
-    for task, methods in report.PAPER_TABLES.items():
-        info = report.PAPER_INFO[task]
+    info_of = report.paper_info()
+    assert report.report_order()[:2] == ["pretext", "analyze"] and report.report_order()[-1] == "doa"
+    for task, methods in report.paper_tables().items():
+        info = info_of[task]
         assert set(methods) == set(info["labels"]), task
         for values in methods.values():
             assert all(isinstance(v, float) for v in values.values())

@@ -54,6 +54,9 @@ def test_head_shapes_and_loss_on_a_tiny_batch(synth_root):
         assert masks.shape == (2, 2, 256, 64) and masks.min() > 0 and masks.max() < 1
         est, target, mix_out = separate.forward_pairs(model, video, batch["a"], batch["b"], spec)
         assert est.shape == target.shape == (2, 2, 256, 64) and torch.equal(mix_out, mix)
+        mix_spec = spec(mix)
+        bins = mix_spec.abs() > 1e-3 * mix_spec.abs().max()  # phase is defined where there is energy
+        assert torch.allclose(est[bins] / est[bins].abs(), mix_spec[bins] / mix_spec[bins].abs(), atol=1e-4)
         loss = separate.magnitude_l1(est.abs(), target.abs())
         assert loss.shape == (2,) and torch.isfinite(loss).all() and (loss > 0).all()
         loss.mean().backward()
@@ -63,9 +66,11 @@ def test_head_shapes_and_loss_on_a_tiny_batch(synth_root):
     assert cond.shape == (2, pcfg.model.fusion_dim + second.visual.out_dim, 4)
     visual = separate.Separator(net, pcfg, apply(cfg, {"features": "visual"})).condition(batch["video"], mix)
     assert visual.shape == (2, net.visual.out_dim, 4)
-    # the estimate keeps the mixture's phase: a mask of ones returns the mixture's STFT
-    mix_spec = spec(mix)
-    assert torch.allclose(torch.ones(2, 2, 256, 64) * mix_spec, mix_spec)
+    # the estimate keeps the mixture's phase (checked above): a mask of ones gives back the mixture's wave
+    ones, _, _ = separate.forward_pairs(lambda v, m, s: torch.ones(s.shape), None, batch["a"], batch["b"], spec)
+    error = lambda est: ((spec.inverse(est, chunks.samples) - mix).norm() / mix.norm()).item()
+    # up to the Nyquist bin Spectrogram drops (measured 0.9% of the norm here); the conjugate phase is far off (130%)
+    assert error(ones) < 0.03 and error(ones.conj()) > 0.5, (error(ones), error(ones.conj()))
 
 
 def test_eval_pairs_are_fixed_and_cross_scenes(synth_root):
@@ -79,6 +84,7 @@ def test_eval_pairs_are_fixed_and_cross_scenes(synth_root):
         separate.eval_pairs(clips[:2])  # the first two clips are one scene
 
 
+@pytest.mark.slow
 def test_head_learns_to_separate_a_fixed_batch(synth_root):
     """Gradients reach the mask and the estimate (mixture phase, inverse STFT) improves on the mixture itself."""
     pcfg = load_config("demo")
@@ -109,6 +115,7 @@ def test_head_learns_to_separate_a_fixed_batch(synth_root):
     assert sdr_est > sdr_mix + 1.0
 
 
+@pytest.mark.slow
 def test_run_trial_reports_every_epoch_and_scores_pairs(synth_root, separate_checkpoint):
     cfg = apply(separate.Config(data_root=str(synth_root), pretext=str(separate_checkpoint), pretrained=False,
                                 method="scratch", eval_split="train", max_clips=6),
@@ -125,6 +132,7 @@ def test_run_trial_reports_every_epoch_and_scores_pairs(synth_root, separate_che
     assert result["metrics"]["sar"] > result["metrics"]["sdr"]  # SDR counts interference and artifacts, SAR one
 
 
+@pytest.mark.slow
 def test_job_writes_table_results_and_flac(synth_root, separate_checkpoint, tmp_path):
     from jobs.separate import main
     summary = main(["--data", str(synth_root), "--preset", "demo", "--local", "--no-mlflow",

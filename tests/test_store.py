@@ -20,6 +20,8 @@ from flipray.pretext.data import ClipDataset, collate
 from flipray.dataset.manifest import MANIFEST_NAME, REQUIRED_FIELDS
 from flipray.dataset.store import ChecksumError, Store, sha256, upload_dataset
 
+pytestmark = pytest.mark.slow  # every test uses moto's S3 server
+
 
 @pytest.fixture(scope="module")
 def synth_dataset(tmp_path_factory):

@@ -43,6 +43,7 @@ def _trial_runs(uri: str) -> list:
     return client.search_runs(exps, filter_string="tags.`flipray.trial_id` != ''") if exps else []
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_sweep_asha_mlflow_best_config_and_restore(synth_root, ray_local, tmp_path):
     # A flip "pretext" checkpoint of the demo shape (random weights: the sweep's mechanics are under test here).
@@ -123,14 +124,14 @@ def test_sweep_asha_mlflow_best_config_and_restore(synth_root, ray_local, tmp_pa
     json.dumps(summary)
 
 
-@pytest.mark.parametrize("task", ["localize", "spatialize", "separate", "doa"])
+@pytest.mark.parametrize("task", __import__("tuning.sweep", fromlist=["sweepable"]).sweepable())
 def test_every_task_has_a_sweep_definition_that_fits_its_config(task):
     import dataclasses
-    import importlib
 
+    from flipray import tasks
     from tuning.sweep import load_definition, search_space
     d = load_definition(task)
-    module = importlib.import_module(f"flipray.{task}")
+    module = tasks.get(task)
     fields = {f.name for f in dataclasses.fields(module.Config)}
     assert set(d["space"]) <= fields and set(d.get("fixed", {})) <= fields
     assert d["method"] in module.METHODS and d.get("preset", "small") in module.PRESETS

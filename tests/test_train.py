@@ -8,7 +8,8 @@ from torch.utils.data import DataLoader
 from flipray.config import load_config
 from flipray.pretext.data import ClipDataset, EpochSampler, collate
 from flipray.pretext.models import SpatialAlignmentNet
-from flipray.pretext.train import evaluate, load_checkpoint, load_model, lr_at, main, make_optimizer, train_one_epoch
+from flipray.pretext.train import (evaluate, evaluate_splits, load_checkpoint, load_model, lr_at, main, make_optimizer,
+                                   train_one_epoch)
 
 FAST = ["data.num_frames=3", "data.eval_windows=1", "data.resize=40", "data.crop=32", "data.n_mels=32",
         "model.visual_width=8", "model.audio_width=8", "model.audio_dim=32", "model.fusion_dim=32",
@@ -26,6 +27,7 @@ def test_lr_schedule_counts_samples():
     assert lr_at(0, constant) == lr_at(5000, constant) == constant.train.lr
 
 
+@pytest.mark.slow
 def test_a_short_run_lowers_the_loss(synth_root):
     """Fit a fixed set of 4 clip windows: the loss must fall well below chance (0.693) within a few passes."""
     torch.manual_seed(0)
@@ -44,6 +46,7 @@ def test_a_short_run_lowers_the_loss(synth_root):
     assert after < before - 0.2, (before, after)
 
 
+@pytest.mark.slow
 def test_train_checkpoint_resume_is_exact_and_reports(synth_root, tmp_path, capsys):
     common = FAST + ["train.batch_size=4", f"data.root={synth_root}", f"train.out_dir={tmp_path}", "data.cache=true",
                      "train.checkpoint_every_samples=8", "train.eval_every_samples=16"]
@@ -73,9 +76,12 @@ def test_train_checkpoint_resume_is_exact_and_reports(synth_root, tmp_path, caps
     report = json.loads((tmp_path / "split" / "report.json").read_text())
     assert report == resumed
     assert set(report["flip_accuracy"]) == {"val", "test"}
+    # ... and it is the final model's: scoring the splits again with the saved weights gives the same fractions
+    model, cfg = load_model(tmp_path / "split" / "checkpoint.pt")
+    again = evaluate_splits(model, cfg, "cpu")
     for split in ("val", "test"):
         r = report["flip_accuracy"][split]
-        assert 0.0 <= r["acc"] <= 1.0 and r["samples"] == 2 * len(ClipDataset(
+        assert r["acc"] == again[split]["acc"] and r["samples"] == again[split]["samples"] == 2 * len(ClipDataset(
             load_config("demo", [f"data.root={synth_root}"]), split, train=False).clips)
     assert report["samples_seen"] == 32 and report["wall_seconds"] > 0
     assert (tmp_path / "split" / "curves.png").stat().st_size > 10_000

@@ -6,9 +6,10 @@
 
 The sweep definition is `tuning/<task>.yaml`: the metric and mode, the search space (`loguniform: [lo, hi]`,
 `uniform`, `choice`, `randint`, or a plain value), ASHA's grace period and reduction factor, the trials run at once
-and each trial's CPUs/GPUs. Each trial is a function trainable that runs `flipray.<task>.run_trial` on the train
-split and reports the validation split after every epoch, so ASHA can stop poor trials early. Trial checkpoints
-(the finished trial's history and config) live under `--storage/<name>/` (a folder or s3://).
+and each trial's CPUs/GPUs (FLIPRAY_TASK_CPUS / FLIPRAY_TASK_GPUS override them). Each trial is a function
+trainable that runs the task's `run_trial` (flipray.tasks) on the train split and reports the validation split after
+every epoch, so ASHA can stop poor trials early. Trial checkpoints (the finished trial's history and config) live under
+`--storage/<name>/` (a folder or s3://).
 
 MLflow: the driver initialises the store (a fresh sqlite store must be created once, before trials touch it) and
 opens the sweep's parent run; every trial logs its params and per-epoch metrics into its own run, nested under
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import logging
 import os
@@ -33,14 +33,21 @@ from pathlib import Path
 
 import yaml
 
-from flipray.tasks.base import apply
-from flipray import tracking
-from jobs.downstream import resolve_pretext
+from flipray.overrides import apply
+from flipray import tasks, tracking
+from flipray.dataset.store import storage_location
+from flipray.tracking import resolve_pretext
+from jobs.downstream import task_resources
 
 log = logging.getLogger("tuning.sweep")
 
 HERE = Path(__file__).resolve().parent
-TASKS = ("localize", "spatialize", "separate", "doa")
+
+
+def sweepable() -> list[str]:
+    """The registered tasks that have a sweep definition (tuning/<task>.yaml)."""
+    return [name for name in tasks.registry() if (HERE / f"{name}.yaml").exists()]
+
 EXPERIMENT = "flipray-sweeps"
 
 
@@ -75,12 +82,22 @@ def search_space(space: dict) -> dict:
     return out
 
 
+def trial_resources(definition: dict, env=None) -> dict:
+    """Ray resources of one trial: the definition's `resources`, overridden by FLIPRAY_TASK_CPUS / FLIPRAY_TASK_GPUS
+    where the cluster's config sets them (the flipray-env ConfigMap on Kubernetes: one GPU per trial in overlays/gpu)."""
+    env = os.environ if env is None else env
+    resources = definition.get("resources", {})
+    cpus, gpus = task_resources(env)
+    return {"cpu": cpus if env.get("FLIPRAY_TASK_CPUS") else resources.get("cpu", 1),
+            "gpu": gpus if env.get("FLIPRAY_TASK_GPUS") else resources.get("gpu", 0)}
+
+
 def trainable(config: dict):
     """One trial: the task config from the base + sampled values, run_trial reporting to Tune and MLflow."""
     from mlflow import MlflowClient
     from ray import tune
 
-    task = importlib.import_module(f"flipray.{config['task']}")
+    task = tasks.get(config["task"])
     cfg = task.Config(**config["base"])
     apply(cfg, {k: v for k, v in config.items() if k not in ("task", "base", "mlflow")})
     ctx = tune.get_context()
@@ -101,6 +118,9 @@ def trainable(config: dict):
         if epoch < cfg.epochs:
             tune.report({**metrics, "epoch": epoch})
             return
+        # Every epoch is in: the run is complete. End it now, as Tune may end this process as soon as it has the
+        # last result (max_t reached), before run_trial returns and the `finally` below runs.
+        client.set_terminated(run_id, status="FINISHED")
         # The trial's checkpoint is its finished history: run_trial does not resume mid-way, so a trial interrupted
         # before its end has no checkpoint and a restored sweep runs it again from its first epoch.
         with _checkpoint_dir({"history.json": history, "config.json": dataclasses.asdict(cfg)}) as d:
@@ -177,7 +197,7 @@ def plot_trials(df_by_trial: dict, metric: str, color_by: str, path: Path) -> Pa
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m tuning.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--task", required=True, choices=sweepable())
     p.add_argument("--samples", type=int, default=16, help="trials to sample")
     p.add_argument("--definition", default=None, help="sweep YAML (default tuning/<task>.yaml)")
     p.add_argument("--data", default=os.environ.get("FLIPRAY_DATA", "data/demo"))
@@ -202,10 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from jobs.pretext import storage_location
-
     d = load_definition(args.task, args.definition)
-    task = importlib.import_module(f"flipray.{args.task}")
+    task = tasks.get(args.task)
     name = args.name or f"sweep-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage_path, filesystem = storage_location(args.storage)
     exp_dir = f"{storage_path.rstrip('/')}/{name}"
@@ -243,9 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     param_space = {**search_space(d["space"]), "task": args.task, "base": dataclasses.asdict(base),
                    "mlflow": {"uri": uri, "experiment_id": experiment_id, "parent": parent}}
-    resources = d.get("resources", {"cpu": 1})
-    trainable_with_resources = tune.with_resources(trainable, {"cpu": resources.get("cpu", 1),
-                                                               "gpu": resources.get("gpu", 0)})
+    trainable_with_resources = tune.with_resources(trainable, trial_resources(d))
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
     if restoring:

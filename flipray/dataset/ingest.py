@@ -5,9 +5,10 @@
     flipray ingest --dataset data/synth --out s3://bucket/synth/                       # a clip-format dataset
     python -m jobs.ingest --videos ~/my-videos --out data/my-videos                      # a local folder works too
 
-On a cluster: `ray job submit --working-dir . -- python -m jobs.ingest --videos /shared/videos --out s3://...`
-(the sources must be readable from every node, e.g. a shared file system; the store should then be S3). Without
-RAY_ADDRESS or --address a local Ray instance is started with --num-cpus workers.
+On a cluster: `ray job submit --working-dir . -- python -m jobs.ingest --videos s3://bucket/raw/ --out s3://...`
+(an s3:// prefix, each task fetching its source, flipray/dataset/sources.py; or a folder every node reads, e.g. a
+shared file system; the store should then be S3). Without RAY_ADDRESS or --address a local Ray instance is started
+with --num-cpus workers.
 
 What happens: every source is probed with ffprobe (in Ray tasks); files with no video, no audio, mono or more than
 two audio channels, unreadable or shorter than one clip are skipped with that reason. Each remaining source gives
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -48,6 +50,7 @@ from pathlib import Path
 import soundfile as sf
 
 from flipray.dataset.manifest import assign_splits
+from flipray.optional import require
 from flipray.dataset.store import Store, upload_clip, upload_dataset
 
 log = logging.getLogger(__name__)
@@ -98,12 +101,18 @@ class Skip(Exception):
 # Sources
 
 def folder_sources(folder: str | os.PathLike) -> list[Source]:
-    """Every video file under `folder` (by extension), with a scene id made from its name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a folder")
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTS)
-    names = [p.relative_to(folder).as_posix() for p in paths]
+    """Every video file under `folder` (by extension), with a scene id made from its name. `folder` may be an s3://
+    prefix: the tasks then fetch their source themselves (flipray.dataset.sources)."""
+    from flipray.dataset import sources as remote  # remote sources: listing and fetching live there
+    if remote.is_remote(folder):
+        found = remote.list_videos(str(folder), VIDEO_EXTS)
+        paths, names = [p for p, _ in found], [n for _, n in found]
+    else:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: not a folder")
+        paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTS)
+        names = [p.relative_to(folder).as_posix() for p in paths]
     stems = collections.Counter(_clean(Path(n).with_suffix("").as_posix()) for n in names)
     sources = []
     for path, name in zip(paths, names):
@@ -295,6 +304,7 @@ def ingest_clip(job: ClipJob, store: Store, opts: Options) -> dict:
 
 def plan_task(source: Source, opts: Options) -> dict:
     try:
+        source = _on_this_node(source)
         return {"status": "ok", "jobs": plan(source, opts)}
     except Skip as e:
         return {"status": "skipped", "reason": e.reason, "detail": e.detail}
@@ -303,13 +313,19 @@ def plan_task(source: Source, opts: Options) -> dict:
 
 
 def clip_task(job: ClipJob, store: Store, opts: Options) -> dict:
-    return ingest_clip(job, store, opts)
+    return ingest_clip(dataclasses.replace(job, source=_on_this_node(job.source)), store, opts)
+
+
+def _on_this_node(source: Source) -> Source:
+    """The source with a path this node can open: an s3:// object is fetched into the node's cache (sources.py)."""
+    from flipray.dataset import sources as remote
+    return dataclasses.replace(source, path=remote.localize(source.path))
 
 
 def _fan_out(func, items: list, args: tuple, desc: str, progress: bool):
     """Run `func(item, *args)` as a Ray task (1 CPU: ffmpeg runs one thread) for every item, a bounded number in
     flight; yield (item, result)."""
-    import ray
+    ray = require("ray")
     from tqdm import tqdm
     task = ray.remote(num_cpus=1)(func)
     limit = max(4, 4 * int(ray.cluster_resources().get("CPU", 1)))  # keep the queue short, results streaming
@@ -353,11 +369,13 @@ def run_ingest(out: str, videos: str | None = None, csv_path: str | None = None,
                 "splits": dict(collections.Counter(r["split"] for r in rows))}
     if not videos:
         raise ValueError("give --videos (a folder; with --csv, where the list's videos were downloaded) or --dataset")
+    if csv_path and videos.startswith("s3://"):
+        raise ValueError(f"--csv reads the downloaded videos from a local folder, not {videos}")
     if csv_path:
         sources, skipped = csv_sources(csv_path, videos)
     else:
         sources, skipped = folder_sources(videos), []
-    import ray
+    ray = require("ray")
     if not ray.is_initialized():
         raise RuntimeError("run_ingest needs Ray: call ray.init() first")
     n_sources = len(sources) + len(skipped)  # CSV rows that are malformed or not downloaded count as sources
@@ -416,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="flipray ingest", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="dataset root: s3://bucket/prefix (AWS_* environment) or a folder")
-    p.add_argument("--videos", help="folder of videos (with --csv: where the list's videos were downloaded)")
+    p.add_argument("--videos", help="folder of videos or an s3:// prefix (with --csv: the local folder where the "
+                                    "list's videos were downloaded)")
     p.add_argument("--csv", help="YouTube-ASMR list: header, # comments, ytid, ts_start, ts_end")
     p.add_argument("--dataset", help="upload an existing clip-format dataset (e.g. `flipray synth` output) instead")
     p.add_argument("--size", type=int, default=defaults.size, help="square frame side after the centre crop")
@@ -435,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(size=args.size, fps=args.fps, clip_s=args.clip_seconds,
                    max_clips_per_source=args.max_clips_per_video)
     start = time.time()
-    import ray
+    ray = require("ray")
     if not args.dataset and not ray.is_initialized():
         ray.init(address=args.address, num_cpus=None if args.address or os.environ.get("RAY_ADDRESS")
                  else args.num_cpus, include_dashboard=False, logging_level=logging.WARNING)

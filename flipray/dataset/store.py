@@ -256,3 +256,17 @@ def upload_dataset(local_root: str | os.PathLike, dest: str | Store, workers: in
     log.info("%s: %d clips, %d objects sent, manifest written last", store.root, len(out_rows), sent)
     return {"clips": len(out_rows), "clips_sent": sum(n > 0 for _, n in results), "sent": sent,
             "unchanged": 3 * len(out_rows) - sent, "manifest": url}
+
+
+def storage_location(path: str):
+    """(storage_path, pyarrow filesystem or None) for RunConfig: s3:// paths honour AWS_ENDPOINT_URL (MinIO, moto)."""
+    if not path.startswith("s3://"):
+        return str(Path(path).resolve()), None
+    import pyarrow.fs
+    from urllib.parse import urlparse
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
+    return path[len("s3://"):].rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)

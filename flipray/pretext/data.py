@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +29,9 @@ import torchaudio
 from torch.utils.data import Dataset, Sampler, default_collate
 
 from flipray.config import Config
+from flipray.dataset.cache import open_store
 from flipray.dataset.manifest import read_manifest
-from flipray.dataset.store import Store, is_s3
+from flipray.dataset.store import is_s3
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ def decode_video(path: str | Path | bytes, indices: list[int] | None = None, siz
     except ClipDecodeError:
         raise
     except Exception as e:  # torchcodec raises RuntimeError/ValueError with FFmpeg's words
-        raise ClipDecodeError(f"{path}: cannot decode video ({_first_line(e)})") from None
+        raise ClipDecodeError(f"{path}: cannot decode video ({first_line(e)})") from None
     if expect_frames is not None and indices is None and frames.shape[0] < expect_frames:
         raise ClipDecodeError(f"{path}: decoded {frames.shape[0]} frames, the manifest says {expect_frames}")
     if panorama:
@@ -88,7 +90,7 @@ def _decoder_source(path, name: str | None):
     return str(path), name or path
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
     """FFmpeg errors come with a C++ source location and a bug-report footer; keep the words that matter."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return text.split(", ")[-1] if "SingleStreamDecoder" in text else text
@@ -120,7 +122,7 @@ def decode_audio(path: str | Path | bytes, sample_rate: int, channels: int | Non
         dec = AudioDecoder(src, sample_rate=sample_rate)
         wave = dec.get_all_samples().data
     except Exception as e:
-        raise ClipDecodeError(f"{path}: cannot decode audio ({_first_line(e)})") from None
+        raise ClipDecodeError(f"{path}: cannot decode audio ({first_line(e)})") from None
     if channels is not None and wave.shape[0] != channels:
         raise ClipDecodeError(f"{path}: audio has {wave.shape[0]} channel(s), expected {channels}")
     if expect_seconds is not None and wave.shape[1] < 0.95 * expect_seconds * sample_rate:
@@ -412,12 +414,15 @@ class ClipDataset(Dataset):
     Eval mode: data.eval_windows fixed, unaugmented windows per clip, each as recorded and swapped (`item_params`),
     so accuracy is measured on every clip both ways.
     A clip that fails to decode is skipped and counted (`skipped`), never fatal.
+    From S3, objects come through `flipray.dataset.cache.open_store` (the node-local cache when data.cache_dir is
+    set), a batch's objects data.fetch_threads at a time (`__getitems__`) while its items are decoded in order.
     """
 
     def __init__(self, cfg: Config, split: str, train: bool, root: str | None = None, seed: int | None = None):
         self.cfg, self.train = cfg, train
         root = str(root or cfg.data.root)
-        self.store = Store(root) if is_s3(root) else None  # s3://: manifest and objects come through flipray.dataset.store
+        # s3://: manifest and objects come through flipray.dataset.store (and the node-local cache, if configured)
+        self.store = open_store(root, cfg.data.cache_dir, cfg.data.cache_gb) if is_s3(root) else None
         self.root = root if self.store else Path(root)
         self.seed = cfg.train.seed if seed is None else seed
         self.clips = self.store.read_manifest(split) if self.store else read_manifest(self.root, split)
@@ -425,9 +430,24 @@ class ClipDataset(Dataset):
             raise ValueError(f"{self.root}: no clips in split {split!r}")
         self.features = AudioFeatures(cfg)
         self.skipped: dict[str, str] = {}
+        self._fetched: dict[str, Future] = {}  # key -> its object being fetched ahead, for the items being made
+        self._pool = None
         self.cache: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
         if cfg.data.cache:
             self._fill_cache()
+
+    def __getstate__(self):  # DataLoader workers start with spawn: each makes its own thread pool
+        return {**self.__dict__, "_pool": None, "_fetched": {}}
+
+    def prefetch(self, objects: list[tuple[dict, str]]) -> None:
+        """Start fetching the (clip, field) objects, data.fetch_threads at a time, for the `_file` calls that
+        follow: decoding the first overlaps fetching the rest; a failure surfaces in `_file` for its clip only."""
+        if self.store is None or self.cfg.data.fetch_threads <= 1:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.cfg.data.fetch_threads, thread_name_prefix="flipray-fetch")
+        keys = dict.fromkeys((c[f], c.get(f"{f}_sha256")) for c, f in objects)
+        self._fetched = {key: self._pool.submit(self.store.get, key, sha) for key, sha in keys}
 
     def _decode(self, clip: dict, indices=None) -> tuple[torch.Tensor, torch.Tensor]:
         video, vname = self._file(clip, "video")
@@ -446,19 +466,26 @@ class ClipDataset(Dataset):
         if self.store is None:
             return self.root / clip[field], None
         try:
-            return self.store.get(clip[field], clip.get(f"{field}_sha256")), self.store.url(clip[field])
+            ahead = self._fetched.get(clip[field])
+            data = ahead.result() if ahead else self.store.get(clip[field], clip.get(f"{field}_sha256"))
+            return data, self.store.url(clip[field])
         except (FileNotFoundError, ValueError) as e:  # missing or corrupt object: skip the clip like a bad decode
             raise ClipDecodeError(str(e)) from None
 
     def _fill_cache(self):
         from tqdm import tqdm
         self.cache = []
-        for clip in tqdm(self.clips, desc=f"decoding {len(self.clips)} clips into RAM", unit="clip", leave=False):
+        ahead = 4 * self.cfg.data.fetch_threads
+        for i, clip in enumerate(tqdm(self.clips, desc=f"decoding {len(self.clips)} clips into RAM", unit="clip",
+                                      leave=False)):
+            if i % ahead == 0:
+                self.prefetch([(c, f) for c in self.clips[i:i + ahead] for f in ("video", "audio")])
             try:
                 self.cache.append(self._decode(clip))
             except ClipDecodeError as e:
                 self._skip(clip, e)
                 self.cache.append(None)
+        self._fetched = {}
         keep = [i for i, c in enumerate(self.cache) if c is not None]
         self.clips = [self.clips[i] for i in keep]
         self.cache = [self.cache[i] for i in keep]
@@ -471,6 +498,22 @@ class ClipDataset(Dataset):
 
     def __len__(self) -> int:
         return num_items(len(self.clips), self.cfg, self.train)
+
+    def __getitems__(self, items: list) -> list[dict | None]:
+        """A DataLoader batch: every object's request started first, then each item made exactly as __getitem__
+        makes it (same order, same draws), decoding while the later objects arrive."""
+        if self.cache is None and self.store is not None:
+            objects = []
+            for item in items:
+                epoch, i = item if isinstance(item, tuple) else (0, item)
+                ci, p = item_params(self.cfg, self.clips, self.seed, epoch, i, self.train)
+                objects += [(self.clips[ci], "video"), (self.clips[ci], "audio"),  # _decode reads both
+                            (self.clips[audio_window(self.cfg, ci, p)[0]], "audio")]  # the mismatch task's
+            self.prefetch(objects)
+        try:
+            return [self[item] for item in items]
+        finally:
+            self._fetched = {}
 
     def __getitem__(self, item) -> dict | None:
         epoch, i = item if isinstance(item, tuple) else (0, item)

@@ -45,6 +45,7 @@ from scipy.ndimage import zoom
 from scipy.signal import fftconvolve, lfilter
 from tqdm import tqdm
 
+from flipray import overrides
 from flipray.dataset.manifest import assign_splits, write_manifest
 
 
@@ -343,7 +344,7 @@ def source_signal(family, n, sr, rng, tilt_db_per_octave=0.0):
 # ----------------------------------------------------------------------------------------------------------------------
 # Room, noise, codec
 
-def _room_tails(rng, sr, rt60, drr_db):
+def room_tails(rng, sr, rt60, drr_db):
     """Left and right reverberation (2, L) of a random room, to convolve with the dry mono sound: a pre-delay set by
     the room size, a few early reflections, then a late tail of exponentially decaying noise whose high frequencies
     die faster (absorption). Ears get independent noise (a diffuse field carries no interaural cue). Energy per ear is
@@ -418,7 +419,7 @@ def _background(rng, size):
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _sprite(look, w, h, rng):
+def sprite(look, w, h, rng):
     """One object instance: premultiplied RGB (h, w, 3) and coverage (h, w, 1) of the class's shape, colour and
     pattern with a dark outline and a little colour jitter, antialiased by 3x3 supersampling."""
     shape, colour, pattern = look
@@ -470,7 +471,7 @@ def make_clip(out_dir, cfg: SynthConfig, seed: int, scene: int, k: int) -> dict:
         family, look = {**SOUNDING_CLASSES, **SILENT_CLASSES}[cls]
         w = int(srng.uniform(*cfg.object_px) * size / 256)
         h = int(w * srng.uniform(0.8, 1.25))
-        rgb, cover = _sprite(look, w, h, srng)
+        rgb, cover = sprite(look, w, h, srng)
         objects.append(dict(id=i, cls=str(cls), family=family, sounding=i < n_sounding, w=w, h=h, rgb=rgb, cover=cover))
 
     # The clip: motions, sounds and recording conditions.
@@ -503,7 +504,7 @@ def make_clip(out_dir, cfg: SynthConfig, seed: int, scene: int, k: int) -> dict:
                              "lossy_audio": None}
     if rng.random() < cfg.reverb_prob:
         rt60, drr = rng.uniform(*cfg.rt60_s), rng.uniform(*cfg.drr_db)
-        tails, room_m = _room_tails(rng, sr, rt60, drr)
+        tails, room_m = room_tails(rng, sr, rt60, drr)
         audio = audio + np.stack([fftconvolve(dry, tail)[:n] for tail in tails])
         render.update(rt60_s=round(rt60, 3), drr_db=round(drr, 2), room_m=round(room_m, 2))
     if cfg.noise:
@@ -617,13 +618,14 @@ def main(argv=None):
     p.add_argument("--max-distractors", type=int, default=defaults.max_distractors, help="silent objects per scene")
     p.add_argument("--two-source-prob", type=float, default=defaults.two_source_prob,
                    help="probability of two sounding objects in a scene")
+    overrides.add_arguments(p, "SynthConfig")
     args = p.parse_args(argv)
-    options = dict(fps=args.fps, size=args.size, duration_s=args.duration, clips_per_scene=args.clips_per_scene,
-                   lossy_audio_prob=args.lossy_audio_prob, reverb_prob=args.reverb_prob, noise=args.noise,
-                   max_distractors=args.max_distractors, two_source_prob=args.two_source_prob)
+    flags = dict(fps="fps", size="size", duration="duration_s", clips_per_scene="clips_per_scene",
+                 lossy_audio_prob="lossy_audio_prob", reverb_prob="reverb_prob", noise="noise",
+                 max_distractors="max_distractors", two_source_prob="two_source_prob")
     try:
-        SynthConfig(**options)
-    except ValueError as e:
+        options = asdict(overrides.config_from_args(SynthConfig, args, p, flags))
+    except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     if args.clips < 1:
         p.error(f"--clips must be >= 1, got {args.clips}")

@@ -39,10 +39,10 @@ import soundfile as sf
 from scipy.ndimage import zoom
 from scipy.signal import fftconvolve
 
-from flipray import foa
+from flipray import foa, overrides
 from flipray.dataset.manifest import SPLITS, assign_splits, write_manifest
-from flipray.synth.scenes import (SILENT_CLASSES, SOUNDING_CLASSES, _ffmpeg, _room_tails, _sprite, render_clips,
-                           source_signal)
+from flipray.synth.scenes import (SILENT_CLASSES, SOUNDING_CLASSES, _ffmpeg, render_clips, room_tails,  # noqa: F401
+                                  source_signal, sprite)  # _ffmpeg: until flipray/media.py (reliability) replaces it
 
 MOTIONS = ("static", "orbit", "wander")
 
@@ -159,7 +159,7 @@ def _diffuse_foa(rng, n):
 def _foa_room(rng, sr, rt60, drr_db):
     """Diffuse reverberation tails (4, L) in FOA: four independent decaying-noise tails from synth.py's room model
     (pre-delay, frequency-dependent decay), W at 10^(-drr/10) of the direct energy, X/Y/Z at a third of that."""
-    pairs = [_room_tails(rng, sr, rt60, drr_db)[0] for _ in range(2)]  # each (2, L): two rooms' pre-delays differ
+    pairs = [room_tails(rng, sr, rt60, drr_db)[0] for _ in range(2)]  # each (2, L): two rooms' pre-delays differ
     tails = np.zeros((4, max(pair.shape[-1] for pair in pairs)))
     tails[:2, :pairs[0].shape[-1]], tails[2:, :pairs[1].shape[-1]] = pairs
     return tails * np.array([1.0, 1 / math.sqrt(3), 1 / math.sqrt(3), 1 / math.sqrt(3)])[:, None]
@@ -201,7 +201,7 @@ def make_clip(out_dir, cfg: Synth360Config, seed: int, scene: int, k: int) -> di
         family, look = {**SOUNDING_CLASSES, **SILENT_CLASSES}[cls]
         w = max(int(srng.uniform(*cfg.object_deg) / 360 * W), 4)
         h = min(max(int(w * srng.uniform(0.8, 1.25)), 4), H // 2)
-        rgb, cover = _sprite(look, w, h, srng)
+        rgb, cover = sprite(look, w, h, srng)
         objects.append(dict(id=i, cls=str(cls), family=family, sounding=i < n_sounding, w=w, h=h, rgb=rgb, cover=cover))
 
     rng = np.random.default_rng([seed, scene, k])
@@ -349,14 +349,16 @@ def main(argv=None):
     p.add_argument("--doa", action="store_true", help="a DOA set: one static source per clip on an azimuth grid")
     p.add_argument("--per-direction", type=int, default=0, help="DOA sets: clips per direction (sets --clips)")
     p.add_argument("--doa-step", type=float, default=d.doa_step_deg, help="DOA grid step, degrees (divides 360)")
+    overrides.add_arguments(p, "Synth360Config")
     args = p.parse_args(argv)
-    options = dict(height=args.height, fps=args.fps, duration_s=args.duration, clips_per_scene=args.clips_per_scene,
-                   reverb_prob=args.reverb_prob, noise=args.noise, max_distractors=args.max_distractors,
-                   doa=args.doa, doa_step_deg=args.doa_step)
+    flags = dict(height="height", fps="fps", duration="duration_s", clips_per_scene="clips_per_scene",
+                 reverb_prob="reverb_prob", noise="noise", max_distractors="max_distractors", doa="doa",
+                 doa_step="doa_step_deg")
     try:
-        cfg = Synth360Config(**options)
-    except ValueError as e:
+        cfg = overrides.config_from_args(Synth360Config, args, p, flags)
+    except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
+    options = asdict(cfg)
     clips = args.per_direction * cfg.directions if args.doa and args.per_direction else args.clips
     if clips < 1:
         p.error("give --clips N (or, with --doa, --per-direction N)")

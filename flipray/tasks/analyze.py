@@ -3,50 +3,11 @@
     python -m jobs.analyze --data data/demo --preset demo --pretext flip=runs/dev-demo/checkpoint.pt \
         --local --no-mlflow --out /tmp/an
 
-For every eval-split clip the pretext network looks at windows every `hop_s` seconds (the pretext window, 2.87 s).
-Per window it records
-
-  - the audio embedding: `embed_audio` of the stereo log-mel, averaged over its time steps;
-  - the audio-derived position, as the paper: the log-energy difference 10 log10(E_right / E_left) in dB of the
-    window's waveform (positive = louder on the right = the listener's right, like azimuth);
-  - the true azimuth of the sounding object, averaged over the window's frames (synthetic sidecars; only clips with
-    exactly one sounding object, "single-source windows");
-  - Grad-CAM and saliency maps of the flip evidence over the visual stream's spatial map, and their horizontal
-    centres of mass.
-
-Metrics (Pearson R from flipray.tasks.metrics.pearson_r):
-
-  r_pca_energy     PC1 of the audio embedding vs the energy difference: the paper's R = 0.790. PCA is fitted on the
-                   train-split windows and PC1's sign is fixed there by its correlation with the energy difference (a
-                   label-free cue), so the eval R is signed: a negative value means the direction did not transfer.
-  r_pca_azimuth    the same PC1 vs the true azimuth (single-source windows).
-  r_probe_azimuth  (primary) a linear probe: ridge regression embedding -> azimuth fitted on the *train* split's
-                   single-source windows (ridge strength picked by k-fold cross-validation grouped by scene, so windows
-                   of one scene never sit on both sides of a fold), R of its predictions on the *eval* split. Fitting
-                   on train and testing on held-out clips is cleaner than cross-validating inside the eval split: no
-                   scene the probe saw is scored.
-  probe_mae_deg    mean absolute azimuth error of that probe in degrees (lower is better).
-  r_gradcam_energy horizontal centre of mass of the Grad-CAM map vs the energy difference: the paper's R = 0.286.
-  r_gradcam_azimuth  the same centre of mass vs the true azimuth.
-  r_saliency_energy / r_saliency_azimuth  the same for the saliency map sum_c |dY/dA_c| (see attention_maps).
-  r_energy_azimuth the energy difference vs the true azimuth: how good the paper's audio-derived position is on this
-                   data (the same for every method; a ceiling for what r_pca_energy can mean).
-
-Grad-CAM target: the flip evidence margin logit(audio swapped) - logit(audio as recorded) of one video window, whose
-gradient flows into the visual map through both passes. Parts of the picture that matter whatever the audio says
-cancel, so the map shows where the visual stream looks to tell left from right. Maps are Grad-CAM (Selvaraju et al.
-2017: ReLU(sum_c mean_xy(dY/dA_c) A_c)) on the reduced visual map (`net.visual.feature_map`, 3x3 for the demo's
-80-px crop, 7x7 at the paper's 224), averaged over the window's frames.
-
-`per_clip`: per eval clip, the probe's mean absolute azimuth error (degrees) over that clip's windows, for the
-report's paired Wilcoxon test between methods (same clips, same windows for every method).
-
-Figures in cfg.out_dir: scatter.png (PC1, probe and energy difference against azimuth), tracking.png (the paper's
-Fig. 4a: frames of one test clip with a bar at the horizontal bin PC1 maps to, next to the true box), gradcam.png
-(Grad-CAM overlays on a few frames, Fig. 4b).
-
-The `scratch` row is the same network with random weights: random features keep some of the input's level
-difference, so the comparison is how much *more* position information a pretext task puts into the embedding.
+For windows of every eval clip: PC1 of the audio embedding and a linear probe (ridge, fitted on the train split)
+against the left/right energy difference and the true azimuth, and Grad-CAM / saliency of the flip evidence on the
+visual map against the same (the paper: R = 0.790 audio, 0.286 visual). The `scratch` row (random weights) is the
+baseline: how much *more* position a pretext task puts into the embedding. Metric definitions and figures:
+docs/tasks.md.
 """
 from __future__ import annotations
 
@@ -60,11 +21,12 @@ import torch.nn.functional as F
 
 from flipray.tasks import metrics
 from flipray.pretext.data import AudioFeatures, window_frame_indices, window_samples_range
-from flipray.tasks.base import (Clip, DownstreamConfig, audio_input, load_clips, pretext_network, setup, sounding_objects,
-                         visual_input)
+from flipray.tasks.base import (Clip, DownstreamConfig, audio_input, load_clips, method_spec, pretext_network, setup,
+                                sounding_objects, visual_input)
 
 log = logging.getLogger(__name__)
 
+ORDER = 1  # where its table comes in the report (the paper's order)
 TABLE = {
     "task": "analyze",
     "table": "Section 5.1",
@@ -87,6 +49,24 @@ METHODS = {
     "mismatch": {"label": "Mismatch task", "pretext": "mismatch"},
     "shift": {"label": "Shift task", "pretext": "shift"},
     "scratch": {"label": "No pretraining (random weights)", "pretext": None},
+}
+
+# The paper's numbers (Yang, Russell & Salamon, CVPR 2020) as printed, on real data (YouTube-ASMR, FAIR-Play,
+# TAU), for orientation; flipray.tasks.tables puts them beside ours. numbers: {method: {metric: value}}.
+PAPER = {
+    # Sec. 5.1 (text, no table): Pearson R of the audio embedding, and of the visual attention, with the source's
+    # approximate position from the left/right log-energy difference; named as flipray.tasks.analyze's closest metrics
+    # (first principal component of the audio features; horizontal centre of the Grad-CAM map).
+    "analyze": {
+        "table": "Sec. 5.1", "data": "YouTube-ASMR held-out clips (numbers from the text)",
+        "units": {},
+        "labels": {
+            "flip": "Ours (flip task)",
+        },
+        "numbers": {
+            "flip": {"r_pca_energy": 0.79, "r_gradcam_energy": 0.286},
+        },
+    },
 }
 
 
@@ -168,7 +148,7 @@ def load_audio_clips(root: str, split: str, sample_rate: int, max_clips: int = 0
 def audio_embeddings(net, clips: list[Clip], windows: list[Window], pcfg, batch_size: int,
                      device: torch.device) -> np.ndarray:
     """(N, audio_dim): each window's audio embedding averaged over time, as the pretext network was trained."""
-    from tqdm import tqdm
+    from flipray.progress import tqdm  # tqdm_ray inside Ray tasks
     features = AudioFeatures(pcfg)
     out = []
     for i in tqdm(range(0, len(windows), batch_size), desc="audio embeddings", unit="batch", leave=False):
@@ -302,7 +282,7 @@ def attention_centers(net, clips: list[Clip], windows: list[Window], pcfg, batch
                       device: torch.device) -> dict[str, tuple[np.ndarray, torch.Tensor]]:
     """{"gradcam" | "saliency": ((N,) horizontal centre of mass of each window's map, averaged over its frames, in
     stored-frame pixels; the maps (N, h, w))}."""
-    from tqdm import tqdm
+    from flipray.progress import tqdm  # tqdm_ray inside Ray tasks
     from flipray.pretext.data import flip_channels
     features = AudioFeatures(pcfg)
     margin, crop = (pcfg.data.resize - pcfg.data.crop) / 2, pcfg.data.crop
@@ -339,6 +319,7 @@ def _window_wave(clip: Clip, w: Window, pcfg) -> torch.Tensor:
 # The trial
 
 def run_trial(cfg: Config, report=None) -> dict:
+    method_spec(cfg, METHODS)
     device = setup(cfg)
     net, pcfg = pretext_network(cfg)
     net.eval().to(device).requires_grad_(False)

@@ -1,14 +1,17 @@
 """What every downstream task shares: its clips in RAM, the pretext network it starts from, and the trial contract.
 
-A downstream task (flipray/tasks/localize.py, spatialize.py, separate.py, analyze.py, doa.py) is a module with
+A downstream task is a module of flipray/tasks/ (flipray.tasks.registry() finds it) with
 
+    ORDER = 3                                                             # its place in the report (paper order)
     TABLE = {"task": ..., "table": "Table 3", "metrics": [...], "primary": ..., "higher_is_better": {...}}
     METHODS = {"flip": {"label": "Flip (ours)", "pretext": "flip"},      # the table's rows, in order; "pretext"
                "scratch": {"label": "No pretraining", "pretext": None}}   # names the pretext task's weights (None:
                                                                           # same network, random weights)
-    @dataclass class <Task>Config(DownstreamConfig): ...                  # its own knobs, commented defaults
+    PAPER = {"<table>": {"table", "data", "units", "labels", "numbers": {method: {metric: value}}}}  # the paper's
+    @dataclass class Config(DownstreamConfig): ...                        # its own knobs, commented defaults
     PRESETS = {"demo": {...}, "small": {...}, "paper": {...}}             # overrides of that dataclass
     def run_trial(cfg, report=None) -> dict                               # one method, trained and evaluated
+    SHAPE_FROM = "rotate"                                                 # optional: pretext task of its networks
 
 `run_trial` trains on cfg.train_split and scores cfg.eval_split, calls `report(epoch, metrics)` after every epoch
 (Ray Tune's ASHA stops a trial by raising there), and returns
@@ -16,9 +19,8 @@ A downstream task (flipray/tasks/localize.py, spatialize.py, separate.py, analyz
     {"metrics": {name: float}, "per_clip": {name: [float, ...]}, "clip_ids": [...], "history": [{epoch, ...}],
      "figures": {name: png path}}
 
-Plain PyTorch, no Ray or MLflow: `jobs/downstream.py` runs the methods of a table as Ray tasks and logs them,
-`tuning/sweep.py` runs trials of one method under Ray Tune. Pretext weights arrive as checkpoint paths
-(`flipray.tracking.load_pretrained` resolves models:/ URIs on the job side).
+Plain PyTorch, no Ray or MLflow: jobs/downstream.py runs a table's methods as Ray tasks, tuning/sweep.py runs trials
+under Ray Tune. Pretext weights arrive as checkpoint paths (flipray.tracking resolves models:/ URIs job-side).
 """
 from __future__ import annotations
 
@@ -33,8 +35,9 @@ import numpy as np
 import torch
 
 from flipray.config import Config, load_config
-from flipray.pretext.data import (AudioFeatures, ClipDecodeError, SampleParams, augment_frames, decode_audio, decode_video,
-                   peak_normalise, take_frames, window_frame_indices)
+from flipray.overrides import apply  # noqa: F401  (tasks' configs take overrides like every config)
+from flipray.pretext.data import (AudioFeatures, ClipDecodeError, SampleParams, augment_frames, decode_audio,
+                                  decode_video, peak_normalise, take_frames, window_frame_indices)
 from flipray.pretext.models import SpatialAlignmentNet
 from flipray.dataset.store import Store
 
@@ -62,25 +65,12 @@ class DownstreamConfig:
     out_dir: str = ""                 # where figures and examples go ("" = none written)
 
 
-def apply(cfg, overrides: dict | list[str] | None):
-    """Set dataclass fields from {"lr": 1e-3} or ["lr=1e-3"] (strings parsed as YAML scalars); unknown keys raise."""
-    import yaml
-    if not overrides:
-        return cfg
-    items = overrides.items() if isinstance(overrides, dict) else (o.split("=", 1) for o in overrides)
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    for key, value in items:
-        if key not in fields:
-            raise ValueError(f"unknown {type(cfg).__name__} field {key!r}; fields are {sorted(fields)}")
-        current = getattr(cfg, key)
-        if isinstance(value, str) and not isinstance(current, str):
-            value = yaml.safe_load(value)
-        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if type(value) is not type(current):
-            raise ValueError(f"{type(cfg).__name__}.{key} must be {type(current).__name__}, got {value!r}")
-        setattr(cfg, key, value)
-    return cfg
+def method_spec(cfg: DownstreamConfig, methods: dict) -> dict:
+    """The task's METHODS entry of cfg.method (the table row this trial is); an unknown one raises, naming them all."""
+    if cfg.method not in methods:
+        raise ValueError(f"unknown method {cfg.method!r} for {type(cfg).__module__.rsplit('.', 1)[-1]}; methods are "
+                         f"{list(methods)}")
+    return methods[cfg.method]
 
 
 def setup(cfg: DownstreamConfig) -> torch.device:
@@ -150,7 +140,7 @@ def load_clips(root: str, split: str, resize: int, sample_rate: int, max_clips: 
     Downstream sets are small (the paper's FAIR-Play: 2k clips); a task that outgrows RAM should move to the
     pretext loaders. `max_clips` keeps the first clips in manifest order (deterministic). `video=False` reads audio
     and sidecars only (Clip.frames empty): ~20x faster for the audio-only uses (embedding analysis, DOA)."""
-    from tqdm import tqdm
+    from flipray.progress import tqdm  # tqdm_ray inside Ray tasks
     store = Store(root)
     rows = store.read_manifest(split)
     if not rows:

@@ -4,67 +4,13 @@ using Stereo Sound", Table 3).
     python -m jobs.localize --data data/demo --preset demo --pretext flip=runs/dev-demo/checkpoint.pt \
         --local --no-mlflow --out /tmp/loc --methods flip,scratch,visual-context,stereo-audio
 
-The task. Predict the box of the sounding object in the frame at time t from (1) the one-second stereo audio window
-centred on t and (2) a *reference* frame taken from another part of the same clip. The reference frame says where
-the objects are (visual context) but not where they are at t; the audio says which way the sound comes from now.
-
-The model (Figure 3(b) of the paper, built around the pretext sub-networks):
-
-    reference frame (B, 3, R, R) -> pretext visual trunk + 1x1 reduction -> map (B, 16, h, w)
-    audio window (B, 2, n_mels, ~100) -> pretext audio network -> (B, audio_dim, T') -> mean over time -> tiled on h x w
-    [map, tiled audio, 2 coordinate channels] -> two 3x3 conv-BN-ReLU -> `deconvs` stride-2 deconvolution blocks
-    (after the first: + the trunk's layer3 map, 2x finer, + tiled audio + coordinates -> 3x3 conv-BN-ReLU)
-    -> 1x1 conv -> per grid cell (S = h * 2**deconvs) and anchor: tx, ty, tw, th, objectness (YOLOv2)
-
-R is the pretext `data.resize` (88 for the demo, 256 for the paper): the *whole* stored frame at the scale the
-pretext network saw (it trained on `crop` px centre crops of that), so every box is in view; h = 3 for the demo, 8
-for the paper. The paper concatenates both embeddings into one vector before deconvolving; flipray keeps the visual
-map spatial and tiles the audio over it (plus the cell's coordinates, so an audio-only model can still map a
-direction to a column), which keeps the pretext network's spatial layout and needs no large fully connected layer.
-The layer3 skip (`skip`, FPN-style) is there because a 3x3 map of 16 channels places a box only coarsely; both maps
-come from the pretext visual sub-network.
-
-Ground truth, per frame, in [0, 1] frame coordinates [x0, y0, x1, y1]:
-  - synthetic clips: the sidecar boxes of every object with `sounding: true`. Two-source scenes (a quarter of
-    `flipray synth`'s) keep both sources as targets, as a detector would: AP matches each, the top box is scored
-    against the true box it overlaps most (the louder source is not identifiable from `level_db` alone, rooms and
-    distances change what reaches the ears);
-  - real clips (sidecar `objects: []`, e.g. from `flipray ingest`): pseudo-labels from OpenCV's bundled Haar
-    frontal-face cascade (`face_pseudo_labels`; opencv-python-headless, `cv2.data.haarcascades`; the paper used
-    RetinaFace, which does not ship weights in a pip package), run on the stored 256-px frames (decoded once more:
-    at the demo's 88 px faces are too small for the cascade). The largest face per frame is the target; frames
-    without a detection are no target, clips without any are skipped. `pseudo_labels="none"` skips such clips.
-
-Samples. Target frames t are those whose 1-s window lies inside the clip. Training draws `samples_per_clip` (t,
-reference) pairs per clip and epoch, the reference at least `ref_min_gap_s` from t (capped at half the clip), and
-mirrors frame + boxes while swapping the channels (`joint_flip_p`, alignment kept). Evaluation takes a target every
-`eval_hop_s` seconds with the reference frame half a clip away ((t + N/2) mod N): the same windows for every method.
-
-Anchors: k-means with 1 - IOU distance (YOLOv2) on the training targets' (w, h), `anchors` of them, deterministic.
-Loss (YOLOv2): for each true box, the cell holding its centre and the anchor of best shape IOU are responsible:
-squared error of (sigmoid(tx), sigmoid(ty)) against the centre's offset in the cell and of (tw, th) against
-log(w / anchor_w), log(h / anchor_h), times `coord_weight`; objectness BCE with target 1 there, and target 0 for every
-other anchor, times `noobj_weight`, except predictions whose decoded box overlaps a true box by more than
-`ignore_iou`. The objectness bias starts at the prior log(p / (1 - p)), p = 1 / (S * S * anchors).
-
-Metrics (flipray.tasks.metrics), all in % like the paper's Table 3:
-  ap50     VOC average precision at IOU 0.5 over all evaluation frames (after NMS at `nms_iou`, `max_boxes` per frame)
-  iou      mean IOU of each frame's highest-scoring box with its ground truth
-  x_err, y_err   mean |centre difference| of that top box and its matched true box, % of frame width / height
-  *_moving the same on the "moving" subset, the paper's filtered rows 5-8: eval clips whose sounding object's
-           azimuth range over the clip is at least `moving_min_deg` (pseudo-labelled clips: box-centre x range of at
-           least `moving_min_x` of the width). On data/demo this is exactly the left-right and diagonal movers.
-per_clip (for the report's paired Wilcoxon tests, `paired_metric` = iou): per eval clip, iou / x_err / y_err are the
-means over that clip's frames, and per_clip["ap50"] is the clip's hit rate, the % of its frames whose top box has
-IOU >= 0.5 (AP itself is a set-level number with no per-clip value).
-
-Methods: the paper's rows. `flip` (stereo + visual, flip weights, fine-tuned), `stereo-audio` / `mono-audio` (audio
-only; mono = (L+R)/2 fed to both input channels), `visual-context` (reference frame only), `scratch`, `mismatch`,
-`shift` (the full model from other weights), and `frozen-flip` / `frozen-scratch` (sub-networks frozen,
-lr_backbone = 0, BatchNorm statistics frozen too: the paper's rows 9-10). The input ablations use the flip weights.
-
-Figures in cfg.out_dir: tracking.png (per clip the reference frame, then target frames over time with the true box
-in green and the top predicted box in red) and curves.png (training loss, eval AP50 and IOU per epoch).
+Predict the box of the sounding object at time t from the 1-s stereo window centred on t and a *reference* frame
+from elsewhere in the clip: the frame says where the objects are, the audio which way the sound comes from now. The
+detector (flipray/tasks/detector.py) is a YOLOv2 head on the pretext sub-networks; ground truth is the synthetic
+sidecars' boxes, or face pseudo-labels (OpenCV's Haar cascade) on real clips. Metrics, in % like Table 3: ap50, iou,
+x_err, y_err, and the same on the clips whose source moves (*_moving, the paper's filtered rows). Methods are the
+paper's rows (input ablations, other pretext weights, frozen sub-networks). Design, sampling and metric definitions:
+docs/tasks.md.
 """
 from __future__ import annotations
 
@@ -77,16 +23,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from flipray.tasks import metrics
+from flipray.tasks.detector import LocalizationNet, decode, kmeans_anchors, yolo_loss
+from flipray.tasks.metrics import box_iou
 from flipray.pretext.data import AudioFeatures, SampleParams, augment_frames, decode_video, flip_channels
-from flipray.tasks.base import Clip, DownstreamConfig, audio_input, load_clips, param_groups, pretext_network, setup
+from flipray.tasks.base import (Clip, DownstreamConfig, audio_input, load_clips, method_spec, param_groups,
+                                pretext_network, setup)
 from flipray.dataset.store import Store
 
 log = logging.getLogger(__name__)
 
+ORDER = 3  # where its table comes in the report (the paper's order)
 TABLE = {
     "task": "localize",
     "table": "Table 3",
@@ -114,6 +63,50 @@ METHODS = {
                        "frozen": True},
     "frozen-flip": {"label": "+ Pretext (frozen)", "pretext": "flip", "audio": "stereo", "visual": True,
                     "frozen": True},
+}
+
+# The paper's numbers (Yang, Russell & Salamon, CVPR 2020) as printed, on real data (YouTube-ASMR, FAIR-Play,
+# TAU), for orientation; flipray.tasks.tables puts them beside ours. numbers: {method: {metric: value}}.
+PAPER = {
+    # Table 3, rows 1-4 (full test set, fine-tuned) and 9-10 (sub-networks frozen): AP50 and IOU in %, X/Y error in
+    # % of the frame width / height.
+    "localize": {
+        "table": "Table 3", "data": "YouTube-ASMR test set, sounding-face boxes from RetinaFace",
+        "units": {"ap50": "%", "iou": "%", "x_err": "% width", "y_err": "% height"},
+        "labels": {
+            "mono-audio": "Mono audio",
+            "stereo-audio": "Stereo audio",
+            "visual-context": "Visual context",
+            "flip": "Ours",
+            "frozen-scratch": "- Pretext (frozen)",
+            "frozen-flip": "+ Pretext (frozen)",
+        },
+        "numbers": {
+            "mono-audio": {"ap50": 10.2, "iou": 30.6, "x_err": 11.9, "y_err": 10.4},
+            "stereo-audio": {"ap50": 15.1, "iou": 34.8, "x_err": 10.0, "y_err": 10.7},
+            "visual-context": {"ap50": 27.9, "iou": 41.0, "x_err": 12.9, "y_err": 5.5},
+            "flip": {"ap50": 43.4, "iou": 47.1, "x_err": 9.1, "y_err": 5.5},
+            "frozen-scratch": {"ap50": 23.9, "iou": 35.1, "x_err": 12.4, "y_err": 8.9},
+            "frozen-flip": {"ap50": 34.9, "iou": 39.5, "x_err": 12.3, "y_err": 6.5},
+        },
+    },
+    # Table 3, rows 5-8: the test clips filtered for faces moving left-right with the audio's log-energy difference.
+    "localize-filtered": {
+        "table": "Table 3 (rows 5-8)", "data": "YouTube-ASMR test clips with moving faces",
+        "units": {"ap50": "%", "iou": "%", "x_err": "% width", "y_err": "% height"},
+        "labels": {
+            "mono-audio": "Mono audio",
+            "stereo-audio": "Stereo audio",
+            "visual-context": "Visual context",
+            "flip": "Ours",
+        },
+        "numbers": {
+            "mono-audio": {"ap50": 13.9, "iou": 23.8, "x_err": 17.3, "y_err": 10.0},
+            "stereo-audio": {"ap50": 26.0, "iou": 39.0, "x_err": 9.7, "y_err": 9.6},
+            "visual-context": {"ap50": 21.6, "iou": 27.0, "x_err": 20.7, "y_err": 6.5},
+            "flip": {"ap50": 44.1, "iou": 45.0, "x_err": 10.8, "y_err": 5.9},
+        },
+    },
 }
 
 
@@ -328,190 +321,11 @@ def make_batch(items, tracks, cfg, pcfg, features, audio_mode, device):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Anchors, model, loss, decoding
-
-def kmeans_anchors(wh: torch.Tensor, k: int, iters: int = 30) -> torch.Tensor:
-    """YOLOv2's anchors: k-means on box (w, h) with distance 1 - IOU of boxes sharing a centre; (k, 2), by area.
-    Deterministic: starts from the area quantiles."""
-    wh = wh.double()
-    if len(wh) < k:
-        raise ValueError(f"{k} anchors need at least {k} training boxes, got {len(wh)}")
-    order = torch.argsort(wh.prod(1))
-    centers = wh[order[((torch.arange(k) + 0.5) / k * len(wh)).long()]].clone()
-    for _ in range(iters):
-        assign = shape_iou(wh, centers).argmax(1)
-        new = torch.stack([wh[assign == j].median(0).values if (assign == j).any() else centers[j]
-                           for j in range(k)])
-        if torch.allclose(new, centers):
-            break
-        centers = new
-    return centers[torch.argsort(centers.prod(1))].float()
-
-
-def shape_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IOU of (w, h) shapes a (N, 2) and b (M, 2) placed on the same centre -> (N, M)."""
-    inter = torch.minimum(a[:, None, 0], b[None, :, 0]) * torch.minimum(a[:, None, 1], b[None, :, 1])
-    return inter / (a[:, None].prod(-1) + b[None].prod(-1) - inter)
-
-
-def map_side(size: int) -> int:
-    """Side of the visual trunk's map for a size x size input (conv1, maxpool, layer2..4 halve it, rounding up)."""
-    for _ in range(5):
-        size = (size + 1) // 2
-    return size
-
-
-def conv_bn(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-class LocalizationNet(nn.Module):
-    """The pretext sub-networks a method uses (`backbone`) and a YOLOv2 deconvolution head (`head`).
-
-    forward(video (B, 3, R, R) | None, audio (B, C, n_mels, T) | None) -> (B, A, 5, S, S): per anchor and grid cell
-    tx, ty, tw, th, objectness logit.
-    """
-
-    def __init__(self, pretext, pcfg, cfg: Config, audio: str | None, visual: bool, anchors: torch.Tensor):
-        super().__init__()
-        if not (audio or visual):
-            raise ValueError("a localization model needs audio, visual context or both")
-        if pretext.variant in ("motion", "pooled-visual"):
-            raise ValueError(f"localize needs the per-frame spatial visual map; pretext variant {pretext.variant!r} "
-                             "has none (use base, mono or gcc-phat)")
-        self.uses_audio, self.uses_visual = audio is not None, visual
-        self.backbone = nn.ModuleDict()
-        if visual:
-            self.backbone["visual"] = pretext.visual
-        if audio:
-            self.backbone["audio"] = pretext.audio
-            if pretext.mono_audio is not None:
-                self.backbone["mono_audio"] = pretext.mono_audio
-        self.side = map_side(pcfg.data.resize)
-        self.grid = self.side * 2 ** cfg.deconvs
-        self.register_buffer("anchors", anchors.float().clone())
-        a = len(anchors)
-        audio_dim = (pcfg.model.audio_dim * (2 if pretext.mono_audio is not None else 1)) if audio else 0
-        c_in = 2 + (pcfg.model.visual_reduce if visual else 0) + audio_dim
-        ch = cfg.head_channels
-        self.skip = visual and cfg.skip and cfg.deconvs > 0
-        merge_in = ch + 2 + audio_dim + 4 * pcfg.model.visual_width  # + trunk layer3's channels
-        self.head = nn.ModuleDict({
-            "fuse": nn.Sequential(conv_bn(c_in, ch), conv_bn(ch, ch)),
-            "up": nn.ModuleList(nn.Sequential(nn.ConvTranspose2d(ch, ch, 4, stride=2, padding=1, bias=False),
-                                              nn.BatchNorm2d(ch), nn.ReLU(inplace=True))
-                                for _ in range(cfg.deconvs)),
-            "merge": conv_bn(merge_in, ch) if self.skip else nn.Identity(),
-            "out": nn.Conv2d(ch, a * 5, 1)})
-        with torch.no_grad():  # objectness starts at the prior: one responsible anchor per frame
-            prior = 1.0 / (self.grid * self.grid * a)
-            self.head["out"].bias.view(a, 5)[:, 4] = math.log(prior / (1 - prior))
-
-    def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
-        if "mono_audio" in self.backbone:  # the pretext's `mono` variant: stereo stream + mono-mix stream
-            return torch.cat([self.backbone["audio"](audio[:, :2]), self.backbone["mono_audio"](audio[:, 2:3])], 1)
-        return self.backbone["audio"](audio)
-
-    def visual_maps(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pretext visual map (B, visual_reduce, h, w), the trunk's layer3 map (B, 4 * width, ~2h, ~2w))."""
-        vis = self.backbone["visual"]
-        t = vis.trunk
-        layer3 = t.layer3(t.layer2(t.layer1(t.maxpool(t.relu(t.bn1(t.conv1(video)))))))
-        return vis.reduce(t.layer4(layer3)), layer3
-
-    def forward(self, video: torch.Tensor | None, audio: torch.Tensor | None) -> torch.Tensor:
-        ref = video if video is not None else audio
-        b, s = ref.shape[0], self.side
-        parts, tiled = [], []  # maps at the visual map's size; vectors tiled at every scale (the audio)
-        if self.uses_visual:
-            v, layer3 = self.visual_maps(video)
-            if v.shape[-1] != s:
-                raise ValueError(f"visual map is {tuple(v.shape[-2:])}, expected {s}x{s}: the reference frame must be "
-                                 "the pretext's data.resize square")
-            parts.append(v)
-        if self.uses_audio:
-            tiled.append(self.embed_audio(audio).mean(dim=-1)[:, :, None, None])
-        x = self.head["fuse"](torch.cat(parts + [t.expand(-1, -1, s, s) for t in tiled] + [_coords(b, s, ref)], 1))
-        for k, up in enumerate(self.head["up"]):
-            x = up(x)
-            if k == 0 and self.skip:  # finer visual detail for the box, with the audio and the position again
-                n = x.shape[-1]
-                fine = F.interpolate(layer3, size=(n, n), mode="bilinear", align_corners=False) \
-                    if layer3.shape[-1] != n else layer3
-                x = self.head["merge"](torch.cat([x, fine] + [t.expand(-1, -1, n, n) for t in tiled]
-                                                 + [_coords(b, n, ref)], 1))
-        out = self.head["out"](x)
-        return out.view(b, len(self.anchors), 5, self.grid, self.grid)
-
-
-def _coords(b: int, s: int, like: torch.Tensor) -> torch.Tensor:
-    """(B, 2, s, s): x and y of each cell centre in [-1, 1], so the head knows where a cell is."""
-    lin = (torch.arange(s, device=like.device, dtype=like.dtype) + 0.5) / s * 2 - 1
-    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
-    return torch.stack([xx, yy])[None].expand(b, -1, -1, -1)
-
-
-def decode(out: torch.Tensor, anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, A, 5, S, S) -> boxes (B, A*S*S, 4) [x0, y0, x1, y1] in [0, 1] and objectness scores (B, A*S*S)."""
-    b, a, _, s, _ = out.shape
-    cells = torch.arange(s, device=out.device, dtype=out.dtype)
-    cx = (cells.view(1, 1, 1, s) + out[:, :, 0].sigmoid()) / s
-    cy = (cells.view(1, 1, s, 1) + out[:, :, 1].sigmoid()) / s
-    w = anchors[:, 0].view(1, a, 1, 1) * out[:, :, 2].clamp(max=4).exp()
-    h = anchors[:, 1].view(1, a, 1, 1) * out[:, :, 3].clamp(max=4).exp()
-    boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1).clamp(0, 1)
-    return boxes.reshape(b, -1, 4), out[:, :, 4].sigmoid().reshape(b, -1)
-
-
-def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    lt, rb = torch.maximum(a[:, None, :2], b[None, :, :2]), torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp_min(0).prod(-1)
-    area = lambda x: (x[:, 2:] - x[:, :2]).clamp_min(0).prod(-1)  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None] - inter).clamp_min(1e-9)
-
-
-def yolo_loss(out: torch.Tensor, boxes: list[torch.Tensor], anchors: torch.Tensor, cfg: Config
-              ) -> tuple[torch.Tensor, dict[str, float]]:
-    """YOLOv2's detection loss (see the module docstring), summed over cells and averaged over the batch."""
-    b, a, _, s, _ = out.shape
-    obj = torch.zeros(b, a, s, s, dtype=torch.bool, device=out.device)
-    txy = torch.zeros(b, a, 2, s, s, device=out.device)
-    twh = torch.zeros(b, a, 2, s, s, device=out.device)
-    with torch.no_grad():
-        pred_boxes, _ = decode(out.detach(), anchors)
-        ignore = torch.zeros(b, a * s * s, dtype=torch.bool, device=out.device)
-        for i, gt in enumerate(boxes):
-            if len(gt) == 0:
-                continue
-            ignore[i] = _iou(pred_boxes[i], gt).max(1).values > cfg.ignore_iou
-            wh = (gt[:, 2:] - gt[:, :2]).clamp_min(1e-4)
-            centre = (gt[:, :2] + gt[:, 2:]) / 2 * s
-            cell = centre.long().clamp(0, s - 1)
-            best = shape_iou(wh, anchors).argmax(1)
-            for k in range(len(gt)):
-                j, y, x = int(best[k]), int(cell[k, 1]), int(cell[k, 0])
-                obj[i, j, y, x] = True
-                txy[i, j, :, y, x] = centre[k] - cell[k]
-                twh[i, j, :, y, x] = torch.log(wh[k] / anchors[j])
-    logits = out[:, :, 4]
-    noobj = ~obj & ~ignore.view(b, a, s, s)
-    pos = obj[:, :, None].expand(-1, -1, 2, -1, -1)
-    loss_xy = ((out[:, :, :2].sigmoid() - txy)[pos] ** 2).sum()
-    loss_wh = ((out[:, :, 2:4] - twh)[pos] ** 2).sum()
-    loss_obj = F.binary_cross_entropy_with_logits(logits[obj], torch.ones_like(logits[obj]), reduction="sum")
-    loss_noobj = F.binary_cross_entropy_with_logits(logits[noobj], torch.zeros_like(logits[noobj]), reduction="sum")
-    loss = (cfg.coord_weight * (loss_xy + loss_wh) + loss_obj + cfg.noobj_weight * loss_noobj) / b
-    parts = {k: float(v.detach()) / b for k, v in
-             {"xy": loss_xy, "wh": loss_wh, "obj": loss_obj, "noobj": loss_noobj}.items()}
-    return loss, parts
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Training and evaluation
 
 def train_one_epoch(model: LocalizationNet, optimizer, scheduler, tracks: list[TrackClip], cfg: Config, pcfg,
                     features: AudioFeatures, audio_mode: str | None, device, epoch: int, frozen: bool) -> float:
-    from tqdm import tqdm
+    from flipray.progress import tqdm  # tqdm_ray inside Ray tasks
     model.train()
     if frozen:  # frozen sub-networks keep their BatchNorm statistics too
         model.backbone.eval()
@@ -569,7 +383,7 @@ def score(records: list[dict], clip_ids: list[str]) -> tuple[dict[str, float], d
     for image in images:  # the top box against the true box it overlaps most (nearest centre when none overlaps)
         r = by_id[image]
         top = r["boxes"][0]
-        overlap = _iou(top[None], r["gt"])[0]
+        overlap = box_iou(top[None], r["gt"])[0]
         if overlap.max() > 0:
             k = int(overlap.argmax())
         else:
@@ -618,9 +432,7 @@ def cached_clips(root: str, split: str, resize: int, sample_rate: int, max_clips
 def run_trial(cfg: Config, report=None) -> dict:
     """Train one method (cfg.method) on cfg.train_split, evaluate it on cfg.eval_split (the contract in
     flipray/tasks/base.py)."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"unknown localize method {cfg.method!r}; methods are {list(METHODS)}")
-    spec = METHODS[cfg.method]
+    spec = method_spec(cfg, METHODS)
     frozen = bool(spec.get("frozen"))
     if frozen:
         cfg = dataclasses.replace(cfg, lr_backbone=0.0)
@@ -711,7 +523,7 @@ def tracking_figure(records: list[dict], tracks: list[TrackClip], cfg: Config, p
             for box, colour in [(g, "lime") for g in r["gt"]] + [(r["boxes"][0], "red")]:
                 x0, y0, x1, y1 = (box * size).tolist()
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=1.5))
-            iou = float(_iou(r["boxes"][:1], r["gt"]).max())
+            iou = float(box_iou(r["boxes"][:1], r["gt"]).max())
             ax.set_title(f"t={r['t'] / fps:.1f}s IOU {iou:.2f}", fontsize=7)
         for ax in row:
             ax.set_xticks([])

@@ -6,30 +6,10 @@
         print(t.run_trial(apply(t.Config(pretext='runs/dev-demo/checkpoint.pt'), t.PRESETS['demo']))['metrics'])"
                                         # one method (flip)
 
-Mix-and-separate (Sound of Pixels) adapted to stereo (2.5D Visual Sound): two clips of different scenes are added,
-and the model recovers the one whose frames it is shown. An example is a 0.63-s chunk (as flipray/tasks/spatialize.py):
-    mixture a + b (stereo) -> |STFT| of L and R, log(1 + x) -> AudioUNet (flipray/tasks/unet.py) -> sigmoid ratio mask
-        per channel; target estimate = mask * STFT(mixture) (the mixture's phase)
-    condition at the U-Net's bottleneck: the pretext network's *fused audio-visual* features of the target's frames
-        and the mixture's audio ("Pretrained audio-visual features are concatenated to the innermost layer"; the
-        target's own audio is what is being estimated, so the network hears the mixture, as at test time)
-    loss: L1 of predicted and true magnitude spectrograms of the target, mean over channels and bins (the paper's)
-The pretext network is frozen in the demo/small presets (lr_backbone=0), fine-tuned at 1e-4 in `paper`.
-
-Evaluation: each of the first `eval_clips` eval clips is the target of one whole-clip pair with a partner of another
-scene, drawn with a fixed seed (EVAL_SEED, not cfg.seed: every method and every seed scores the same pairs). The
-chunk slides over both clips every `infer_hop_frames` frames; estimates are averaged where windows overlap. The model
-separates both sources of the pair (once shown each clip's frames), BSS Eval (flipray.tasks.metrics.bss_eval, mir_eval's
-bss_eval_sources per channel, averaged over L and R) scores the target's SDR / SIR / SAR, and `sdr_mixture` is the
-mixture's own SDR as the target's estimate (the floor). `l1_mag` is the training criterion over the target's windows
-(Table 5's number). BSS Eval costs about a second of CPU per pair (two 1024 x 1024 solves per source and channel),
-which is why the demo scores 20 pairs.
-
-Rows (Table 5): no features, random weights, mismatch, shift, flip, and flip + a second visual feature set. The
-paper's second set is ImageNet ResNet-18 ("Ours + supervised"); there are no ImageNet weights here, so by default
-it is the visual stream of a second, differently seeded random network of the same shape (a control for the extra
-width), or the visual stream of any pretext checkpoint given as `second_pretext` (e.g. the mismatch task's,
-which, like ImageNet features, learns what things are rather than where).
+Two clips of different scenes are mixed; a U-Net (flipray/tasks/unet.py) conditioned on the pretext network's fused
+audio-visual features of one clip's frames masks the mixture's spectrogram to recover that clip. Scored by BSS Eval
+(SDR / SIR / SAR, mir_eval) on fixed pairs and l1_mag (Table 5's number). Design and the "second visual features"
+row: docs/tasks.md.
 """
 from __future__ import annotations
 
@@ -46,7 +26,8 @@ import torch.nn.functional as F
 from flipray.tasks import metrics
 from flipray.config import Config as PretextConfig
 from flipray.pretext.data import AudioFeatures, sample_seed
-from flipray.tasks.base import Clip, DownstreamConfig, load_clips, param_groups, pretext_network, setup, to_device
+from flipray.tasks.base import (Clip, DownstreamConfig, load_clips, method_spec, param_groups, pretext_network, setup,
+                                to_device)
 from flipray.pretext.models import SpatialAlignmentNet
 from flipray.tasks.spatialize import plot_history, prepare_clips
 from flipray.tasks.unet import AudioUNet, Chunks, Spectrogram, overlap_add
@@ -55,6 +36,7 @@ log = logging.getLogger(__name__)
 
 EVAL_SEED = 2020  # the eval pairs' seed: fixed, so per-clip values pair up across methods and seeds
 
+ORDER = 5  # where its table comes in the report (the paper's order)
 TABLE = {
     "task": "separate", "table": "Table 5",
     "metrics": ["sdr", "sir", "sar", "l1_mag", "sdr_mixture"],
@@ -75,6 +57,34 @@ METHODS = {
     "shift": {"label": "Shift task", "pretext": "shift"},
     "flip": {"label": "Flip task (ours)", "pretext": "flip"},
     "flip+second": {"label": "Flip + second visual features", "pretext": "flip"},
+}
+
+# The paper's numbers (Yang, Russell & Salamon, CVPR 2020) as printed, on real data (YouTube-ASMR, FAIR-Play,
+# TAU), for orientation; flipray.tasks.tables puts them beside ours. numbers: {method: {metric: value}}.
+PAPER = {
+    # Table 5: separation test error, the L1 distance of output and target magnitude spectrograms (mean over bins).
+    "separate": {
+        "table": "Table 5", "data": "YouTube-ASMR and FAIR-Play test sets",
+        "units": {},
+        "labels": {
+            "no-visual": "No visual features",
+            "scratch": "No pretraining",
+            "mismatch": "Mismatch task",
+            "shift": "Shift task",
+            "flip": "Flip task (ours)",
+            "supervised": "Supervised",
+            "flip+supervised": "Ours + supervised",
+        },
+        "numbers": {
+            "no-visual": {"l1_mag_asmr": 0.0946, "l1_mag_fairplay": 0.423},
+            "scratch": {"l1_mag_asmr": 0.0953, "l1_mag_fairplay": 0.422},
+            "mismatch": {"l1_mag_asmr": 0.0923, "l1_mag_fairplay": 0.423},
+            "shift": {"l1_mag_asmr": 0.0918, "l1_mag_fairplay": 0.422},
+            "flip": {"l1_mag_asmr": 0.0898, "l1_mag_fairplay": 0.41},
+            "supervised": {"l1_mag_asmr": 0.0885, "l1_mag_fairplay": 0.362},
+            "flip+supervised": {"l1_mag_asmr": 0.0863, "l1_mag_fairplay": 0.35},
+        },
+    },
 }
 
 
@@ -253,7 +263,7 @@ def make_batch(clips: list[Clip], items: list[tuple], chunks: Chunks, pcfg: Pret
 # Train and evaluate
 
 def train_one_epoch(model: Separator, clips, chunks, spec, pcfg, optimizer, cfg: Config, device, epoch: int) -> float:
-    from tqdm import tqdm
+    from flipray.progress import tqdm  # tqdm_ray inside Ray tasks
     model.train()
     items = train_items(clips, chunks, cfg, epoch)
     total, n = 0.0, 0
@@ -316,7 +326,7 @@ def separate_pair(model: Separator, a: Clip, b: Clip, chunks: Chunks, spec, pcfg
 
 def score_pairs(model, clips, pairs, chunks, spec, pcfg, cfg: Config, device, out_dir: Path | None) -> tuple:
     """Per target clip: BSS Eval of the target, the mixture's SDR, the training L1 -> (per_clip, clip ids)."""
-    from tqdm import tqdm
+    from flipray.progress import tqdm  # tqdm_ray inside Ray tasks
     per_clip = {k: [] for k in TABLE["metrics"]}
     ids = []
     for n, (i, j) in enumerate(tqdm(pairs, desc="separating eval pairs", unit="pair", leave=False)):
@@ -353,8 +363,7 @@ def write_example(folder: Path, name: str, r: dict, sample_rate: int) -> list[Pa
 
 def run_trial(cfg: Config, report=None) -> dict:
     """Train one method (cfg.method) on mixtures of cfg.train_split clips, score whole-clip pairs of cfg.eval_split."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"unknown separate method {cfg.method!r}; methods are {list(METHODS)}")
+    method_spec(cfg, METHODS)
     device = setup(cfg)
     net, pcfg = pretext_network(cfg)
     second = second_network(cfg, pcfg) if cfg.method == "flip+second" else None

@@ -6,25 +6,10 @@
         print(t.run_trial(apply(t.Config(pretext='runs/dev-demo/checkpoint.pt'), t.PRESETS['demo']))['metrics'])"
                                         # one method (flip)
 
-An example is a 0.63-s chunk of a clip (2.5D Visual Sound's length; `chunk_s`), starting on a video frame:
-    mono = L + R  -> STFT (512/160/400, 256 bins) as real/imag channels -> AudioUNet (flipray/tasks/unet.py)
-    frames shown during the chunk -> the pretext network's visual stream (B, Dv, frames) -> the U-Net's bottleneck
-    tanh complex mask M;  predicted difference D^ = M * STFT(mono) (complex product);  loss L1(D^, STFT(L - R))
-    L^ = (mono + istft(D^)) / 2,  R^ = (mono - istft(D^)) / 2
-Tanh instead of 2.5D Visual Sound's sigmoid*2-1 as the paper says (a sigmoid's asymmetry biased the upmix one way).
-The visual stream is frozen by default in the demo/small presets (lr_backbone=0: the features are compared as they
-came out of pretext training) and fine-tuned at 1e-4 in `paper`, as Mono2Binaural fine-tunes its ResNet-18.
-
-Evaluation runs on whole clips: the chunk slides over the clip every `infer_hop_frames` video frames and the predicted
-difference waveforms are averaged where they overlap (2.5D Visual Sound slides 0.63 s by 0.05 s; ours start on
-frames, 1/6 s apart). Metrics: `l1_complex` (the training criterion, Table 4's number, mean over the clip's
-windows), and 2.5D Visual Sound's `stft_distance` and `envelope_distance` (flipray.tasks.metrics, peak-normalised as its
-evaluate.py) over the part of the clip the windows cover; `*_mono` are the same distances for copying the mono mix
-to both channels (D^ = 0), the floor an upmixer has to beat. The first `examples` eval clips are written as stereo
-FLAC (predicted, true, mono) to out_dir/examples/.
-
-Rows (Table 4): no visual features, the visual network with random weights, and its weights from the mismatch,
-shift and flip pretext tasks. The paper's "supervised" (ImageNet ResNet-18) row needs ImageNet weights and is not run.
+Chunks of mono (L + R) go through an audio U-Net (flipray/tasks/unet.py) conditioned on the pretext visual stream,
+which predicts the L - R difference as a complex mask; scored on whole clips by l1_complex (Table 4's number) and
+2.5D Visual Sound's STFT / envelope distances, against copying the mono mix (*_mono). Design and metric details:
+docs/tasks.md.
 """
 from __future__ import annotations
 
@@ -38,12 +23,14 @@ import torch.nn as nn
 from flipray.tasks import metrics
 from flipray.config import Config as PretextConfig
 from flipray.pretext.data import peak_normalise, sample_seed
-from flipray.tasks.base import Clip, DownstreamConfig, load_clips, param_groups, pretext_network, setup, to_device
+from flipray.tasks.base import (Clip, DownstreamConfig, load_clips, method_spec, param_groups, pretext_network, setup,
+                                to_device)
 from flipray.pretext.models import SpatialAlignmentNet
 from flipray.tasks.unet import AudioUNet, Chunks, Spectrogram, overlap_add
 
 log = logging.getLogger(__name__)
 
+ORDER = 4  # where its table comes in the report (the paper's order)
 TABLE = {
     "task": "spatialize", "table": "Table 4",
     "metrics": ["stft_distance", "envelope_distance", "l1_complex", "stft_distance_mono", "envelope_distance_mono"],
@@ -64,6 +51,32 @@ METHODS = {
     "mismatch": {"label": "Mismatch task", "pretext": "mismatch"},
     "shift": {"label": "Shift task", "pretext": "shift"},
     "flip": {"label": "Flip task (ours)", "pretext": "flip"},
+}
+
+# The paper's numbers (Yang, Russell & Salamon, CVPR 2020) as printed, on real data (YouTube-ASMR, FAIR-Play,
+# TAU), for orientation; flipray.tasks.tables puts them beside ours. numbers: {method: {metric: value}}.
+PAPER = {
+    # Table 4: upmixing test error, the L1 distance of output and target complex spectrograms (mean over bins).
+    "spatialize": {
+        "table": "Table 4", "data": "YouTube-ASMR and FAIR-Play test sets",
+        "units": {},
+        "labels": {
+            "supervised": "Supervised",
+            "no-visual": "No visual features",
+            "scratch": "No pretraining",
+            "mismatch": "Mismatch task",
+            "shift": "Shift task",
+            "flip": "Flip task (ours)",
+        },
+        "numbers": {
+            "supervised": {"l1_complex_asmr": 0.0858, "l1_complex_fairplay": 0.403},
+            "no-visual": {"l1_complex_asmr": 0.0924, "l1_complex_fairplay": 0.418},
+            "scratch": {"l1_complex_asmr": 0.0891, "l1_complex_fairplay": 0.413},
+            "mismatch": {"l1_complex_asmr": 0.0877, "l1_complex_fairplay": 0.412},
+            "shift": {"l1_complex_asmr": 0.0861, "l1_complex_fairplay": 0.409},
+            "flip": {"l1_complex_asmr": 0.0853, "l1_complex_fairplay": 0.401},
+        },
+    },
 }
 
 
@@ -189,7 +202,7 @@ def train_items(clips: list[Clip], chunks: Chunks, cfg: Config, epoch: int) -> l
 # Train and evaluate
 
 def train_one_epoch(model: Upmixer, clips, chunks, spec, pcfg, optimizer, cfg: Config, device, epoch: int) -> float:
-    from tqdm import tqdm
+    from flipray.progress import tqdm  # tqdm_ray inside Ray tasks
     model.train()
     items = train_items(clips, chunks, cfg, epoch)
     total, n = 0.0, 0
@@ -243,7 +256,7 @@ def upmix_clip(model: Upmixer, clip: Clip, chunks: Chunks, spec, pcfg, cfg: Conf
 
 def score_clips(model, clips, chunks, spec, pcfg, cfg: Config, device, out_dir: Path | None) -> dict:
     """Whole-clip metrics per clip (and the mono-copy floor); the first cfg.examples clips written as FLAC."""
-    from tqdm import tqdm
+    from flipray.progress import tqdm  # tqdm_ray inside Ray tasks
     per_clip = {k: [] for k in TABLE["metrics"]}
     for k, clip in enumerate(tqdm(clips, desc="upmixing eval clips", unit="clip", leave=False)):
         r = upmix_clip(model, clip, chunks, spec, pcfg, cfg, device)
@@ -313,8 +326,7 @@ def plot_history(history: list[dict], path: Path, title: str) -> Path:
 
 def run_trial(cfg: Config, report=None) -> dict:
     """Train one method (cfg.method) on cfg.train_split, score whole clips of cfg.eval_split."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"unknown spatialize method {cfg.method!r}; methods are {list(METHODS)}")
+    method_spec(cfg, METHODS)
     device = setup(cfg)
     net, pcfg = pretext_network(cfg)
     train_clips, _ = load_clips(cfg.data_root, cfg.train_split, pcfg.data.resize, pcfg.data.sample_rate,

@@ -1,0 +1,66 @@
+"""The Kubernetes retry path, exercised locally: the pretext RayJob's driver fails mid-run, the job is submitted again
+with the same --run-name (what `backoffLimit`, a re-apply or a lost head pod does), and the run continues from its
+last checkpoint in the same Ray Train run and the same MLflow run; applied once more after it finished, it trains
+and registers nothing.
+
+    .venv/bin/python -m pytest tests/test_pretext_resume.py -x -q
+"""
+from __future__ import annotations
+
+import pytest
+
+from jobs import pretext
+
+FAST = ["data.num_frames=3", "data.eval_windows=1", "data.resize=40", "data.crop=32", "data.n_mels=32",
+        "model.visual_width=8", "model.audio_width=8", "model.audio_dim=32", "model.fusion_dim=32", "train.log_every=1"]
+
+
+@pytest.mark.slow
+def test_resubmitting_with_the_same_run_name_continues_from_the_checkpoint(synth_root, ray_local, tmp_path,
+                                                                           monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root (./mlruns)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # 12 train clips, batch 4: a checkpoint every 2 steps (8 samples); the first attempt dies at step 5, after the
+    # checkpoints of steps 2 and 4 (the step-4 one may not have reached Ray Train's controller yet: its reports are
+    # collected asynchronously). max_failures=0: the failure ends the job, as a lost head pod would.
+    sets = FAST + [f"data.root={synth_root}", "train.batch_size=4", "train.total_samples=24",
+                   "train.checkpoint_every_samples=8", "train.eval_every_samples=12", "cluster.workers=1",
+                   f"cluster.storage_path={tmp_path / 'ray-results'}", "cluster.max_failures=0",
+                   "cluster.keep_checkpoints=2"]
+    argv = ["--config", "demo", "--run-name", "flipray-pretext", "--tracking-uri", uri,
+            *sum((["--set", s] for s in sets), [])]
+    monkeypatch.setenv("FLIPRAY_FAULT_AT_STEP", "5")
+    monkeypatch.setenv("FLIPRAY_FAULT_RANK", "0")
+    with pytest.raises(Exception):  # attempt 1: the driver fails (Ray Train gives up after max_failures)
+        pretext.main(argv)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("flipray-pretext")
+    first = client.search_runs([exp.experiment_id])
+    assert len(first) == 1 and first[0].info.status == "RUNNING"
+    assert max(m.value for m in client.get_metric_history(first[0].info.run_id, "samples_seen")) == 16.0  # died at step 5, before logging it
+    assert (tmp_path / "ray-results" / "flipray-pretext").is_dir()
+
+    # attempt 2: the same command
+    monkeypatch.delenv("FLIPRAY_FAULT_AT_STEP")
+    summary = pretext.main(argv)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and summary["run_id"] == first[0].info.run_id  # the same MLflow run
+    run_id = summary["run_id"]
+    resumed = client.get_metric_history(run_id, "resumed_from_step")
+    assert len(resumed) == 1 and resumed[0].value in (2.0, 4.0), resumed  # from a checkpoint, not from sample 0
+    by_step = {}
+    for m in client.get_metric_history(run_id, "samples_seen"):
+        by_step.setdefault(m.step, set()).add(m.value)
+    assert sorted(by_step) == list(range(1, 7)) and all(len(v) == 1 for v in by_step.values())
+    assert by_step[6] == {24.0} and summary["metrics"]["samples_seen"] == 24
+    assert summary["model_version"] == 1 and str(tmp_path / "ray-results" / "flipray-pretext") in \
+        str(summary["checkpoint"])
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+    # applied once more (a finished RayJob deleted and re-applied): nothing trained, nothing registered
+    again = pretext.main(argv)
+    assert again["already_finished"] is True and again["run_id"] == run_id and again["samples_seen"] == 24
+    assert len(client.search_model_versions("name = 'flipray-pretext'")) == 1
+    assert len(client.search_runs([exp.experiment_id])) == 1

@@ -1,0 +1,45 @@
+"""flipray.tracking.load_pretrained: the one model resolution (check, downstream tasks, jobs) and its errors.
+
+    .venv/bin/python -m pytest tests/test_tracking.py -q
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flipray import check, tracking
+from flipray.config import load_config
+from flipray.pretext.models import SpatialAlignmentNet
+
+
+def test_missing_paths_and_stores_say_where_they_looked(tmp_path, monkeypatch):
+    with pytest.raises(tracking.NoModelError, match="none.pt"):
+        tracking.load_pretrained(str(tmp_path / "none.pt"))
+    store = tmp_path / "store" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    with pytest.raises(tracking.NoModelError) as e:
+        tracking.load_pretrained("models:/flipray-pretext/latest")
+    assert str(store) in str(e.value) and "make demo" in str(e.value) and "--model PATH" in str(e.value)
+    assert not store.exists()  # looking did not create an empty store
+    assert check.NoModelError is tracking.NoModelError  # flipray check reports the same error (exit code 4)
+
+
+def test_a_run_folder_and_its_checkpoint_load_the_same_weights(tmp_path):
+    from flipray.pretext.train import make_optimizer, new_state, save_checkpoint
+    cfg = load_config("demo")
+    torch.manual_seed(3)
+    net = SpatialAlignmentNet(cfg)
+    save_checkpoint(tmp_path / "checkpoint.pt", net, make_optimizer(net, cfg), new_state(), cfg)
+    for spec in (tmp_path, tmp_path / "checkpoint.pt"):
+        model, got = tracking.load_pretrained(str(spec))
+        assert got.to_dict() == cfg.to_dict() and not model.training
+        for (k, a), b in zip(net.state_dict().items(), model.state_dict().values()):
+            assert torch.equal(a, b), k
+    # the check tool takes the same folder, and refuses a model of another pretext task
+    assert check.load_check_model(str(tmp_path))[1].train.task == "flip"
+    rotate = load_config("demo", ["train.task=rotate"])
+    (tmp_path / "r").mkdir()
+    rnet = SpatialAlignmentNet(rotate)
+    save_checkpoint(tmp_path / "r" / "checkpoint.pt", rnet, make_optimizer(rnet, rotate), new_state(), rotate)
+    with pytest.raises(tracking.NoModelError, match="'rotate' pretext task"):
+        check.load_check_model(str(tmp_path / "r"))
