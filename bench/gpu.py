@@ -16,6 +16,8 @@ writing OUT/gpu.json after every part so a run cut short still leaves what it me
              data-wait fraction stays small
   compile    torch.compile of the same step (bf16 + channels_last): compile seconds, samples/s, speedup over eager
   gpu_check  python -m dali_pipelines.gpu_check on the same clips: GPU/CPU pipeline parity checks
+  fixed_paths (first) bench/gpu_paths.py: `flipray check` scoring on CUDA, every model variant prepared with
+             channels_last and trained, gradient accumulation under 2-rank DDP (identical parameters)
 """
 from __future__ import annotations
 
@@ -226,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
                                               **r})
         return r
 
+    def fixed_paths():  # the GPU-only defects' paths (bench/gpu_paths.py): check on CUDA, variants, DDP accumulation
+        from bench.gpu_paths import accumulation, check_on_device, variants
+        return {"check": check_on_device(device), "variants": variants(device), "accumulation": accumulation(device)}
+
+    part("fixed_paths", fixed_paths)
     with tempfile.TemporaryDirectory(prefix="flipray-gpu-bench-") as tmp:
         data_dir = Path(args.data_dir or Path(tmp) / "synth")
         part("data", lambda: {"root": make_data(data_dir, args.clips, 4.0 if args.dry_run else 10.0),

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU benchmark of one node, in under 8 minutes, with no network: decode (DALI mixed/NVDEC), the paper-preset step
 # (fp32, bf16, bf16 + channels_last, torch.compile; samples/s per GPU, peak memory), whether the DALI GPU loader keeps
-# up with the step, and the GPU/CPU pipeline parity check. Data: synthetic clips made on the node (flipray.synth.scenes).
+# up with the step, the GPU/CPU pipeline parity check, and the paths only a GPU exercises (bench/gpu_paths.py: check
+# on CUDA, the motion variant with channels_last, accumulation under DDP). Data: synthetic clips made on the node (flipray.synth.scenes).
 #
 #   bench/gpu.sh OUT_DIR               # writes OUT_DIR/gpu.json, gpu.log, nvidia-smi.txt
 #   bench/gpu.sh --dry-run OUT_DIR     # tiny CPU settings (demo preset, 4 short clips): checks the script anywhere

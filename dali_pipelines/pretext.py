@@ -96,18 +96,21 @@ class ClipSource:
     Stateless apart from caches, as DALI's parallel mode requires: the answer depends only on the SampleInfo.
     Positions past the epoch's end, up to a whole batch, return flagged fillers (PAD): DALI drops a partial
     batch when the callback stops mid-batch, so the epoch is padded to whole batches and the loader drops the pads.
+    EpochSampler's own pads (item -1 - i) decode item i and come out with weight 0. `start` is the global position
+    of the first epoch (EpochSampler's), `skip` this shard's samples already served from there (a rebuild).
     The objects of the next positions this process serves are fetched ahead on data.fetch_threads threads (only
     bytes move early: every draw is still made from the SampleInfo alone).
     """
 
     def __init__(self, cfg: Config, clips: list[dict], root: str, seed: int, train: bool, shuffle: bool,
                  shard_id: int, num_shards: int, batch_size: int, first_epoch: int, start: int,
-                 bad: dict[str, int] | None = None, py_workers: int = 0):
+                 bad: dict[str, int] | None = None, py_workers: int = 0, step_size: int | None = None,
+                 skip: int = 0):
         self.cfg, self.clips, self.seed, self.train = cfg, clips, seed, train
         self.store = open_store(root, cfg.data.cache_dir, cfg.data.cache_gb)
         self.shuffle, self.shard_id, self.num_shards, self.batch_size = shuffle, shard_id, num_shards, batch_size
         self.first_epoch, self.start, self.bad = first_epoch, start, dict(bad or {})
-        self.py_workers = py_workers
+        self.py_workers, self.step_size, self.skip = py_workers, step_size, skip
         self.n_items = num_items(len(clips), cfg, train)
         self._orders: dict[int, list[int]] = {}
         self._filler_audio = None
@@ -120,16 +123,19 @@ class ClipSource:
     def order(self, epoch: int) -> list[int]:
         """This shard's items of `epoch`, from the start position on (EpochSampler's order exactly)."""
         if epoch not in self._orders:
-            order = EpochSampler(self.n_items, self.seed, epoch, self.shuffle, self.shard_id, self.num_shards).order()
-            self._orders = {epoch: order[self.start:] if epoch == self.first_epoch else order}
+            first = epoch == self.first_epoch
+            order = EpochSampler(self.n_items, self.seed, epoch, self.shuffle, self.shard_id, self.num_shards,
+                                 self.start if first else 0, self.step_size).order()
+            self._orders = {epoch: order[self.skip:] if first else order}
         return self._orders[epoch]
 
     def num_batches(self, epoch: int) -> int:
         return math.ceil(len(self.order(epoch)) / self.batch_size)
 
     def item(self, item: int, epoch: int):
-        """(clip index, SampleParams) of dataset item `item`, exactly as ClipDataset.__getitem__ draws them."""
-        return item_params(self.cfg, self.clips, self.seed, epoch, item, self.train)
+        """(clip index, SampleParams) of dataset item `item` (an EpochSampler pad -1 - i: item i), exactly as
+        ClipDataset.__getitem__ draws them."""
+        return item_params(self.cfg, self.clips, self.seed, epoch, item if item >= 0 else -1 - item, self.train)
 
     def fetch(self, clip: dict) -> tuple[bytes, bytes, int]:
         """The clip's video and audio bytes and a status code. A missing, corrupt or foreign object is a status;
@@ -197,8 +203,8 @@ class ClipSource:
         k = info.idx_in_epoch
         if k >= self.num_batches(epoch) * self.batch_size:
             raise StopIteration
-        item = order[k] if k < len(order) else -1
-        if item < 0:
+        item = order[k] if k < len(order) else None
+        if item is None:
             ci, p, video, audio, code = 0, None, b"", b"", PAD
         else:
             ci, p = self.item(item, epoch)
@@ -222,7 +228,7 @@ class ClipSource:
         s0 = window_samples_range(self.cfg, audio_start)[0]
         return (np.frombuffer(video, np.uint8), np.frombuffer(audio, np.uint8), np.array(start, np.int32),
                 np.array([s0], np.int32), np.array(crop, np.int32), np.array(aug, np.float32),
-                np.array(flags, np.int32), np.array([ci, item, code, start], np.int64))
+                np.array(flags, np.int32), np.array([ci, -1 if item is None else item, code, start], np.int64))
 
 
 def build_pipeline(cfg: Config, source: ClipSource, device: str = "cpu", batch_size: int = 32,
@@ -298,15 +304,16 @@ def build_pipeline(cfg: Config, source: ClipSource, device: str = "cpu", batch_s
 class DaliClipLoader:
     """One split of a dataset (folder or s3://) through the DALI pipeline: iterate for one epoch's batches.
 
-    `shard_id`/`num_shards` take this rank's share of each epoch (EpochSampler's per-rank order, padded so every
-    rank gets the same count); `shuffle` reorders per epoch from `seed`; `start` resumes mid-epoch. The batch dict is
+    `shard_id`/`num_shards` take this rank's share of each epoch (EpochSampler's per-rank order in steps of
+    `step_size` positions, padded so every rank gets the same count); `shuffle` reorders per epoch from `seed`;
+    `start` (a global position, a step boundary) resumes mid-epoch. The batch dict is
     `flipray.pretext.data.collate`'s. device="gpu" decodes video on NVDEC and returns CUDA tensors; "cpu" runs anywhere.
     """
 
     def __init__(self, cfg: Config, split: str, train: bool, root: str | None = None, batch_size: int | None = None,
                  device: str = "cpu", shard_id: int = 0, num_shards: int = 1, shuffle: bool | None = None,
                  seed: int | None = None, epoch: int = 0, start: int = 0, num_threads: int = 2,
-                 py_workers: int = 0, device_id: int = 0):
+                 py_workers: int = 0, device_id: int = 0, step_size: int | None = None):
         self.cfg, self.split, self.train, self.device = cfg, split, train, device
         self.root = str(root or cfg.data.root)
         self.clips = Store(self.root).read_manifest(split)
@@ -321,7 +328,7 @@ class DaliClipLoader:
         self.num_threads, self.py_workers, self.device_id = num_threads, py_workers, device_id
         self.bad: dict[str, int] = {}        # clip_id -> status code, for clips the decoders choked on
         self.skipped: dict[str, str] = {}    # clip_id -> reason, as ClipDataset.skipped
-        self.epoch, self.start = epoch, start
+        self.epoch, self.start, self.step_size = epoch, start, step_size
         self._pipe = self._iter = None
         self._pipe_epoch, self._fresh = None, False  # the epoch the built pipeline produces next; not yet begun
 
@@ -331,14 +338,15 @@ class DaliClipLoader:
     def __len__(self) -> int:
         return self._make_source(self.epoch, self.start).num_batches(self.epoch)
 
-    def _make_source(self, epoch: int, start: int) -> ClipSource:
+    def _make_source(self, epoch: int, start: int, skip: int = 0) -> ClipSource:
         return ClipSource(self.cfg, self.clips, self.root, self.seed, self.train, self.shuffle, self.shard_id,
-                          self.num_shards, self.batch_size, epoch, start, self.bad, self.py_workers)
+                          self.num_shards, self.batch_size, epoch, start, self.bad, self.py_workers,
+                          self.step_size, skip)
 
-    def _build(self, epoch: int, start: int) -> None:
+    def _build(self, epoch: int, start: int, skip: int = 0) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
         self.close()
-        self._pipe = build_pipeline(self.cfg, self._make_source(epoch, start), self.device, self.batch_size,
+        self._pipe = build_pipeline(self.cfg, self._make_source(epoch, start, skip), self.device, self.batch_size,
                                     self.num_threads, self.device_id, self.py_workers)
         self._pipe.build()
         # prepare_first_batch=False: the first run happens in __iter__, where decoder errors are handled
@@ -350,10 +358,10 @@ class DaliClipLoader:
         self._iter = self._pipe = None  # DALI shuts workers down when the pipeline is collected
 
     def __iter__(self):
-        epoch, pos = self.epoch, self.start
+        epoch, start, pos = self.epoch, self.start, 0  # pos: this shard's samples served since `start`
         # The built pipeline runs on into the next epoch; rebuild only to jump elsewhere (resume, new epoch order).
-        if not (self._iter is not None and self._fresh and self._pipe_epoch == epoch and pos == 0):
-            self._build(epoch, pos)
+        if not (self._iter is not None and self._fresh and self._pipe_epoch == epoch and start == 0):
+            self._build(epoch, start)
         self._fresh = False
         while True:
             try:
@@ -363,13 +371,12 @@ class DaliClipLoader:
                 self._pipe_epoch, self._fresh = epoch + 1, True
                 break
             except RuntimeError as e:  # a decoder failed on a clip that passed the callback's checks
-                self._find_bad(epoch, pos, e)
-                self._build(epoch, pos)
+                self._find_bad(epoch, start, pos, e)
+                self._build(epoch, start, pos)
                 self._fresh = False
                 continue
             batch, n = self._to_batch(out)
             pos += n
-            self.start = pos
             if batch is not None:
                 yield batch
         self.epoch, self.start = epoch + 1, 0
@@ -408,18 +415,21 @@ class DaliClipLoader:
         batch["label"] = out["flags"][keep, 2].float()
         batch["clip_id"] = [self.clips[int(info[i, 0])]["clip_id"] for i in keep.tolist()]
         batch["start_s"] = info[keep, 3].float() / self.cfg.data.fps
+        item = info[keep, 1]
+        batch["item"] = torch.where(item >= 0, item, -1 - item)
+        batch["weight"] = (item >= 0).float()  # EpochSampler's pads: in the pass (DDP), out of the loss
         return batch, consumed
 
-    def _find_bad(self, epoch: int, pos: int, err: Exception) -> None:
+    def _find_bad(self, epoch: int, start: int, pos: int, err: Exception) -> None:
         """Decode the clips of the failed batch with torchcodec; mark those that fail as bad, or re-raise.
 
         The pipeline runs PREFETCH batches ahead, so the clip at fault may sit in one of the next batches too.
         """
-        source = self._make_source(epoch, 0)
+        source = self._make_source(epoch, start)
         order = source.order(epoch)[pos:pos + self.batch_size * (PREFETCH + 1)]
         found = []
         for item in order:
-            ci, p = source.item(item, epoch)
+            ci, p = source.item(item if item >= 0 else -1 - item, epoch)
             clip = self.clips[ci]
             video, audio, code = source.fetch(clip)
             if code != OK:

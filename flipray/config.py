@@ -102,6 +102,9 @@ class TrainConfig:
 class ClusterConfig:
     """How jobs/pretext.py runs the loop on Ray Train (ignored by the local trainer)."""
     workers: int = 2                  # Ray Train workers = DDP ranks; the global batch stays train.batch_size
+    min_workers: int = 0              # < workers: elastic, runs on min_workers..workers as nodes come and go
+                                      # (batch, schedule and sample order unchanged); 0 = workers (fixed size)
+    resize_check_s: float = 60.0      # elastic: how often a healthy run looks for room to grow
     use_gpu: bool = False             # one GPU per worker (DALI decodes on it when data.loader=dali)
     cpus_per_worker: float = 1.0
     storage_path: str = "runs/ray"    # Ray RunConfig storage: a folder or s3://bucket/prefix (honours AWS_ENDPOINT_URL)
@@ -126,6 +129,11 @@ class Config:
     @property
     def mel_frames(self) -> int:
         return self.window_samples // self.data.hop_length + 1  # centre=True STFT
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) Ray Train workers: equal unless cluster.min_workers makes the run elastic."""
+        return self.cluster.min_workers or self.cluster.workers, self.cluster.workers
 
     @property
     def window_frames(self) -> int:
@@ -188,8 +196,19 @@ class Config:
             raise ValueError(f"train.schedule must be 'constant' or 'cosine', got {t.schedule!r}")
         if t.batch_size < 1 or t.total_samples < 1:
             raise ValueError("train.batch_size and train.total_samples must be positive")
-        if self.cluster.workers < 1 or self.cluster.max_failures < -1 or self.cluster.keep_checkpoints < 1:
+        c = self.cluster
+        if c.workers < 1 or c.max_failures < -1 or c.keep_checkpoints < 1:
             raise ValueError("cluster.workers and cluster.keep_checkpoints must be >= 1, cluster.max_failures >= -1")
+        if not 0 <= c.min_workers <= c.workers:
+            raise ValueError(f"cluster.min_workers must be in 0..cluster.workers ({c.workers}), got {c.min_workers}")
+        lo, hi = self.worker_range
+        for world in range(lo, hi + 1):  # every size an elastic run may take keeps the batch
+            per_worker = t.batch_size // world
+            if t.batch_size % world or (t.micro_batch_size and per_worker % t.micro_batch_size):
+                raise ValueError(f"train.batch_size {t.batch_size} must split evenly over every worker count in "
+                                 f"cluster.min_workers..workers ({lo}..{hi}) into micro-batches "
+                                 f"of train.micro_batch_size {t.micro_batch_size or 'batch/workers'}; {world} "
+                                 f"workers do not")
         return self
 
     def to_dict(self) -> dict:

@@ -13,8 +13,14 @@ restarts from the newest one (`cluster.max_failures`), and running the same comm
 continues a stopped run (the k8s RayJob passes a fixed one, so its retries and re-applies do); a finished run is not
 trained or registered again. Rank 0 logs params, metrics, the learning curve and the final model to MLflow.
 
-Fault drill (what the tests do): FLIPRAY_FAULT_AT_STEP=K FLIPRAY_FAULT_RANK=1 makes rank 1 exit at step K once per
-run (also when K precedes the first checkpoint, so every restart passes step K again).
+With `--set cluster.min_workers=M` (< cluster.workers) the run is elastic: it starts on what the cluster has, goes on
+with fewer workers after a node loss and grows when nodes return, with the same batch, schedule and samples
+(docs/cluster.md, "Failures and scaling"). Every rank evaluates its shard of val/test.
+
+Test-only drills: FLIPRAY_FAULT_AT_STEP=K FLIPRAY_FAULT_RANK=1 makes rank 1 exit at step K once per
+run (also when K precedes the first checkpoint, so every restart passes step K again);
+FLIPRAY_FAULT_SAMPLER=skip|repeat makes a resumed attempt start one sample late or early; FLIPRAY_HOLD_DIR (and
+FLIPRAY_HOLD_S) makes every attempt note its start and wait after its first checkpoint until DIR/release exists.
 """
 from __future__ import annotations
 
@@ -32,8 +38,8 @@ import yaml
 from flipray.config import config_from_dict, load_config
 from flipray.pretext.data import ClipDataset, EpochSampler
 from flipray.pretext.models import SpatialAlignmentNet, count_parameters
-from flipray.pretext.train import (evaluate, evaluate_splits, fit, load_checkpoint, make_loader, make_optimizer, new_state,
-                           plot_curves, save_checkpoint, split_batch)
+from flipray.pretext.train import (evaluate, evaluate_splits, fit, load_checkpoint, make_loader, make_optimizer,
+                                  new_state, plot_curves, prepare_model, save_checkpoint, split_batch, upgrade_state)
 from flipray import tracking
 from flipray.dataset.store import storage_location
 
@@ -42,7 +48,8 @@ log = logging.getLogger("jobs.pretext")
 # Non-secret environment the workers need; credentials come from the nodes' own environment (k8s Secret, IAM role).
 # Set on the MLflow run when training and registration are done: a rerun with the same --run-name stops there.
 COMPLETED_TAG = "flipray.completed_samples"
-FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "FLIPRAY_FAULT_AT_STEP", "FLIPRAY_FAULT_RANK")
+FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "FLIPRAY_FAULT_AT_STEP", "FLIPRAY_FAULT_RANK",
+               "FLIPRAY_FAULT_SAMPLER", "FLIPRAY_HOLD_DIR", "FLIPRAY_HOLD_S")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -68,9 +75,7 @@ def train_worker(config: dict):
     torch.manual_seed(cfg.train.seed)
     micro, accum = split_batch(cfg.train.batch_size, world, cfg.train.micro_batch_size)
 
-    model = SpatialAlignmentNet(cfg)
-    if device.type == "cuda" and cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = prepare_model(SpatialAlignmentNet(cfg), cfg, device)  # channels_last on GPU workers
     model = ray.train.torch.prepare_model(model)  # DDP, on this worker's device
     module = getattr(model, "module", model)
     optimizer = make_optimizer(model, cfg)
@@ -80,18 +85,29 @@ def train_worker(config: dict):
             payload = load_checkpoint(Path(d) / "checkpoint.pt")
         module.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
-        state = payload["state"]
+        state = upgrade_state(payload["state"], payload["config"]["cluster"]["workers"])
         torch.set_rng_state(payload["rng"])
-        log.info("rank %d resumed at step %d, %d samples (epoch %d, position %d)", rank, state["step"],
-                 state["samples_seen"], state["epoch"], state["epoch_pos"])
+        log.info("rank %d resumed at step %d, %d samples (epoch %d, position %d) on %d workers (was %d)", rank,
+                 state["step"], state["samples_seen"], state["epoch"], state["epoch_pos"], world,
+                 state.get("world_size", world))
+    state["world_size"] = world
+    shift, fault_sampler = 0, os.environ.get("FLIPRAY_FAULT_SAMPLER", "")
+    if restored is not None and fault_sampler:  # test-only: a resume that skips or repeats one sample
+        shift = {"skip": 1, "repeat": -1}[fault_sampler]
+        log.error("sampler fault drill: resuming at position %d instead of %d", state["epoch_pos"] + shift,
+                  state["epoch_pos"])
 
-    epoch_clips, train_loader = _train_loader(cfg, rank, world, micro, device)
-    val = None
+    epoch_clips, train_loader = _train_loader(cfg, rank, world, micro, device, shift)
+    val_set = ClipDataset(cfg, "val", train=False)  # every rank scores its shard; the sums are all-reduced
+    val = make_loader(val_set, cfg, EpochSampler(len(val_set), cfg.train.seed, shuffle=False, rank=rank,
+                                                 world=world), micro)
     if rank == 0:
-        val_set = ClipDataset(cfg, "val", train=False)
-        val = make_loader(val_set, cfg, EpochSampler(len(val_set), cfg.train.seed, shuffle=False), micro)
         log.info("%d workers x micro-batch %d x %d accumulation = batch %d; %.2fM parameters; %d train clips",
                  world, micro, accum, cfg.train.batch_size, count_parameters(module) / 1e6, epoch_clips)
+    hold_dir, hold_s = os.environ.get("FLIPRAY_HOLD_DIR"), float(os.environ.get("FLIPRAY_HOLD_S", "0"))
+    attempt = {"held": False}
+    if hold_dir and rank == 0:
+        _hold_note(hold_dir, "start", world=world, restored_step=state["step"] if restored is not None else None)
 
     mlflow = MlflowClient(config["tracking_uri"]) if rank == 0 else None
     if mlflow is not None and restored is not None:  # restarts stay visible in the MLflow run
@@ -119,7 +135,8 @@ def train_worker(config: dict):
 
     def save(state, final_metrics: dict | None = None):
         """Every rank reports (Ray Train's barrier); rank 0 attaches the checkpoint."""
-        metrics = {"samples_seen": state["samples_seen"], "step": state["step"], **(final_metrics or {})}
+        metrics = {"samples_seen": state["samples_seen"], "step": state["step"], "world_size": world,
+                   **(final_metrics or {})}
         val_hist = [h for h in state["history"] if h["kind"] == "val"]
         if val_hist:
             metrics["val_flip_acc"] = val_hist[-1]["acc"]
@@ -130,14 +147,17 @@ def train_worker(config: dict):
                 (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
+        if hold_dir and not attempt["held"] and state["samples_seen"] < cfg.train.total_samples:
+            _hold(hold_dir, hold_s, rank, world, state["step"])  # test-only: time to lose or add a node
+            attempt["held"] = True
 
     fit(cfg, model, optimizer, device, state, epoch_clips, train_loader,
-        validate=lambda: evaluate(module, val, device) if rank == 0 else None,
+        validate=lambda: evaluate(module, val, device, world_size=world),
         save=save, world_size=world, accum_steps=accum, on_metrics=on_metrics)
 
     final = {}
+    accuracy = evaluate_splits(module, cfg, device, rank=rank, world_size=world, batch_size=micro)
     if rank == 0:
-        accuracy = evaluate_splits(module, cfg, device)
         final = {f"{split}_flip_acc": r["acc"] for split, r in accuracy.items()}
         final.update({f"{split}_flip_acc_{group}": g["acc"] for split, r in accuracy.items()
                       for group, g in r.get("acc_by_capture", {}).items()})
@@ -149,21 +169,45 @@ def train_worker(config: dict):
     save(state, final)
 
 
-def _train_loader(cfg, rank: int, world: int, micro: int, device):
-    """(clips per epoch, loader(epoch, start)) for this rank's shard, from the loader data.loader names."""
+def _train_loader(cfg, rank: int, world: int, micro: int, device, shift: int = 0):
+    """(clips per epoch, loader(epoch, start)) for this rank's shard, from the loader data.loader names: steps of
+    train.batch_size positions, so the shard follows the world size from any checkpointed position.
+    (`shift` moves the first start by that many positions: the sampler fault drill.)"""
+    shifts = [shift]
+    fix = lambda epoch, start: max(start + (shifts.pop() if shifts else 0), 0)
+    B = cfg.train.batch_size
     if cfg.data.loader == "dali":
         from dali_pipelines.pretext import DaliClipLoader
         loader = DaliClipLoader(cfg, "train", train=True, batch_size=micro, shard_id=rank, num_shards=world,
                                 device="gpu" if device.type == "cuda" else "cpu",
-                                device_id=device.index or 0)
+                                device_id=device.index or 0, step_size=B)
 
         def for_epoch(epoch, start):
-            loader.set_epoch(epoch, start)
+            loader.set_epoch(epoch, fix(epoch, start))
             return loader
         return len(loader.clips), for_epoch
     ds = ClipDataset(cfg, "train", train=True)
     return len(ds.clips), lambda epoch, start: make_loader(
-        ds, cfg, EpochSampler(len(ds), cfg.train.seed, epoch, rank=rank, world=world, start=start), micro)
+        ds, cfg, EpochSampler(len(ds), cfg.train.seed, epoch, rank=rank, world=world, start=fix(epoch, start),
+                              step_size=B), micro)
+
+
+def _hold_note(folder: str, kind: str, **fields):
+    """Test-only: a timestamped note per attempt (the restart time in docs/cluster.md comes from these)."""
+    import json
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    n = len(list(Path(folder).glob(f"{kind}-*.json")))
+    (Path(folder) / f"{kind}-{n}.json").write_text(json.dumps({"time": time.time(), **fields}))
+
+
+def _hold(folder: str, seconds: float, rank: int, world: int, step: int):
+    """Test-only (FLIPRAY_HOLD_DIR): after an attempt's first checkpoint, wait up to `seconds` (until the test
+    writes `release`), so a test can remove or add a node at a known point."""
+    if rank == 0:
+        _hold_note(folder, "hold", world=world, step=step)
+    deadline = time.time() + seconds
+    while time.time() < deadline and not (Path(folder) / "release").exists():
+        time.sleep(0.2)
 
 
 def _log(client, run_id: str, step: int, **metrics):
@@ -236,9 +280,13 @@ def main(argv: list[str] | None = None) -> dict:
         train_worker,
         train_loop_config={"cfg": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id,
                            "env": {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}},
-        scaling_config=ScalingConfig(num_workers=c.workers, use_gpu=c.use_gpu,
+        # min_workers < workers: elastic (Train V2): start with what the cluster has, continue on fewer workers
+        # after a loss, grow when capacity returns; each resize restarts the group from the newest checkpoint
+        scaling_config=ScalingConfig(num_workers=cfg.worker_range if cfg.worker_range[0] < c.workers
+                                     else c.workers, use_gpu=c.use_gpu,
                                      resources_per_worker={"CPU": c.cpus_per_worker} | ({"GPU": 1} if c.use_gpu
-                                                                                        else {})),
+                                                                                        else {}),
+                                     elastic_resize_monitor_interval_s=c.resize_check_s),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=c.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=c.max_failures)))
@@ -259,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
                "checkpoint": result.checkpoint.path, "wall_seconds": round(time.time() - t0, 1)}
     print(f"\nflip accuracy: test {metrics.get('test_flip_acc', float('nan')):.3f}, "
           f"val {metrics.get('val_flip_acc', float('nan')):.3f} after {metrics['samples_seen']} samples "
-          f"({metrics['step']} steps) on {c.workers} workers")
+          f"({metrics['step']} steps) on {metrics.get('world_size', c.workers)} workers")
     print(f"MLflow run: {run_url(uri, experiment_id, run_id)}")
     if version is not None:
         print(f"registered model: models:/{c.register_as}/{version}")

@@ -262,3 +262,32 @@ def test_library_imports_without_ray_or_mlflow():
             "print(sorted({'ray', 'mlflow'} & {m.split('.')[0] for m in sys.modules}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_scoring_runs_features_and_model_on_the_check_device():
+    """`flipray check --device cuda` puts the model (and its audio front end) on the GPU: the CPU waveforms must
+    follow (they did not: "stft input and window must be on the same device"). `meta` stands in for the GPU; the
+    probe runs the real network, front end included, there and hands back CPU scores."""
+    from flipray.config import load_config
+    from flipray.pretext.models import SpatialAlignmentNet
+
+    cfg = load_config("demo", ["data.num_frames=3", "data.resize=40", "data.crop=32", "data.n_mels=32",
+                               "model.visual_width=8", "model.audio_width=8", "model.audio_dim=32",
+                               "model.fusion_dim=32"])
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.seen = SpatialAlignmentNet(cfg).to("meta"), []
+
+        def forward(self, video, audio):
+            self.seen.append((video.device.type, audio.device.type))
+            return torch.zeros(self.net(video, audio).shape[0])  # meta has no values: 0 logits, P = 0.5
+
+    n = cfg.window_frames + 6
+    media = check.Media(frames=torch.zeros(n, 40, 40, 3, dtype=torch.uint8), frame_pos={i: i for i in range(n)},
+                        wave=torch.randn(2, round(n / cfg.data.fps * cfg.data.sample_rate)), starts=[0, 6],
+                        duration_s=n / cfg.data.fps, grid_frames=n)
+    probe = Probe()
+    p = check.score_windows(probe, cfg, media, [0, 6], check.CheckOptions(device="meta", batch_size=1))
+    assert probe.seen == [("meta", "meta")] * 2 and p == [0.5, 0.5]

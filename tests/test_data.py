@@ -122,10 +122,33 @@ def test_epoch_sampler_shards_are_disjoint_cover_and_resume():
     assert len(r0) == len(r1) == 5 and not set(r0) & set(r1) and set(r0) | set(r1) == set(range(10))
     uneven = [EpochSampler(10, seed=1, rank=r, world=3) for r in range(3)]
     assert [len(s) for s in uneven] == [4, 4, 4]  # padded so DDP ranks step together
-    assert {i for s in uneven for _, i in s} == set(range(10))
+    items = [i for s in uneven for _, i in s]
+    assert sorted(i for i in items if i >= 0) == list(range(10))  # each item once; pads are -1 - item
+    assert len([i for i in items if i < 0]) == 2 and all(-1 - i in range(10) for i in items if i < 0)
     resumed = [i for _, i in EpochSampler(10, seed=1, epoch=2, start=6)]
     assert resumed == full[6:]
     assert all(e == 2 for e, _ in EpochSampler(10, seed=1, epoch=2))
+
+
+def test_epoch_sampler_steps_are_the_same_samples_at_any_world_size_and_reshard_from_a_checkpoint():
+    """Steps of 4 positions over 10 items: a step is the same set on 1, 2 or 4 ranks, and the remainder of an
+    epoch after position 4 (a checkpoint of world size 2) splits exactly over 1 or 4 ranks."""
+    full = EpochSampler(10, seed=5, epoch=1, step_size=4).order()
+    assert len(full) == 12 and full[10:] == [-1 - i for i in full[:2]]  # the last step padded to 4 positions
+    full = full[:10]
+    steps = [set(full[s:s + 4]) for s in (0, 4, 8)]
+    for world in (1, 2, 4):
+        orders = [EpochSampler(10, seed=5, epoch=1, rank=r, world=world, step_size=4).order() for r in range(world)]
+        assert len({len(o) for o in orders}) == 1  # the same number of micro-batches on every rank
+        k = 4 // world
+        for j, step in enumerate(steps):
+            assert {i for o in orders for i in o[j * k:(j + 1) * k] if i >= 0} == step
+        for start in (4, 8):
+            rest = [i for r in range(world) for i in
+                    EpochSampler(10, seed=5, epoch=1, rank=r, world=world, start=start, step_size=4).order() if i >= 0]
+            assert sorted(rest) == sorted(full[start:])
+    with pytest.raises(ValueError, match="not divisible"):
+        EpochSampler(10, seed=5, world=3, step_size=4)
 
 
 def test_bad_files_raise_errors_that_name_the_file(synth_root, tmp_path):

@@ -5,6 +5,7 @@ batch dict from the same `SampleParams`. A batch is:
     video  float (B, T, 3, H, W), ImageNet-normalised      audio  float (B, C, S) peak-normalised waveform; the model's
                                                            front end (AudioFeatures) makes features on its device
     label  float (B,), 1 = audio altered by the pretext task  clip_id, start_s  to trace a sample back to its clip
+    item   int (B,), the dataset item (sample accounting)       weight float (B,), 0 for EpochSampler's pads
 
 The pretext task (train.task) decides what "altered" means: `flip` swaps the left and right channels (the paper),
 `mismatch` takes the audio of another clip (Arandjelovic & Zisserman), `shift` takes the same clip's audio
@@ -417,33 +418,44 @@ def make_sample(frames: torch.Tensor, wave: torch.Tensor, p: SampleParams, cfg: 
 # Dataset
 
 class EpochSampler(Sampler):
-    """Yields (epoch, index) pairs: this rank's shard of a per-epoch permutation, from position `start` on.
+    """Yields (epoch, item) pairs: this rank's share of a per-epoch permutation, from global position `start` on.
 
-    Carrying the epoch in the index keeps DataLoader workers deterministic without set_epoch plumbing, and
-    `start` lets a resumed run continue mid-epoch without repeating or skipping samples.
+    The epoch's order is cut into steps of `step_size` positions (the global batch; default `world`, one position
+    per rank); rank r takes positions [s + r*k, s + (r+1)*k) of each step s, k = step_size / world. So a step is the
+    same set of samples at every world size, and a checkpoint's position (a step boundary) re-shards exactly for
+    any other world size. Positions past the epoch's end are pads, yielded as item -1 - i (i a real item to decode,
+    trained with weight 0), so every rank takes the same number of micro-batches (DDP) and no sample counts twice.
+    Carrying the epoch in the item keeps DataLoader workers deterministic without set_epoch plumbing.
     """
 
     def __init__(self, n: int, seed: int, epoch: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1,
-                 start: int = 0):
+                 start: int = 0, step_size: int | None = None):
+        step_size = step_size or world
+        if step_size % world:
+            raise ValueError(f"step size {step_size} is not divisible by {world} ranks")
         self.n, self.seed, self.epoch, self.shuffle = n, seed, epoch, shuffle
-        self.rank, self.world, self.start = rank, world, start
+        self.rank, self.world, self.start, self.step_size = rank, world, start, step_size
 
-    def order(self) -> list[int]:
+    def permutation(self) -> torch.Tensor:
         if self.shuffle:
             g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
-            perm = torch.randperm(self.n, generator=g).tolist()
-        else:
-            perm = list(range(self.n))
-        per_rank = math.ceil(self.n / self.world)
-        perm = (perm + perm[:per_rank * self.world - self.n])  # pad so every rank gets the same count (DDP)
-        return perm[self.rank::self.world]
+            return torch.randperm(self.n, generator=g)
+        return torch.arange(self.n)
+
+    def order(self) -> list[int]:
+        """This rank's items from `start` to the end of the epoch; pads as -1 - item."""
+        perm, k = self.permutation(), self.step_size // self.world
+        steps = torch.arange(self.start, self.n, self.step_size)
+        pos = (steps.view(-1, 1) + self.rank * k + torch.arange(k).view(1, -1)).flatten()
+        items = perm[pos % self.n]
+        return torch.where(pos < self.n, items, -1 - items).tolist()
 
     def __iter__(self):
-        for i in self.order()[self.start:]:
+        for i in self.order():
             yield self.epoch, i
 
     def __len__(self) -> int:
-        return max(len(self.order()) - self.start, 0)
+        return len(range(self.start, self.n, self.step_size)) * (self.step_size // self.world)
 
 
 class ClipDataset(Dataset):
@@ -573,6 +585,9 @@ class ClipDataset(Dataset):
 
     def __getitem__(self, item) -> dict | None:
         epoch, i = item if isinstance(item, tuple) else (0, item)
+        weight = 1.0
+        if i < 0:  # an EpochSampler pad: a real sample (DDP needs the pass) that trains with weight 0
+            i, weight = -1 - i, 0.0
         ci, p = item_params(self.cfg, self.clips, self.seed, epoch, i, self.train)
         clip = self.clips[ci]
         idx = window_frame_indices(self.cfg, p.start_frame)
@@ -595,6 +610,7 @@ class ClipDataset(Dataset):
         sample = make_sample(frames, wave, p, self.cfg)
         sample["clip_id"] = clip["clip_id"]
         sample["start_s"] = p.start_frame / self.cfg.data.fps
+        sample["item"], sample["weight"] = i, weight
         return sample
 
 
@@ -610,4 +626,6 @@ def collate(samples: list[dict | None]) -> dict:
         batch[k] = default_collate([s[k] for s in kept])
     batch["clip_id"] = [s["clip_id"] for s in kept]
     batch["start_s"] = torch.tensor([s["start_s"] for s in kept])
+    batch["item"] = torch.tensor([s.get("item", -1) for s in kept])   # dataset item: what sample accounting records
+    batch["weight"] = torch.tensor([float(s.get("weight", 1.0)) for s in kept])  # 0 = a pad (trains nothing)
     return batch

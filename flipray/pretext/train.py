@@ -27,7 +27,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from flipray.config import Config, apply_overrides, config_from_dict, load_config
-from flipray.pretext.data import ClipDataset, EpochSampler, collate
+from flipray.pretext.data import ClipDataset, EpochSampler, collate, sample_seed
 from flipray.pretext.models import SpatialAlignmentNet, count_parameters
 
 log = logging.getLogger(__name__)
@@ -85,38 +85,149 @@ def split_batch(batch_size: int, world_size: int, micro_batch_size: int = 0) -> 
     return micro, per_worker // micro
 
 
-def train_one_epoch(model, loader, optimizer, cfg: Config, device, state: dict, world_size: int = 1,
-                    accum_steps: int = 1, on_step=None, stop_at: int | None = None) -> dict:
-    """One pass over `loader`; `state` (samples_seen, step, epoch_pos) is updated in place.
+def prepare_model(model: torch.nn.Module, cfg: Config, device, channels_last: bool | None = None) -> torch.nn.Module:
+    """The model on `device` as every trainer uses it: NHWC convolutions on CUDA when train.channels_last
+    (`channels_last` forces it, for tests). 2-D convolutions take channels_last, 3-D ones (model.variant=motion's
+    mc3_18) channels_last_3d: Module.to(memory_format=channels_last) refuses a 5-D weight."""
+    device = torch.device(device)
+    model = model.to(device)
+    if channels_last is None:
+        channels_last = cfg.train.channels_last and device.type == "cuda"
+    if channels_last:
+        for m in model.modules():
+            weight = getattr(m, "weight", None)
+            if next(m.children(), None) is None and isinstance(weight, torch.Tensor) and weight.dim() in (4, 5):
+                m.to(memory_format=torch.channels_last if weight.dim() == 4 else torch.channels_last_3d)
+    return model
 
-    An optimizer step takes `accum_steps` micro-batches (DDP syncs gradients on the last one only). `samples_seen`
-    counts the samples drawn on all workers, skipped ones included, so it advances identically on every rank and the
-    learning rate (`lr_at`) and checkpoint times agree everywhere. `on_step(state, metrics)` runs after every
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sample accounting: an order-independent digest of the (epoch, item) pairs trained on, mergeable over ranks
+
+DIGEST_MOD = 2_147_483_647  # 2^31 - 1: per-rank sums stay exact in an int64 all-reduce over any world size
+
+
+def sample_digest(epoch: int, items) -> list[int]:
+    """[count, h1, h2] of the samples (epoch, item): sums of two 31-bit hashes, so a multiset's digest is the same
+    in any order and on any split over ranks, and a repeated or skipped sample changes it."""
+    h1 = h2 = 0
+    for item in items:
+        h = sample_seed(0x5eed, epoch, int(item))
+        h1 += h % DIGEST_MOD
+        h2 += (h >> 31) % DIGEST_MOD
+    return [len(items), h1 % DIGEST_MOD, h2 % DIGEST_MOD]
+
+
+def add_digest(digests: dict, epoch: int, digest: list[int]) -> None:
+    """digests[epoch] += digest (mod DIGEST_MOD)."""
+    old = digests.get(epoch, [0, 0, 0])
+    digests[epoch] = [old[0] + digest[0], (old[1] + digest[1]) % DIGEST_MOD, (old[2] + digest[2]) % DIGEST_MOD]
+
+
+def all_reduce_sum(values: list, world_size: int = 1, dtype=torch.int64) -> list:
+    """Elementwise sum over the ranks (identity in one process)."""
+    if world_size < 2 or not torch.distributed.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=dtype)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def merge_pending(state: dict, world_size: int = 1) -> None:
+    """Fold every rank's digests since the last merge into state["sample_digests"] (a collective: all ranks call it
+    at the same points, before a checkpoint and at the end)."""
+    pending = state.setdefault("pending_digests", {})
+    digests = state.setdefault("sample_digests", {})
+    epochs = sorted(pending)  # the same on every rank: train_one_epoch opens an entry per epoch on every rank
+    flat = all_reduce_sum([v for e in epochs for v in pending[e]], world_size)
+    for i, e in enumerate(epochs):
+        add_digest(digests, int(e), [flat[3 * i], flat[3 * i + 1] % DIGEST_MOD, flat[3 * i + 2] % DIGEST_MOD])
+    state["pending_digests"] = {}
+
+
+def planned_digests(cfg: Config, epoch_items: int) -> dict:
+    """{epoch: digest} of the samples a run of train.total_samples must train on, at any world size and through any
+    restarts: each epoch's order (EpochSampler) in steps of train.batch_size until samples_seen reaches the total.
+    (Clips skipped as undecodable are logged and missing from a run's record.)"""
+    plan, seen, epoch = {}, 0, 0
+    while seen < cfg.train.total_samples:
+        order = EpochSampler(epoch_items, cfg.train.seed, epoch, step_size=cfg.train.batch_size).order()
+        for s in range(0, len(order), cfg.train.batch_size):
+            real = [i for i in order[s:s + cfg.train.batch_size] if i >= 0]
+            add_digest(plan, epoch, sample_digest(epoch, real))
+            seen += len(real)
+            if seen >= cfg.train.total_samples:
+                break
+        epoch += 1
+    return plan
+
+
+def digest_mismatch(actual: dict, plan: dict) -> list[str]:
+    """What differs between a run's sample_digests and the plan, one line per epoch (empty: exactly the plan)."""
+    actual = {int(e): list(d) for e, d in actual.items() if d[0]}
+    return [f"epoch {e}: {actual.get(e, [0])[0]} samples trained, {plan.get(e, [0])[0]} planned"
+            + ("" if actual.get(e, [0])[0] != plan.get(e, [0])[0] else " (different samples)")
+            for e in sorted(set(actual) | set(plan)) if actual.get(e) != list(plan.get(e, []))]
+
+
+def _with_last(iterable):
+    """(item, is_last) pairs: one item of lookahead, so the epoch's last micro-batch is known when it arrives."""
+    it = iter(iterable)
+    try:
+        prev = next(it)
+    except StopIteration:
+        return
+    for cur in it:
+        yield prev, False
+        prev = cur
+    yield prev, True
+
+
+def train_one_epoch(model, loader, optimizer, cfg: Config, device, state: dict, world_size: int = 1,
+                    accum_steps: int = 1, on_step=None, stop_at: int | None = None,
+                    epoch_items: int | None = None) -> dict:
+    """One pass over `loader`; `state` (samples_seen, step, epoch_pos, pending_digests) is updated in place.
+
+    An optimizer step takes `accum_steps` micro-batches; DDP all-reduces on the last one only, and the epoch's last
+    micro-batch always ends a step (synced), even when the epoch does not divide into whole steps. The loss is the
+    sum over a step's samples (weight 0 for pads) divided by the global batch train.batch_size, so a step's gradient
+    is the same whatever the world size. With `epoch_items` (the epoch's length; EpochSampler's steps of
+    train.batch_size positions) a step advances `epoch_pos` and `samples_seen` by the positions it covered, the same
+    on every rank at any world size; without it, by the samples drawn. `on_step(state, metrics)` runs after every
     optimizer step (logging, evaluation, checkpoints, fault hooks). Stops once samples_seen reaches `stop_at`.
     On CUDA, `train.amp` runs the forward pass in bfloat16 autocast.
     """
     model.train()
     device = torch.device(device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and device.type == "cuda")
+    per_rank = cfg.train.batch_size / world_size  # loss normaliser: the gradient is sum / global batch after DDP
     totals = {"loss": 0.0, "correct": 0, "n": 0, "skipped": 0}
     wait = compute = 0.0
-    micro = 0
+    micro = drawn_in_step = 0
     step_loss = step_correct = step_n = 0.0
     last_inputs = None
     t_prev = t_step = time.perf_counter()
-    for batch in loader:
+    for batch, last in _with_last(loader):
         t_data = time.perf_counter()
+        # opened on every rank for every batch: merge_pending's all-reduce needs the same epochs everywhere
+        pending = state.setdefault("pending_digests", {}).setdefault(state.get("epoch", 0), [0, 0, 0])
         totals["skipped"] += batch["skipped"]
-        drawn = batch["skipped"] + (batch["label"].shape[0] if "label" in batch else 0)
+        drawn_in_step += batch["skipped"] + (batch["label"].shape[0] if "label" in batch else 0)
         if "video" in batch:
+            weight = batch.get("weight", torch.ones(batch["label"].shape[0]))
             inputs = (batch["video"].to(device, non_blocking=True), batch["audio"].to(device, non_blocking=True),
-                      batch["label"].to(device, non_blocking=True))
-            weight = 1.0
+                      batch["label"].to(device, non_blocking=True), weight.to(device))
             last_inputs = inputs
+            if "item" in batch:
+                real = batch["item"][weight.cpu() > 0].tolist()
+                d = sample_digest(state.get("epoch", 0), real)
+                pending[:] = [pending[0] + d[0], (pending[1] + d[1]) % DIGEST_MOD, (pending[2] + d[2]) % DIGEST_MOD]
         elif world_size > 1 and last_inputs is not None:
             # Every clip of this micro-batch failed to decode: DDP still needs this rank in the all-reduce, so it
             # contributes a zero-weighted pass over its previous batch.
-            inputs, weight = last_inputs, 0.0
+            inputs = (*last_inputs[:3], torch.zeros_like(last_inputs[3]))
         else:
             inputs = None
         if micro == 0:
@@ -124,28 +235,34 @@ def train_one_epoch(model, loader, optimizer, cfg: Config, device, state: dict, 
             for group in optimizer.param_groups:
                 group["lr"] = lr
         micro += 1
-        final = micro == accum_steps
+        final = micro == accum_steps or last
         if inputs is not None:
-            video, audio, label = inputs
+            video, audio, label, weight = inputs
             sync = final or not hasattr(model, "no_sync")
             with (contextlib.nullcontext() if sync else model.no_sync()), amp:
                 logits = model(video, audio).float()
-                loss = F.binary_cross_entropy_with_logits(logits, label)
-            (loss * weight / accum_steps).backward()
-            if weight:
-                n = label.shape[0]
-                step_loss += loss.item() * n
-                step_correct += ((logits.detach() > 0).float() == label).sum().item()
+                losses = F.binary_cross_entropy_with_logits(logits, label, reduction="none")
+            ((losses * weight).sum() / per_rank).backward()
+            kept = weight > 0
+            n = int(kept.sum())
+            if n:
+                step_loss += losses.detach()[kept].sum().item()
+                step_correct += ((logits.detach()[kept] > 0).float() == label[kept]).sum().item()
                 step_n += n
-        state["samples_seen"] += drawn * world_size
-        state["epoch_pos"] += drawn
         wait += t_data - t_prev
         if final:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             t_end = time.perf_counter()
             state["step"] += 1
-            micro = 0
+            if epoch_items is not None:
+                advance = min(cfg.train.batch_size, max(epoch_items - state["epoch_pos"], 0))
+                state["epoch_pos"] += advance
+            else:
+                advance = drawn_in_step * world_size
+                state["epoch_pos"] += advance
+            state["samples_seen"] += advance
+            micro = drawn_in_step = 0
             totals["loss"] += step_loss
             totals["correct"] += step_correct
             totals["n"] += step_n
@@ -160,10 +277,6 @@ def train_one_epoch(model, loader, optimizer, cfg: Config, device, state: dict, 
         t_prev = time.perf_counter()
         if final and stop_at is not None and state["samples_seen"] >= stop_at:
             break
-    if micro:  # an epoch that does not divide into whole steps: use the gradients of its tail
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
     n = max(totals["n"], 1)
     return {"loss": totals["loss"] / n, "acc": totals["correct"] / n, "n": int(totals["n"]),
             "skipped": totals["skipped"], "data_wait_fraction": wait / max(wait + compute, 1e-9),
@@ -171,27 +284,41 @@ def train_one_epoch(model, loader, optimizer, cfg: Config, device, state: dict, 
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, groups: dict[str, str] | None = None) -> dict:
+def evaluate(model, loader, device, groups: dict[str, str] | None = None, world_size: int = 1) -> dict:
     """Flip accuracy and BCE loss; with ClipDataset(train=False) every clip is scored unswapped and swapped.
-    `groups` (clip_id -> capture group, ClipDataset.capture_groups) adds acc_by_capture: {group: {acc, n}}."""
+    `groups` (clip_id -> capture group, ClipDataset.capture_groups) adds acc_by_capture: {group: {acc, n}}.
+
+    Each rank scores its shard (EpochSampler with rank/world; pads have weight 0) and the sums are all-reduced, so
+    every rank returns the whole split's figures."""
     model.eval()
-    total_loss = total_correct = total_n = skipped = 0
+    total_loss, total_correct, total_n, skipped = 0.0, 0, 0, 0
     by_group: dict[str, list[int]] = {}
     for batch in loader:
         skipped += batch["skipped"]
         if "video" not in batch:
             continue
-        logits = model(batch["video"].to(device), batch["audio"].to(device))
+        logits = model(batch["video"].to(device), batch["audio"].to(device)).float()
         label = batch["label"].to(device)
+        kept = batch.get("weight", torch.ones(label.shape[0])).to(device) > 0
+        logits, label = logits[kept], label[kept]
         total_loss += F.binary_cross_entropy_with_logits(logits, label, reduction="sum").item()
         right = ((logits > 0).float() == label).cpu()
-        total_correct += right.sum().item()
-        total_n += label.shape[0]
+        total_correct += int(right.sum().item())
+        total_n += int(label.shape[0])
         if groups is not None:
-            for clip_id, ok in zip(batch["clip_id"], right.tolist()):
+            clip_ids = [c for c, k in zip(batch["clip_id"], kept.cpu().tolist()) if k]
+            for clip_id, ok in zip(clip_ids, right.tolist()):
                 tally = by_group.setdefault(groups.get(clip_id, "unknown"), [0, 0])
                 tally[0] += int(ok)
                 tally[1] += 1
+    if world_size > 1:
+        total_loss, total_correct, total_n, skipped = all_reduce_sum(  # float64: counts exact below 2^53
+            [total_loss, total_correct, total_n, skipped], world_size, torch.float64)
+        total_correct, total_n, skipped = int(total_correct), int(total_n), int(skipped)
+        if groups is not None and torch.distributed.is_initialized():
+            names = sorted(set(groups.values()) | {"unknown"})  # every rank knows every group: same order
+            sums = all_reduce_sum([v for g in names for v in by_group.get(g, [0, 0])], world_size)
+            by_group = {g: sums[2 * k:2 * k + 2] for k, g in enumerate(names) if sums[2 * k + 1]}
     out = {"loss": total_loss / max(total_n, 1), "acc": total_correct / max(total_n, 1), "n": total_n,
            "skipped": skipped}
     if groups is not None:
@@ -301,23 +428,36 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def new_state() -> dict:
-    return {"samples_seen": 0, "step": 0, "epoch": 0, "epoch_pos": 0, "history": [], "train_seconds": 0.0}
+    """Training progress, checkpointed: epoch_pos is the global position in the epoch's order (a step boundary);
+    sample_digests[epoch] = [count, h1, h2] of the samples trained on, all ranks together (sample_digest)."""
+    return {"samples_seen": 0, "step": 0, "epoch": 0, "epoch_pos": 0, "history": [], "train_seconds": 0.0,
+            "sample_digests": {}, "pending_digests": {}}
+
+
+def upgrade_state(state: dict, world_size: int) -> dict:
+    """A checkpoint from before global positions (epoch_pos per rank, no digests) in today's form."""
+    if "sample_digests" not in state:
+        state["epoch_pos"] *= world_size
+        state["sample_digests"] = {}
+    state["pending_digests"] = {}
+    return state
 
 
 def fit(cfg: Config, model, optimizer, device, state: dict, epoch_clips: int, train_loader, validate, save,
         world_size: int = 1, accum_steps: int = 1, on_metrics=None) -> None:
     """The epoch loop every launcher runs: locally (`run` below) and on Ray Train workers (jobs/pretext.py).
 
-    train_loader(epoch, start) -> this worker's batches of `epoch` from position `start` of its shard
-    validate() -> val metrics dict, or None on workers that do not evaluate
-    save(state) -> persist a checkpoint; called on every worker at the same steps (Ray needs that)
+    train_loader(epoch, start) -> this worker's batches of `epoch` from global position `start` (EpochSampler with
+        step_size=train.batch_size: a step is the same samples at any world size, so a checkpoint resumes on another)
+    validate() -> val metrics dict (every rank scores its shard; None where nothing is evaluated)
+    save(state) -> persist a checkpoint; called on every worker at the same steps (Ray needs that), after the
+        ranks' sample digests are merged into state["sample_digests"]
     on_metrics(kind, state, metrics) -> an extra sink ("train" per step, "val", "epoch"), e.g. MLflow on rank 0
     Evaluation and checkpoints fall every train.eval_every_samples / checkpoint_every_samples (default: an epoch).
     """
     total = cfg.train.total_samples
     every_eval = cfg.train.eval_every_samples or epoch_clips
     every_ckpt = cfg.train.checkpoint_every_samples or epoch_clips
-    per_worker_epoch = math.ceil(epoch_clips / world_size)
     marks = {"eval": state["samples_seen"] // every_eval, "ckpt": state["samples_seen"] // every_ckpt}
     t_start, seconds_before = time.time(), state["train_seconds"]
     emit = on_metrics or (lambda kind, state, metrics: None)
@@ -345,31 +485,36 @@ def fit(cfg: Config, model, optimizer, device, state: dict, epoch_clips: int, tr
             run_validation()
         if state["samples_seen"] // every_ckpt > marks["ckpt"]:
             marks["ckpt"] = state["samples_seen"] // every_ckpt
+            merge_pending(state, world_size)
             save(state)
 
     while state["samples_seen"] < total:
         stats = train_one_epoch(model, train_loader(state["epoch"], state["epoch_pos"]), optimizer, cfg, device,
                                 state, world_size=world_size, accum_steps=accum_steps, on_step=on_step,
-                                stop_at=total)
+                                stop_at=total, epoch_items=epoch_clips)
         log.info("epoch %d: train loss %.4f, acc %.3f, %.1f samples/s, data wait %.0f%%, %d clips skipped",
                  state["epoch"], stats["loss"], stats["acc"], stats["samples_per_s"],
                  100 * stats["data_wait_fraction"], stats["skipped"])
         emit("epoch", state, stats)
-        if state["epoch_pos"] >= per_worker_epoch:  # else training stopped mid-epoch at total_samples
+        if state["epoch_pos"] >= epoch_clips:  # else training stopped mid-epoch at total_samples
             state["epoch"] += 1
             state["epoch_pos"] = 0
+    merge_pending(state, world_size)
     state["train_seconds"] = seconds_before + time.time() - t_start
     if not state["history"] or state["history"][-1]["kind"] != "val":
         run_validation()
 
 
-def evaluate_splits(model, cfg: Config, device, splits=("val", "test")) -> dict:
-    """Flip accuracy per split, every clip scored as recorded and swapped."""
+def evaluate_splits(model, cfg: Config, device, splits=("val", "test"), rank: int = 0, world_size: int = 1,
+                    batch_size: int | None = None) -> dict:
+    """Flip accuracy per split, every clip scored as recorded and swapped; sharded over `world_size` ranks (each
+    scores its share, the counts are all-reduced), the same figures as one process."""
     out = {}
     for split in splits:
         ds = ClipDataset(cfg, split, train=False)
-        loader = make_loader(ds, cfg, EpochSampler(len(ds), cfg.train.seed, shuffle=False), cfg.train.batch_size)
-        res = evaluate(model, loader, device, ds.capture_groups())
+        sampler = EpochSampler(len(ds), cfg.train.seed, shuffle=False, rank=rank, world=world_size)
+        loader = make_loader(ds, cfg, sampler, batch_size or max(cfg.train.batch_size // world_size, 1))
+        res = evaluate(model, loader, device, ds.capture_groups(), world_size)
         out[split] = {"acc": res["acc"], "loss": res["loss"], "samples": res["n"], "clips_skipped": len(ds.skipped),
                       "acc_by_capture": res["acc_by_capture"]}
     return out
@@ -388,13 +533,13 @@ def run(cfg: Config, run_dir: Path, ckpt: dict | None = None) -> dict:
 
     train_set = ClipDataset(cfg, "train", train=True)
     val_set = ClipDataset(cfg, "val", train=False)
-    model = SpatialAlignmentNet(cfg).to(device)
+    model = prepare_model(SpatialAlignmentNet(cfg), cfg, device)
     optimizer = make_optimizer(model, cfg)
     state = new_state()
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        state = ckpt["state"]
+        state = upgrade_state(ckpt["state"], 1)
         torch.set_rng_state(ckpt["rng"])
         log.info("resumed %s at %d samples (epoch %d, position %d)", run_dir, state["samples_seen"],
                  state["epoch"], state["epoch_pos"])
@@ -405,7 +550,7 @@ def run(cfg: Config, run_dir: Path, ckpt: dict | None = None) -> dict:
     val_loader = make_loader(val_set, cfg, EpochSampler(len(val_set), cfg.train.seed, shuffle=False), bs)
     fit(cfg, model, optimizer, device, state, epoch_clips=len(train_set),
         train_loader=lambda epoch, start: make_loader(
-            train_set, cfg, EpochSampler(len(train_set), cfg.train.seed, epoch=epoch, start=start), bs),
+            train_set, cfg, EpochSampler(len(train_set), cfg.train.seed, epoch=epoch, start=start, step_size=bs), bs),
         validate=lambda: evaluate(model, val_loader, device),
         save=lambda state: save_checkpoint(run_dir / "checkpoint.pt", model, optimizer, state, cfg))
     save_checkpoint(run_dir / "checkpoint.pt", model, optimizer, state, cfg)
