@@ -6,6 +6,7 @@
 each rank on its own data: writes OUT_DIR/params-RANK.pt; (2) evaluate_splits sharded over the ranks for the model in
 CONFIG["model"]: writes OUT_DIR/eval-RANK.json.
 """
+import faulthandler
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ from flipray.pretext.train import evaluate_splits, make_optimizer, new_state, tr
 
 
 def main(config_path: str, out: str):
+    faulthandler.dump_traceback_later(240, exit=True)  # a hung rank prints every thread's stack and exits
     spec = json.loads(Path(config_path).read_text())
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}", rank=rank,

@@ -125,11 +125,12 @@ def ingested(source_videos, ray_local, tmp_path_factory):
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     """A small rendered synthetic dataset (16 clips of 4 s, 8 scenes) shared by the library tests. Read-only.
-    Binaural heads only: the library tests read the level difference of a head off these clips."""
+    Symmetric, matched binaural heads only: the library tests read a head's level difference off these clips, and a
+    capsule mismatch (ear_gain_db) or set-back ears would flip its sign near the centre (test_synth covers those)."""
     from flipray.synth.scenes import generate
     root = tmp_path_factory.mktemp("synth")
     generate(root, clips=16, seed=3, workers=2, duration_s=4.0, two_source_prob=0.0, max_distractors=1,
-             mics=("binaural",))
+             mics=("binaural",), ear_gain_db=(0.0, 0.0), ear_offset_deg=(0.0, 0.0))
     return root
 
 

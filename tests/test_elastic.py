@@ -53,7 +53,7 @@ def two_ranks(synth_root, tmp_path_factory):
                                            str(out / "spec.json"), str(out)], env={**env, "RANK": str(r)},
                                           stdout=log, stderr=subprocess.STDOUT))
     try:
-        codes = [p.wait(timeout=600) for p in procs]
+        codes = [p.wait(timeout=300) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:

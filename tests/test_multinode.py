@@ -39,10 +39,19 @@ SETS = ["data.num_frames=3", "data.eval_windows=1", "data.resize=40", "data.crop
         "cluster.resize_check_s=2", "cluster.max_failures=3", "cluster.register_as="]
 
 
+_GIVEN: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port not handed out before in this session: two free-port probes in a row may return the same port,
+    and Ray refuses a node whose components share one."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +80,10 @@ def cluster():
     finally:
         c.shutdown()  # the processes it started, by PID
         env.undo()
+        import ray
+        if ray.is_initialized():  # Cluster.shutdown resets this process's internal KV client; the session's Ray needs it
+            from ray.experimental import internal_kv
+            internal_kv._initialize_internal_kv(ray._private.worker.global_worker.gcs_client)
 
 
 def _add(cluster):

@@ -92,7 +92,7 @@ def test_ray_job_trains_survives_a_lost_worker_and_registers_the_model(cluster_s
     model, cfg = load_pretrained("models:/flipray-pretext/latest", services.mlflow.url)
     assert type(model).__name__ == "SpatialAlignmentNet" and cfg.data.crop == 32 and cfg.data.loader == "dali"
     video = torch.zeros(1, 3, 3, 32, 32)
-    audio = torch.zeros(1, 2, 32, 288)
+    audio = torch.zeros(1, 2, cfg.window_samples)  # the waveform, as the loaders hand it: the front end is in the model
     assert model(video, audio).shape == (1,)
     # ... and the final test accuracy in MLflow is that model's: scoring the test split here gives the same fraction
     # (one sample's logit at 0 may land on the other side with another thread count: a tolerance of one sample)
