@@ -168,7 +168,14 @@ def test_targets_windows_and_moving_subset(synth_root, tracks, pretext):
         assert abs(ref - t) >= 12 and t in tc.frames
     v, a, b = L.sample_inputs(tc, 10, 0, False, "stereo", pcfg, feats, 1.0)
     vm, am, bm = L.sample_inputs(tc, 10, 0, True, "stereo", pcfg, feats, 1.0)
-    assert torch.allclose(vm, v.flip(-1)) and torch.allclose(am, a.flip(0))
+    assert torch.allclose(vm, v.flip(-1))
+    # the mirror swaps the waveform's channels before the front end (demo: ipd-gcc, 7 channels), so the features do not
+    # just trade places: the two log-mels do, the phase difference keeps its cos and negates its sin, and each GCC-PHAT
+    # map mirrors in lag (index n_mels/2 + k <-> n_mels/2 - k; index 0, lag -n_mels/2, has no partner in the map)
+    assert feats.front_end == "ipd-gcc" and a.shape[0] == 7 and a[3].abs().max() > 0.1
+    assert torch.allclose(am[[0, 1]], a[[1, 0]])
+    assert torch.allclose(am[2], a[2], atol=1e-5) and torch.allclose(am[3], -a[3], atol=1e-5)
+    assert torch.allclose(am[4:, 1:], a[4:, 1:].flip(-2), atol=1e-4)
     assert torch.allclose(bm[:, [0, 2]], 1 - b[:, [2, 0]]) and torch.equal(bm[:, [1, 3]], b[:, [1, 3]])
 
 
