@@ -202,7 +202,10 @@ class Config:
         if not 0 <= c.min_workers <= c.workers:
             raise ValueError(f"cluster.min_workers must be in 0..cluster.workers ({c.workers}), got {c.min_workers}")
         lo, hi = self.worker_range
-        for world in range(lo, hi + 1):  # every size an elastic run may take keeps the batch
+        # Only an elastic run is checked here: it may shrink mid-run to a size the batch does not split over. A
+        # fixed-size Ray run fails at its start (split_batch), and the local trainer and bench's plain runs ignore
+        # cluster.* (a batch of 1 is legitimate there, whatever cluster.workers says).
+        for world in range(lo, hi + 1) if lo < hi else ():  # every size an elastic run may take keeps the batch
             per_worker = t.batch_size // world
             if t.batch_size % world or (t.micro_batch_size and per_worker % t.micro_batch_size):
                 raise ValueError(f"train.batch_size {t.batch_size} must split evenly over every worker count in "

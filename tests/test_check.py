@@ -119,6 +119,12 @@ def test_verdicts_on_reencoded_videos_match_the_test_accuracy(videos, model, res
     assert p_swap - p_orig > 0.5
 
 
+def _weakest_window(orig: check.CheckResult, swapped: check.CheckResult) -> float:
+    """How far the least sure scored window of a clip (either copy) is on the right side of 0.5."""
+    return min([0.5 - p for _, p in orig.timeline if p is not None] +
+               [p - 0.5 for _, p in swapped.timeline if p is not None])
+
+
 @pytest.mark.slow
 def test_a_swapped_stretch_is_found_where_it_is(videos, results, model, demo_run, tmp_path, capsys):
     """An edit: 10 s as recorded, 10 s swapped, 10 s as recorded -> undecidable, with the swapped stretch located,
@@ -128,7 +134,10 @@ def test_a_swapped_stretch_is_found_where_it_is(videos, results, model, demo_run
     # fewer than 3 of 8 clips right has probability < 1e-4 for a model at the demo's >= 90% test accuracy: a failure
     # here is a broken model or check, not bad luck
     assert len(right) >= 3, f"only clips {right} of {len(videos)} got both verdicts right"
-    a, b, c = right[:3]
+    # the surest of them, the surest swapped in the middle: a clip right only on average (the synthetic set's harder
+    # microphone setups) has windows the model itself calls the other way, and check reports those faithfully as a
+    # break in the stretch; this test is about locating a stretch, test_verdicts_* about how often the model is right
+    b, a, c = sorted(right, key=lambda j: _weakest_window(*results[j]), reverse=True)[:3]
     # concat wants one size and frame rate: every part in FORMATS[0] (the other format's square scaled into it)
     parts = [f"[{k}:v]{FORMATS[0][0] if j % len(FORMATS) else 'null'},setsar=1[v{k}];"
              f"[{k}:a]aresample={FORMATS[0][1]}[a{k}];" for k, j in enumerate((a, b, c))]

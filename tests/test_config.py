@@ -44,3 +44,12 @@ def test_yaml_file_and_round_trip(tmp_path):
     bad.write_text("train: 3\n")
     with pytest.raises(ValueError, match="bad.yaml: train is a section: give a mapping"):
         load_config(str(bad))
+
+
+def test_an_elastic_run_refuses_a_batch_one_of_its_sizes_cannot_split():
+    """min_workers..workers = 1..2 with a batch of 3: two workers cannot share it, so the run is refused up front
+    (it could shrink or grow to that size mid-run); the same batch on a fixed-size or local run is not refused here."""
+    with pytest.raises(ValueError, match=r"train.batch_size 3 must split evenly .* 2 workers do not"):
+        load_config("demo", ["train.batch_size=3", "cluster.workers=2", "cluster.min_workers=1"])
+    assert load_config("demo", ["train.batch_size=4", "cluster.workers=2", "cluster.min_workers=1"]).train.batch_size == 4
+    assert load_config("demo", ["train.batch_size=3", "cluster.workers=2"]).train.batch_size == 3  # fixed size: not here
