@@ -46,7 +46,11 @@ def main(config_path: str, out: str):
     evaluated.load_state_dict(torch.load(spec["model"], weights_only=True))
     result = evaluate_splits(evaluated, cfg, "cpu", rank=rank, world_size=world, batch_size=3)
     (Path(out) / f"eval-{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    dist.barrier()
+    # no destroy_process_group: seen to hang in rank 0 (the TCPStore host) once rank 1 had gone, 1 run in 3 on a
+    # loaded machine; every result is written, so leave without the teardown
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
