@@ -29,7 +29,8 @@ from flipray import check
 from flipray.config import apply_overrides
 from flipray.cues import audio_cues
 from flipray.pretext.data import ClipDataset, EpochSampler, decode_audio, item_params, window_samples_range
-from flipray.pretext.train import evaluate, load_model, make_loader
+from flipray.pretext.train import evaluate, make_loader
+from flipray.tracking import load_pretrained
 from flipray.synth.scenes import capture_group
 
 
@@ -95,7 +96,7 @@ def run(data: str, split: str, models: list[str], eval_windows: int, check_clips
     t0 = time.time()
     base_ds = None
     for spec in models:
-        model, cfg = load_model(spec)
+        model, cfg = load_pretrained(spec)  # a checkpoint, a run folder or models:/NAME/VERSION
         cfg = apply_overrides(cfg, [f"data.root={data}", "data.cache=false", f"data.eval_windows={eval_windows}",
                                     "data.num_workers=0"])
         ds = ClipDataset(cfg, None if split == "all" else split, train=False)  # all: a held-out set, every split
@@ -105,7 +106,8 @@ def run(data: str, split: str, models: list[str], eval_windows: int, check_clips
         entry = {"front_end": cfg.model.front_end, "acc": round(res["acc"], 4), "n": res["n"],
                  "acc_by_capture": {g: {"acc": round(v["acc"], 4), "n": v["n"]} for g, v in res["acc_by_capture"].items()}}
         if check_clips:
-            entry["check"] = check_eval(model, cfg, ds.clips[:check_clips], root, groups)
+            entry["check_cuts"] = []
+            entry["check"] = check_eval(model, cfg, ds.clips[:check_clips], root, groups, entry["check_cuts"])
         report["models"][spec] = entry
         base_ds = base_ds or ds
         print(f"{spec}: {entry['acc_by_capture']}", file=sys.stderr)
@@ -114,7 +116,9 @@ def run(data: str, split: str, models: list[str], eval_windows: int, check_clips
     return report
 
 
-def check_eval(model, cfg, clips: list[dict], root: Path, groups: dict) -> dict:
+def check_eval(model, cfg, clips: list[dict], root: Path, groups: dict, cuts: list | None = None) -> dict:
+    """`flipray check` on 3-s cuts of `clips`, tallied per capture group; each cut's record (group, truth, window
+    probabilities, cues) is appended to `cuts` when given, so decision rules can be compared offline."""
     table = {}
     with tempfile.TemporaryDirectory() as tmp:
         for clip in clips:
@@ -123,12 +127,32 @@ def check_eval(model, cfg, clips: list[dict], root: Path, groups: dict) -> dict:
                 r = check.check_file(path, model, cfg)
                 truth = "swapped" if swap else "correct"
                 g = groups[clip["clip_id"]]
+                if cuts is not None:
+                    cuts.append({"clip_id": clip["clip_id"], "group": g, "swapped": swap, "verdict": r.verdict,
+                                 "timeline": r.timeline, "cues": r.cues, "error": r.error})
                 _tally(table, g, "right", float(r.verdict == truth))
                 _tally(table, g, "undecidable", float(r.verdict == "undecidable"))
                 if r.verdict != "undecidable":
                     _tally(table, g, "right_decided", float(r.verdict == truth))
                 if r.cues:
                     _tally(table, g, "capture_guess_right", float(r.cues["capture_guess"] == g))
+    return _finish(table)
+
+
+def replay(cuts: list[dict], opts: check.CheckOptions, window_s: float) -> dict:
+    """The check table of stored cuts (check_eval's records) under other decision options: right, undecidable and
+    right_decided per capture group, without scoring anything again."""
+    table = {}
+    for c in cuts:
+        if c["error"] or not c["timeline"]:
+            continue
+        duration = 3.0
+        verdict = check.decide(c["timeline"], opts, window_s, duration)[0]
+        truth = "swapped" if c["swapped"] else "correct"
+        _tally(table, c["group"], "right", float(verdict == truth))
+        _tally(table, c["group"], "undecidable", float(verdict == "undecidable"))
+        if verdict != "undecidable":
+            _tally(table, c["group"], "right_decided", float(verdict == truth))
     return _finish(table)
 
 
@@ -163,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset root with sidecars (flipray synth)")
     p.add_argument("--split", default="test", help="train | val | test | all (a held-out dataset, every clip)")
-    p.add_argument("--model", action="append", required=True, help="checkpoint.pt (repeat for several)")
+    p.add_argument("--model", action="append", required=True,
+                   help="checkpoint.pt, run folder or models:/flipray-pretext/latest (repeat for several)")
     p.add_argument("--eval-windows", type=int, default=2)
     p.add_argument("--check-clips", type=int, default=0, help="clips cut to 3-s mp4s for flipray check (0 = none)")
     p.add_argument("--threads", type=int, default=2)

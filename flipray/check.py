@@ -43,9 +43,12 @@ AUDIO_SLACK_S = 0.1  # audio a little shorter than the video (encoder padding, m
 @dataclass
 class CheckOptions:
     hop_s: float = 1.0              # window hop; a 2.87-s window at 1 s covers every moment about three times
-    margin: float = 0.1             # mean P(swapped) must be this far from 0.5 for a verdict
+    margin: float = 0.05            # mean calibrated P(swapped) must be this far from 0.5 for a verdict (0.05: the
+                                    # undecidable rate and precision measured on held-out 3-s clips, docs/stereo.md)
     min_agree: float = 0.6          # and at least this fraction of scored windows must be on its side of 0.5
     min_run: int = 3                # consecutive confident windows that make a segment (~5 s of video at a 1-s hop)
+    run_margin: float = 0.1         # a window is confident for a segment at P beyond 0.5 -/+ this: stricter than the
+                                    # verdict's margin, so a few noisy windows of a long video do not make an "edit"
     min_windows: int = 3            # a video with fewer windows at hop_s (a short clip) gets one at every grid frame,
     pad_s: float = 0.5              # and windows reaching up to pad_s beyond either end (edge frames, silent audio)
     silence_dbfs: float = -60.0     # windows with a lower RMS (both channels, before normalisation) are not scored
@@ -194,10 +197,11 @@ VIEWS = ((False, False), (True, False), (False, True), (True, True))
 
 @torch.no_grad()
 def score_windows(model, cfg: Config, media: Media, starts: list[int], opts: CheckOptions) -> list[float]:
-    """P(swapped) of each window, averaged over the four test-time VIEWS. Frames and waveforms go to the model's
+    """Calibrated P(swapped) of each window, averaged over the four test-time VIEWS. Frames and waveforms go to the model's
     device together; the model's front end turns the waveforms into features there."""
     margin = (cfg.data.resize - cfg.data.crop) // 2  # the evaluation crop: centre, no jitter
     device = next(model.parameters()).device
+    temperature = float(getattr(model, "temperature", 1.0))  # fitted on the validation split (train.calibrate)
     out = []
     for b in range(0, len(starts), opts.batch_size):
         videos, audios = [], []
@@ -209,7 +213,8 @@ def score_windows(model, cfg: Config, media: Media, starts: list[int], opts: Che
                                      cfg)
                 videos.append(sample["video"])
                 audios.append(sample["audio"])
-        p = torch.sigmoid(model(torch.stack(videos).to(device), torch.stack(audios).to(device)).float()).cpu()
+        logits = model(torch.stack(videos).to(device), torch.stack(audios).to(device)).float()
+        p = torch.sigmoid(logits / temperature).cpu()
         p = p.view(-1, len(VIEWS))
         out += ((p[:, 0] + p[:, 1] + (1 - p[:, 2]) + (1 - p[:, 3])) / 4).tolist()
     return out
@@ -232,7 +237,7 @@ def window_audio(wave: torch.Tensor, start_frame: int, cfg: Config) -> torch.Ten
 
 def runs(timeline: list, opts: CheckOptions, swapped: bool, window_s: float, duration_s: float) -> list[list[float]]:
     """[start_s, end_s] of every run of at least opts.min_run consecutive windows that confidently say `swapped`
-    (P >= 0.5 + margin) or, with swapped=False, correct (P <= 0.5 - margin); a silent window ends a run.
+    (P >= 0.5 + run_margin) or, with swapped=False, correct (P <= 0.5 - run_margin); a silent window ends a run.
 
     A run spans its windows' centres, half a hop either side (a window half in, half out of a swapped stretch is
     the one that turns), and reaches the start or end of the video when its first or last window does.
@@ -240,7 +245,7 @@ def runs(timeline: list, opts: CheckOptions, swapped: bool, window_s: float, dur
     found, run = [], []
     half_hop = (timeline[1][0] - timeline[0][0]) / 2 if len(timeline) > 1 else window_s / 2
     for i, (start, p) in enumerate(timeline + [[None, None]]):
-        if p is not None and (p >= 0.5 + opts.margin if swapped else p <= 0.5 - opts.margin):
+        if p is not None and (p >= 0.5 + opts.run_margin if swapped else p <= 0.5 - opts.run_margin):
             run.append(i)
             continue
         if len(run) >= opts.min_run:
@@ -536,13 +541,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--margin", type=float, default=CheckOptions.margin)
     p.add_argument("--min-agree", type=float, default=CheckOptions.min_agree)
     p.add_argument("--min-run", type=int, default=CheckOptions.min_run)
+    p.add_argument("--run-margin", type=float, default=CheckOptions.run_margin,
+                   help="a swapped/correct stretch is --min-run windows beyond 0.5 -/+ this")
     p.add_argument("--min-windows", type=int, default=CheckOptions.min_windows,
                    help="videos with fewer windows at --hop are scored at every frame, padded 0.5 s at each end")
     p.add_argument("--silence-dbfs", type=float, default=CheckOptions.silence_dbfs)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = p.parse_args(argv)
-    if args.hop <= 0 or not 0 <= args.margin < 0.5 or not 0 <= args.min_agree <= 1 or args.min_run < 1:
-        p.error("--hop must be positive, --margin in [0, 0.5), --min-agree in [0, 1], --min-run at least 1")
+    if (args.hop <= 0 or not 0 <= args.margin < 0.5 or not 0 <= args.run_margin < 0.5 or not 0 <= args.min_agree <= 1
+            or args.min_run < 1):
+        p.error("--hop must be positive, --margin and --run-margin in [0, 0.5), --min-agree in [0, 1], --min-run at "
+                "least 1")
     try:
         model, cfg = load_check_model(args.model, args.tracking_uri)
     except NoModelError as e:
@@ -550,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NO_MODEL
     from flipray.pretext.train import resolve_device
     opts = CheckOptions(hop_s=args.hop, margin=args.margin, min_agree=args.min_agree, min_run=args.min_run,
-                        min_windows=args.min_windows,
+                        run_margin=args.run_margin, min_windows=args.min_windows,
                         silence_dbfs=args.silence_dbfs, device=str(resolve_device(args.device)))
     results = check_files(args.videos, model, cfg, opts, use_ray=args.ray)
     if args.json:

@@ -38,8 +38,9 @@ import yaml
 from flipray.config import config_from_dict, load_config
 from flipray.pretext.data import ClipDataset, EpochSampler
 from flipray.pretext.models import SpatialAlignmentNet, count_parameters
-from flipray.pretext.train import (evaluate, evaluate_splits, fit, load_checkpoint, make_loader, make_optimizer,
-                                  new_state, plot_curves, prepare_model, save_checkpoint, split_batch, upgrade_state)
+from flipray.pretext.train import (calibrate, evaluate, evaluate_splits, fit, load_checkpoint, make_loader,
+                                  make_optimizer, new_state, plot_curves, prepare_model, save_checkpoint, split_batch,
+                                  upgrade_state)
 from flipray import tracking
 from flipray.dataset.store import storage_location
 
@@ -155,10 +156,12 @@ def train_worker(config: dict):
         validate=lambda: evaluate(module, val, device, world_size=world),
         save=save, world_size=world, accum_steps=accum, on_metrics=on_metrics)
 
-    final = {}
+    state["calibration"] = calibrate(module, val, device, world)  # the same temperature on every rank
     accuracy = evaluate_splits(module, cfg, device, rank=rank, world_size=world, batch_size=micro)
+    final = {}
     if rank == 0:
-        final = {f"{split}_flip_acc": r["acc"] for split, r in accuracy.items()}
+        final = {"calibration_temperature": state["calibration"]["temperature"]}
+        final.update({f"{split}_flip_acc": r["acc"] for split, r in accuracy.items()})
         final.update({f"{split}_flip_acc_{group}": g["acc"] for split, r in accuracy.items()
                       for group, g in r.get("acc_by_capture", {}).items()})
         _log(mlflow, config["run_id"], state["step"], **{f"final_{k}": v for k, v in final.items()})

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.capture_eval import baselines, picture_side
+from bench.capture_eval import baselines, picture_side, replay
+from flipray import check
 from flipray.config import load_config
 from flipray.pretext.data import ClipDataset
 from flipray.pretext.train import evaluate
@@ -74,3 +75,16 @@ def test_picture_side_is_the_loudest_sounding_objects():
                         {"sounding": False, "level_db": None, "azimuth_deg": [30.0, 30.0, 30.0]}]}
     assert picture_side(meta, 0, 3) == -1
     assert picture_side({"objects": []}, 0, 3) == 0
+
+
+def test_replay_recomputes_check_verdicts_under_other_options():
+    """Stored cuts (window probabilities) decided again: a stricter margin turns a weak verdict undecidable."""
+    cuts = [{"group": "spaced", "swapped": True, "error": None, "timeline": [[0.0, 0.58], [0.2, 0.6], [0.4, 0.57]]},
+            {"group": "spaced", "swapped": False, "error": None, "timeline": [[0.0, 0.1], [0.2, 0.2], [0.4, None]]},
+            {"group": "phone", "swapped": False, "error": None, "timeline": [[0.0, 0.7], [0.2, 0.8], [0.4, 0.9]]},
+            {"group": "phone", "swapped": True, "error": "corrupt", "timeline": []}]
+    loose = replay(cuts, check.CheckOptions(margin=0.05), 2.875)
+    assert loose["spaced"]["right"] == {"acc": 1.0, "n": 2} and loose["spaced"]["undecidable"]["acc"] == 0.0
+    assert loose["phone"]["right"] == {"acc": 0.0, "n": 1} and loose["phone"]["right_decided"]["n"] == 1
+    strict = replay(cuts, check.CheckOptions(margin=0.15), 2.875)
+    assert strict["spaced"]["undecidable"] == {"acc": 0.5, "n": 2} and strict["spaced"]["right_decided"]["n"] == 1

@@ -114,3 +114,16 @@ def test_a_3s_video_gets_a_verdict_from_its_windows_and_a_swapped_copy_the_oppos
     flipped = {"swapped": "correct", "correct": "swapped", "undecidable": "undecidable"}
     assert b.verdict == flipped[a.verdict]
     assert a.cues["gcc_side"] == 1 and b.cues["gcc_side"] == -1 and a.cues["visual_side"] == 1
+
+
+def test_check_scores_with_the_models_calibrated_temperature(tmp_path):
+    """P(swapped) = sigmoid(logit / temperature): the same untrained model at an enormous temperature says 0.5."""
+    cfg = load_config("demo")
+    torch.manual_seed(0)
+    net = SpatialAlignmentNet(cfg).eval()
+    video = make_video(tmp_path / "a.mp4", {"type": "spaced", "spacing_m": 0.3}, 30.0)
+    raw = check.check_file(video, net, cfg)
+    net.temperature.fill_(1e6)
+    flat = check.check_file(video, net, cfg)
+    assert max(abs(p - 0.5) for _, p in raw.timeline) > 1e-3
+    assert max(abs(p - 0.5) for _, p in flat.timeline) < 1e-5 and flat.verdict == "undecidable"

@@ -8,8 +8,8 @@ from torch.utils.data import DataLoader
 from flipray.config import load_config
 from flipray.pretext.data import ClipDataset, EpochSampler, collate
 from flipray.pretext.models import SpatialAlignmentNet
-from flipray.pretext.train import (evaluate, evaluate_splits, load_checkpoint, load_model, lr_at, main, make_optimizer,
-                                   train_one_epoch)
+from flipray.pretext.train import (evaluate, evaluate_splits, fit_temperature, load_checkpoint, load_model, lr_at, main,
+                                   make_optimizer, train_one_epoch)
 
 FAST = ["data.num_frames=3", "data.eval_windows=1", "data.resize=40", "data.crop=32", "data.n_mels=32",
         "model.visual_width=8", "model.audio_width=8", "model.audio_dim=32", "model.fusion_dim=32",
@@ -25,6 +25,30 @@ def test_lr_schedule_counts_samples():
     assert lr_at(1100, cfg) == pytest.approx(0.0, abs=1e-12)
     constant = load_config("demo", ["train.schedule=constant", "train.warmup_samples=0"])
     assert lr_at(0, constant) == lr_at(5000, constant) == constant.train.lr
+
+
+@pytest.mark.parametrize("scale", [3.0, 0.5])
+def test_temperature_scaling_undoes_over_and_under_confidence(scale):
+    """Labels drawn from sigmoid(z); a model that says scale * z is over- (3) or under-confident (0.5) by `scale`."""
+    g = torch.Generator().manual_seed(0)
+    z = 2.0 * torch.randn(20_000, generator=g)
+    labels = (torch.rand(20_000, generator=g) < torch.sigmoid(z)).float()
+    assert fit_temperature(scale * z, labels) == pytest.approx(scale, rel=0.08)
+    assert fit_temperature(torch.zeros(0), torch.zeros(0)) == 1.0
+
+
+def test_the_temperature_travels_with_the_weights_and_old_checkpoints_load_uncalibrated(tmp_path):
+    cfg = load_config("demo", FAST)
+    net = SpatialAlignmentNet(cfg)
+    assert float(net.temperature) == 1.0 and "temperature" in net.state_dict()
+    net.temperature.fill_(2.5)
+    state = net.state_dict()
+    again = SpatialAlignmentNet(cfg)
+    again.load_state_dict(state)
+    assert float(again.temperature) == 2.5
+    legacy = {k: v for k, v in state.items() if k != "temperature"}  # saved before calibration existed
+    again.load_state_dict(legacy)
+    assert float(again.temperature) == 1.0
 
 
 @pytest.mark.slow
@@ -89,3 +113,7 @@ def test_train_checkpoint_resume_is_exact_and_reports(synth_root, tmp_path, caps
     assert "report: " in capsys.readouterr().out
     model, cfg = load_model(tmp_path / "split" / "checkpoint.pt")
     assert cfg.data.crop == 32 and not model.training
+    # calibrated on the validation split after training: the checkpoint's model carries the fitted temperature
+    cal = report["calibration"]
+    assert cal["samples"] == report["flip_accuracy"]["val"]["samples"] and cal["nll_after"] <= cal["nll_before"]
+    assert float(model.temperature) == pytest.approx(cal["temperature"], rel=1e-3)

@@ -244,6 +244,10 @@ class SpatialAlignmentNet(nn.Module):
         self.fusion = nn.Sequential(nn.Conv1d(fused_in, m.fusion_dim, 1), nn.ReLU(inplace=True),
                                     nn.Conv1d(m.fusion_dim, m.fusion_dim, 1), nn.ReLU(inplace=True))
         self.classifier = nn.Linear(m.fusion_dim, 1)
+        # P(swapped) = sigmoid(logit / temperature): fitted on the validation split after training (fit_temperature),
+        # so a probability means the same for every model and `flipray check`'s margin means the same for all of them.
+        # Not used by forward (training sees raw logits); saved with the weights.
+        self.register_buffer("temperature", torch.ones(()))
         _init_weights(self)
         if m.visual_init.startswith("imagenet:"):
             load_imagenet_trunk(self.visual.trunk, m.visual_init.split(":", 1)[1])
@@ -277,6 +281,11 @@ class SpatialAlignmentNet(nn.Module):
             v = F.interpolate(v, size=a.shape[-1], mode="linear", align_corners=False)
         fused = self.fusion(torch.cat([v, a], dim=1))
         return {"visual": v, "audio": a, "fused": fused, "pooled": fused.mean(dim=-1)}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before calibration have no temperature: uncalibrated (1.0)
+        state_dict.setdefault(prefix + "temperature", torch.ones(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, video: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         """audio: features (B, C', n_mels, S'), or the peak-normalised waveform (B, C, S) that the loaders hand,

@@ -284,15 +284,18 @@ def train_one_epoch(model, loader, optimizer, cfg: Config, device, state: dict, 
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, groups: dict[str, str] | None = None, world_size: int = 1) -> dict:
+def evaluate(model, loader, device, groups: dict[str, str] | None = None, world_size: int = 1,
+             keep_logits: bool = False) -> dict:
     """Flip accuracy and BCE loss; with ClipDataset(train=False) every clip is scored unswapped and swapped.
-    `groups` (clip_id -> capture group, ClipDataset.capture_groups) adds acc_by_capture: {group: {acc, n}}.
+    `groups` (clip_id -> capture group, ClipDataset.capture_groups) adds acc_by_capture: {group: {acc, n}};
+    `keep_logits` adds the split's "logits" and "labels" (CPU tensors, every rank's, gathered).
 
     Each rank scores its shard (EpochSampler with rank/world; pads have weight 0) and the sums are all-reduced, so
     every rank returns the whole split's figures."""
     model.eval()
     total_loss, total_correct, total_n, skipped = 0.0, 0, 0, 0
     by_group: dict[str, list[int]] = {}
+    kept_logits, kept_labels = [], []
     for batch in loader:
         skipped += batch["skipped"]
         if "video" not in batch:
@@ -301,6 +304,9 @@ def evaluate(model, loader, device, groups: dict[str, str] | None = None, world_
         label = batch["label"].to(device)
         kept = batch.get("weight", torch.ones(label.shape[0])).to(device) > 0
         logits, label = logits[kept], label[kept]
+        if keep_logits:
+            kept_logits.append(logits.detach().cpu())
+            kept_labels.append(label.detach().cpu())
         total_loss += F.binary_cross_entropy_with_logits(logits, label, reduction="sum").item()
         right = ((logits > 0).float() == label).cpu()
         total_correct += int(right.sum().item())
@@ -323,7 +329,38 @@ def evaluate(model, loader, device, groups: dict[str, str] | None = None, world_
            "skipped": skipped}
     if groups is not None:
         out["acc_by_capture"] = {g: {"acc": c / n, "n": n} for g, (c, n) in sorted(by_group.items())}
+    if keep_logits:
+        pair = (torch.cat(kept_logits) if kept_logits else torch.zeros(0),
+                torch.cat(kept_labels) if kept_labels else torch.zeros(0))
+        if world_size > 1 and torch.distributed.is_initialized():
+            pairs = [None] * world_size
+            torch.distributed.all_gather_object(pairs, pair)
+            pair = (torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs]))
+        out["logits"], out["labels"] = pair
     return out
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T minimising the mean BCE of sigmoid(logits / T) (temperature scaling, Guo et al. 2017): a
+    search over 401 log-spaced T in [0.05, 20], which cannot diverge on a small validation split."""
+    logits, labels = logits.detach().double().flatten(), labels.detach().double().flatten()
+    if logits.numel() == 0:
+        return 1.0
+    temps = torch.logspace(math.log10(0.05), math.log10(20.0), 401, dtype=torch.float64)
+    nll = torch.stack([F.binary_cross_entropy_with_logits(logits / t, labels) for t in temps])
+    return float(temps[int(nll.argmin())])
+
+
+def calibrate(model, loader, device, world_size: int = 1) -> dict:
+    """Fit the model's temperature on a held-out loader (the validation split) and store it in the model (every rank
+    gets the same value: the logits are gathered). Returns {temperature, samples, nll_before, nll_after}."""
+    res = evaluate(model, loader, device, world_size=world_size, keep_logits=True)
+    t = fit_temperature(res["logits"], res["labels"])
+    getattr(model, "module", model).temperature.fill_(t)
+    nll = lambda temp: float(F.binary_cross_entropy_with_logits(res["logits"].double() / temp, res["labels"].double())) \
+        if res["n"] else float("nan")
+    return {"temperature": round(t, 4), "samples": res["n"], "nll_before": round(nll(1.0), 4),
+            "nll_after": round(nll(t), 4)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -553,6 +590,10 @@ def run(cfg: Config, run_dir: Path, ckpt: dict | None = None) -> dict:
             train_set, cfg, EpochSampler(len(train_set), cfg.train.seed, epoch=epoch, start=start, step_size=bs), bs),
         validate=lambda: evaluate(model, val_loader, device),
         save=lambda state: save_checkpoint(run_dir / "checkpoint.pt", model, optimizer, state, cfg))
+    state["calibration"] = calibrate(model, val_loader, device)
+    log.info("calibrated on %d validation samples: temperature %.3f (BCE %.4f -> %.4f)",
+             state["calibration"]["samples"], state["calibration"]["temperature"], state["calibration"]["nll_before"],
+             state["calibration"]["nll_after"])
     save_checkpoint(run_dir / "checkpoint.pt", model, optimizer, state, cfg)
     plot_curves(state["history"], run_dir / "curves.png",
                 f"flip pretext, {cfg.preset} preset, {cfg.model.variant} model")
@@ -566,7 +607,8 @@ def run(cfg: Config, run_dir: Path, ckpt: dict | None = None) -> dict:
 def make_report(cfg: Config, run_dir, state: dict, model, accuracy: dict, t0: float, device, skipped: dict) -> dict:
     return {"run_dir": str(run_dir), "config": cfg.to_dict(), "flip_accuracy": accuracy,
             "samples_seen": state["samples_seen"], "steps": state["step"], "epochs": state["epoch"],
-            "parameters": count_parameters(model), "train_seconds": round(state["train_seconds"], 1),
+            "parameters": count_parameters(model), "calibration": state.get("calibration"),
+            "train_seconds": round(state["train_seconds"], 1),
             "wall_seconds": round(time.time() - t0, 1), "train_clips_skipped": skipped, "device": str(device),
             "torch_threads": torch.get_num_threads()}
 
