@@ -95,7 +95,8 @@ def run(data: str, split: str, models: list[str], eval_windows: int, check_clips
     report = {"data": data, "split": split, "eval_windows": eval_windows, "models": {}, "threads": threads}
     t0 = time.time()
     base_ds = None
-    for spec in models:
+    for named in models:
+        name, spec = named.split("=", 1) if "=" in named.split("/")[0] else (named, named)
         model, cfg = load_pretrained(spec)  # a checkpoint, a run folder or models:/NAME/VERSION
         cfg = apply_overrides(cfg, [f"data.root={data}", "data.cache=false", f"data.eval_windows={eval_windows}",
                                     "data.num_workers=0"])
@@ -103,14 +104,15 @@ def run(data: str, split: str, models: list[str], eval_windows: int, check_clips
         groups = ds.capture_groups()
         res = evaluate(model, make_loader(ds, cfg, EpochSampler(len(ds), cfg.train.seed, shuffle=False), 16), "cpu",
                        groups)
-        entry = {"front_end": cfg.model.front_end, "acc": round(res["acc"], 4), "n": res["n"],
+        entry = {"model": spec, "front_end": cfg.model.front_end, "norm": cfg.model.norm,
+                 "audio_head": cfg.model.audio_head, "acc": round(res["acc"], 4), "n": res["n"],
                  "acc_by_capture": {g: {"acc": round(v["acc"], 4), "n": v["n"]} for g, v in res["acc_by_capture"].items()}}
         if check_clips:
             entry["check_cuts"] = []
             entry["check"] = check_eval(model, cfg, ds.clips[:check_clips], root, groups, entry["check_cuts"])
-        report["models"][spec] = entry
+        report["models"][name] = entry
         base_ds = base_ds or ds
-        print(f"{spec}: {entry['acc_by_capture']}", file=sys.stderr)
+        print(f"{name}: {entry['acc_by_capture']}", file=sys.stderr)
     report["baselines"] = _finish(baselines(base_ds))
     report["wall_s"] = round(time.time() - t0, 1)
     return report
@@ -156,6 +158,13 @@ def replay(cuts: list[dict], opts: check.CheckOptions, window_s: float) -> dict:
     return _finish(table)
 
 
+def describe(m: dict) -> str:
+    """A model's inputs and the authors' options where it uses them: "ipd-gcc", "logmel, batchrenorm, conv head"."""
+    parts = [m["front_end"]] + ([m["norm"]] if m.get("norm", "batchnorm") != "batchnorm" else []) + \
+        ([f"{m['audio_head']} head"] if m.get("audio_head", "conv-bn-relu") != "conv-bn-relu" else [])
+    return ", ".join(parts)
+
+
 def markdown(report: dict) -> str:
     groups = ("binaural", "spaced", "coincident", "phone")
     lines = [f"Flip accuracy by capture type, `{report['data']}` split `{report['split']}` "
@@ -167,17 +176,17 @@ def markdown(report: dict) -> str:
             return ""
         d = d[key] if key else d
         return f"{d['acc']:.3f} ({d['n']})"
-    for spec, m in report["models"].items():
-        lines.append(f"| model, front end `{m['front_end']}` | " +
+    for name, m in report["models"].items():
+        lines.append(f"| model `{name}` ({describe(m)}) | " +
                      " | ".join(cell(m["acc_by_capture"].get(g)) for g in groups) + " |")
     for name in ("gcc-phat", "level-difference"):
         lines.append(f"| {name} (oracle picture side) | " +
                      " | ".join(cell(report["baselines"].get(g, {}).get(name)) for g in groups) + " |")
-    for spec, m in report["models"].items():
+    for name, m in report["models"].items():
         if "check" not in m:
             continue
         for key in ("right", "undecidable", "right_decided", "capture_guess_right"):
-            lines.append(f"| check 3-s H.264/AAC, `{m['front_end']}`: {key} | " +
+            lines.append(f"| check 3-s H.264/AAC, `{name}`: {key} | " +
                          " | ".join(cell(m["check"].get(g, {}).get(key)) for g in groups) + " |")
     return "\n".join(lines) + "\n"
 
@@ -188,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data", required=True, help="dataset root with sidecars (flipray synth)")
     p.add_argument("--split", default="test", help="train | val | test | all (a held-out dataset, every clip)")
     p.add_argument("--model", action="append", required=True,
-                   help="checkpoint.pt, run folder or models:/flipray-pretext/latest (repeat for several)")
+                   help="[NAME=]checkpoint.pt, run folder or models:/flipray-pretext/latest (repeat for several)")
     p.add_argument("--eval-windows", type=int, default=2)
     p.add_argument("--check-clips", type=int, default=0, help="clips cut to 3-s mp4s for flipray check (0 = none)")
     p.add_argument("--threads", type=int, default=2)
