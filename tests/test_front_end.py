@@ -81,7 +81,8 @@ def test_swapping_channels_negates_sin_ipd_keeps_cos_and_mirrors_the_gcc_lag():
 
 def test_logmel_front_end_gives_the_papers_two_channels_and_ipd_four():
     wave = torch.randn(2, 45920) * 0.1
-    assert AudioFeatures(load_config("paper"))(wave).shape == (2, 128, 288)
+    assert AudioFeatures(load_config("paper", ["model.front_end=logmel"]))(wave).shape == (2, 128, 288)
+    assert AudioFeatures(load_config("paper"))(wave).shape == (7, 128, 288)  # the default: + IPD cos/sin + 3 GCC
     assert AudioFeatures(load_config("demo", ["model.front_end=ipd"]))(wave).shape == (4, 64, 288)
     mono = AudioFeatures(load_config("demo", ["model.variant=mono"]))(wave)
     assert mono.shape == (8, 64, 288)  # ipd-gcc's 7, then the mono mix last
@@ -119,7 +120,7 @@ def test_configs_saved_before_the_front_end_load_as_the_log_mel_model():
     cfg = config_from_dict(old)
     assert (cfg.model.front_end, cfg.model.norm, cfg.model.audio_head) == ("logmel", "batchnorm", "conv-bn-relu")
     paper = load_config("paper")
-    assert (paper.model.front_end, paper.model.norm, paper.model.audio_head) == ("logmel", "batchrenorm", "conv")
+    assert (paper.model.front_end, paper.model.norm, paper.model.audio_head) == ("ipd-gcc", "batchrenorm", "conv")
     assert load_config("small").model.front_end == load_config("demo").model.front_end == "ipd-gcc"
 
 
@@ -156,7 +157,7 @@ def test_paper_fidelity_options_build_the_authors_norm_and_head():
     assert len(head) == 1 and head[0].bias is not None and head[0].kernel_size == (8, 1)
     net.eval()
     with torch.no_grad():
-        emb = net.embed_audio(torch.randn(2, 2, 128, 288))
+        emb = net.embed_audio(torch.randn(2, net.front_end.channels, 128, 288))
     assert (emb == 0).float().mean() < 0.01  # no ReLU after the head: the embedding is not half zeros
     demo = SpatialAlignmentNet(load_config("demo"))
     assert len(demo.audio.collapse) == 3 and not any(isinstance(m, BatchRenorm2d) for m in demo.modules())

@@ -18,7 +18,7 @@ def test_paper_preset_exact_shapes_forward_backward():
     cfg = load_config("paper")
     model = SpatialAlignmentNet(cfg)
     video, audio = _inputs(cfg)
-    assert video.shape == (2, 18, 3, 224, 224) and audio.shape == (2, 2, 128, 288)
+    assert video.shape == (2, 18, 3, 224, 224) and audio.shape == (2, 7, 128, 288)  # ipd-gcc: 7 feature maps
     feats = model.features(video, audio)
     assert feats["visual"].shape == (2, 16 * 7 * 7, 18)  # 16 x 7 x 7 map flattened, no pooling
     assert feats["audio"].shape == (2, 256, 18)          # 288 STFT frames / 16 = 18 steps, matching the video
