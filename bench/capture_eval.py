@@ -76,7 +76,10 @@ def baselines(ds: ClipDataset) -> dict:
     return table
 
 
-def cut(clip: dict, root: Path, out: Path, swap: bool, start_s: float = 0.5, seconds: float = 3.0) -> Path:
+CUT_S = 3.0  # the short videos `flipray check` is measured on
+
+
+def cut(clip: dict, root: Path, out: Path, swap: bool, start_s: float = 0.5, seconds: float = CUT_S) -> Path:
     """A 3-s H.264/AAC mp4 of a clip (channels swapped if asked)."""
     wave, sr = sf.read(root / clip["audio"], dtype="float32")
     wav = out.with_suffix(".wav")
@@ -148,8 +151,7 @@ def replay(cuts: list[dict], opts: check.CheckOptions, window_s: float) -> dict:
     for c in cuts:
         if c["error"] or not c["timeline"]:
             continue
-        duration = 3.0
-        verdict = check.decide(c["timeline"], opts, window_s, duration)[0]
+        verdict = check.decide(c["timeline"], opts, window_s, CUT_S)[0]
         truth = "swapped" if c["swapped"] else "correct"
         _tally(table, c["group"], "right", float(verdict == truth))
         _tally(table, c["group"], "undecidable", float(verdict == "undecidable"))

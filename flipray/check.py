@@ -197,8 +197,8 @@ VIEWS = ((False, False), (True, False), (False, True), (True, True))
 
 @torch.no_grad()
 def score_windows(model, cfg: Config, media: Media, starts: list[int], opts: CheckOptions) -> list[float]:
-    """Calibrated P(swapped) of each window, averaged over the four test-time VIEWS. Frames and waveforms go to the model's
-    device together; the model's front end turns the waveforms into features there."""
+    """Calibrated P(swapped) of each window, averaged over the four test-time VIEWS. Frames and waveforms go to the
+    model's device together; the model's front end turns the waveforms into features there."""
     margin = (cfg.data.resize - cfg.data.crop) // 2  # the evaluation crop: centre, no jitter
     device = next(model.parameters()).device
     temperature = float(getattr(model, "temperature", 1.0))  # fitted on the validation split (train.calibrate)

@@ -244,9 +244,9 @@ class SpatialAlignmentNet(nn.Module):
         self.fusion = nn.Sequential(nn.Conv1d(fused_in, m.fusion_dim, 1), nn.ReLU(inplace=True),
                                     nn.Conv1d(m.fusion_dim, m.fusion_dim, 1), nn.ReLU(inplace=True))
         self.classifier = nn.Linear(m.fusion_dim, 1)
-        # P(swapped) = sigmoid(logit / temperature): fitted on the validation split after training (fit_temperature),
-        # so a probability means the same for every model and `flipray check`'s margin means the same for all of them.
-        # Not used by forward (training sees raw logits); saved with the weights.
+        # P(swapped) = sigmoid(logit / temperature), the temperature fitted on the validation split after training
+        # (train.calibrate), so a probability, and `flipray check`'s margin, mean the same for every model. Not used by
+        # forward (training sees raw logits); saved with the weights.
         self.register_buffer("temperature", torch.ones(()))
         _init_weights(self)
         if m.visual_init.startswith("imagenet:"):

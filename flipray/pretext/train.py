@@ -357,8 +357,11 @@ def calibrate(model, loader, device, world_size: int = 1) -> dict:
     res = evaluate(model, loader, device, world_size=world_size, keep_logits=True)
     t = fit_temperature(res["logits"], res["labels"])
     getattr(model, "module", model).temperature.fill_(t)
-    nll = lambda temp: float(F.binary_cross_entropy_with_logits(res["logits"].double() / temp, res["labels"].double())) \
-        if res["n"] else float("nan")
+
+    def nll(temp: float) -> float:
+        if not res["n"]:
+            return float("nan")
+        return float(F.binary_cross_entropy_with_logits(res["logits"].double() / temp, res["labels"].double()))
     return {"temperature": round(t, 4), "samples": res["n"], "nll_before": round(nll(1.0), 4),
             "nll_after": round(nll(t), 4)}
 
