@@ -51,6 +51,14 @@ def _tally(table: dict, group: str, key: str, value: float):
     t[1] += 1
 
 
+def _tally_verdict(table: dict, group: str, verdict: str, truth: str):
+    """right (undecidable counts wrong), undecidable, and right among the decided videos."""
+    _tally(table, group, "right", float(verdict == truth))
+    _tally(table, group, "undecidable", float(verdict == "undecidable"))
+    if verdict != "undecidable":
+        _tally(table, group, "right_decided", float(verdict == truth))
+
+
 def _finish(table: dict) -> dict:
     return {g: {k: {"acc": round(v[0] / v[1], 4), "n": v[1]} for k, v in d.items()} for g, d in sorted(table.items())}
 
@@ -135,10 +143,7 @@ def check_eval(model, cfg, clips: list[dict], root: Path, groups: dict, cuts: li
                 if cuts is not None:
                     cuts.append({"clip_id": clip["clip_id"], "group": g, "swapped": swap, "verdict": r.verdict,
                                  "timeline": r.timeline, "cues": r.cues, "error": r.error})
-                _tally(table, g, "right", float(r.verdict == truth))
-                _tally(table, g, "undecidable", float(r.verdict == "undecidable"))
-                if r.verdict != "undecidable":
-                    _tally(table, g, "right_decided", float(r.verdict == truth))
+                _tally_verdict(table, g, r.verdict, truth)
                 if r.cues:
                     _tally(table, g, "capture_guess_right", float(r.cues["capture_guess"] == g))
     return _finish(table)
@@ -152,11 +157,7 @@ def replay(cuts: list[dict], opts: check.CheckOptions, window_s: float) -> dict:
         if c["error"] or not c["timeline"]:
             continue
         verdict = check.decide(c["timeline"], opts, window_s, CUT_S)[0]
-        truth = "swapped" if c["swapped"] else "correct"
-        _tally(table, c["group"], "right", float(verdict == truth))
-        _tally(table, c["group"], "undecidable", float(verdict == "undecidable"))
-        if verdict != "undecidable":
-            _tally(table, c["group"], "right_decided", float(verdict == truth))
+        _tally_verdict(table, c["group"], verdict, "swapped" if c["swapped"] else "correct")
     return _finish(table)
 
 
