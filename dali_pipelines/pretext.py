@@ -43,7 +43,8 @@ import torch
 
 from flipray.config import Config
 from flipray.pretext.data import (IMAGENET_MEAN, IMAGENET_STD, ClipDecodeError, EpochSampler, audio_window, decode_audio,
-                          decode_video, item_params, num_items, window_frame_indices, window_samples_range)
+                          decode_video, item_params, num_items, pair_size, window_frame_indices,
+                          window_samples_range)
 from flipray.dataset.cache import open_store
 from flipray.dataset.store import ChecksumError, Store
 
@@ -125,7 +126,7 @@ class ClipSource:
         if epoch not in self._orders:
             first = epoch == self.first_epoch
             order = EpochSampler(self.n_items, self.seed, epoch, self.shuffle, self.shard_id, self.num_shards,
-                                 self.start if first else 0, self.step_size).order()
+                                 self.start if first else 0, self.step_size, pair_size(self.cfg, self.train)).order()
             self._orders = {epoch: order[self.skip:] if first else order}
         return self._orders[epoch]
 
@@ -461,7 +462,8 @@ def make_split_loader(cfg: Config, split: str, train: bool, batch_size: int | No
 
     from flipray.pretext.data import ClipDataset, collate
     ds = ClipDataset(cfg, split, train=train, root=root)
-    sampler = EpochSampler(len(ds), ds.seed, epoch, shuffle=train, rank=shard_id, world=num_shards, start=start)
+    sampler = EpochSampler(len(ds), ds.seed, epoch, shuffle=train, rank=shard_id, world=num_shards, start=start,
+                           group=pair_size(cfg, train))
     workers = cfg.data.num_workers
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
                       multiprocessing_context="spawn" if workers else None)

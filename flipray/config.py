@@ -56,11 +56,13 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     variant: str = "base"             # base | motion | mono | gcc-phat | pooled-visual (the paper's Table 2 ablations)
-    front_end: str = "ipd-gcc"        # audio features of stereo clips (flipray.pretext.data.AudioFeatures), computed
+    front_end: str = "ild-ipd-gcc"    # audio features of stereo clips (flipray.pretext.data.AudioFeatures), computed
                                       # on the training device from the waveform: logmel (the paper: L, R log-mels;
                                       # level only) | ipd (+ cos/sin of the interaural phase difference per mel
                                       # band) | ipd-gcc (+ 3 band-limited GCC-PHAT maps: time differences of spaced
-                                      # pairs and phones, which log-mels cannot carry; docs/stereo.md)
+                                      # pairs and phones, which log-mels cannot carry) | ild-ipd-gcc (the same, with
+                                      # L, R log-mels as their mean and scaled level difference: leaves the chance
+                                      # plateau sooner and for more seeds; docs/stereo.md)
     norm: str = "batchnorm"           # audio-block and visual-reduction norms: batchnorm | batchrenorm (the authors'
                                       # running-statistics batch renorm, official-code notes)
     audio_head: str = "conv-bn-relu"  # audio stream's last layer over all mel bands: conv-bn-relu | conv (the authors'
@@ -79,6 +81,11 @@ class TrainConfig:
                                       # clip) | shift (audio shifted in time): the paper's pretext baselines
                                       # | rotate (360 clips: FOA sound field rotated by one of data.rotations_deg)
     batch_size: int = 32              # global batch size (all workers together)
+    pair_negatives: bool = False      # False: each window is the task's negative with p=0.5 (the paper). True: each
+                                      # window twice in one step, as recorded and as its negative, so what the two
+                                      # share (content, loudness) cancels in the gradient and only the cue the label
+                                      # depends on is left; leaves the chance plateau for every seed we tried
+                                      # (docs/stereo.md). Needs an even batch_size
     micro_batch_size: int = 0         # per-worker forward pass; 0 = batch_size / workers; smaller = accumulate
     optimizer: str = "sgd"            # sgd (the paper: momentum 0.9, lr 0.01) | adamw
     lr: float = 0.01
@@ -196,6 +203,9 @@ class Config:
             raise ValueError(f"train.schedule must be 'constant' or 'cosine', got {t.schedule!r}")
         if t.batch_size < 1 or t.total_samples < 1:
             raise ValueError("train.batch_size and train.total_samples must be positive")
+        if t.pair_negatives and t.batch_size % 2:
+            raise ValueError(f"train.pair_negatives trains each window as a pair in one step: train.batch_size must "
+                             f"be even, got {t.batch_size}")
         c = self.cluster
         if c.workers < 1 or c.max_failures < -1 or c.keep_checkpoints < 1:
             raise ValueError("cluster.workers and cluster.keep_checkpoints must be >= 1, cluster.max_failures >= -1")
@@ -224,7 +234,7 @@ class Config:
 
 
 VARIANTS = ("base", "motion", "mono", "gcc-phat", "pooled-visual")
-FRONT_ENDS = {"logmel": 2, "ipd": 4, "ipd-gcc": 7}  # front end -> feature channels of a stereo clip
+FRONT_ENDS = {"logmel": 2, "ipd": 4, "ipd-gcc": 7, "ild-ipd-gcc": 7}  # front end -> feature channels (stereo)
 NORMS = ("batchnorm", "batchrenorm")
 AUDIO_HEADS = ("conv-bn-relu", "conv")
 # What a config saved before these keys existed meant: checkpoints and MLflow runs of older versions load as trained.
@@ -260,7 +270,7 @@ def _preset(name: str) -> Config:
     if name == "paper":
         # The paper's configuration: 18 frames at 224x224, 128 mels, ResNet-18 and a 64..512 SE audio net, with the
         # authors' running-statistics batch renorm and plain conv audio head (official-code notes). The front end is
-        # flipray's default (ipd-gcc: it hears time differences); model.front_end=logmel is the paper's input as
+        # flipray's default (ild-ipd-gcc: it hears time differences); model.front_end=logmel is the paper's input as
         # published (Table 2 ablations, downstream tables as printed).
         return Config(preset="paper", model=ModelConfig(norm="batchrenorm", audio_head="conv"))
     if name == "small":
@@ -268,17 +278,19 @@ def _preset(name: str) -> Config:
         return Config(preset="small",
                       data=DataConfig(num_frames=9, resize=128, crop=112, n_mels=64),
                       model=ModelConfig(visual_width=32, audio_width=32, audio_dim=128, fusion_dim=256),
-                      train=TrainConfig(batch_size=32, total_samples=200_000, schedule="cosine"))
+                      train=TrainConfig(batch_size=32, pair_negatives=True, total_samples=200_000, schedule="cosine"))
     if name == "demo":
         # Learns the flip task on 2 CPU cores in minutes: 6 frames at 80x80, 64 mels, narrow networks, clips cached.
         return Config(preset="demo",
                       data=DataConfig(num_frames=6, resize=88, crop=80, n_mels=64, num_workers=0, cache=True,
                                       eval_windows=4),
                       model=ModelConfig(visual_width=16, audio_width=16, audio_dim=64, fusion_dim=128),
-                      # AdamW instead of the paper's SGD, and batches of 16: with five capture setups the joint
-                      # audio-visual task sits at chance until enough *steps* have passed; at 12k samples batch 32
-                      # (375 steps) never left it in our runs, batch 16 (750 steps) did by ~5k (docs/stereo.md).
-                      train=TrainConfig(batch_size=16, optimizer="adamw", lr=0.002, weight_decay=0.01,
+                      # AdamW instead of the paper's SGD, batches of 16 and paired negatives: with five capture
+                      # setups the joint audio-visual task sits at chance for a while; at 12k samples batch 32 never
+                      # left it in our runs, batch 16 did for some seeds, paired batches for every seed we tried
+                      # (docs/stereo.md).
+                      train=TrainConfig(batch_size=16, pair_negatives=True, optimizer="adamw", lr=0.002,
+                                        weight_decay=0.01,
                                         total_samples=12_000, schedule="cosine", warmup_samples=500,
                                         eval_every_samples=2_400, log_every=50))
     raise ValueError(f"unknown preset {name!r}; presets are demo, small, paper (or pass a YAML file)")

@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from flipray.config import config_from_dict, load_config
-from flipray.pretext.data import ClipDataset, EpochSampler
+from flipray.pretext.data import ClipDataset, EpochSampler, num_items, pair_size
 from flipray.pretext.models import SpatialAlignmentNet, count_parameters
 from flipray.pretext.train import (calibrate, evaluate, evaluate_splits, fit, load_checkpoint, make_loader,
                                   make_optimizer, new_state, plot_curves, prepare_model, save_checkpoint, split_batch,
@@ -98,13 +98,13 @@ def train_worker(config: dict):
         log.error("sampler fault drill: resuming at position %d instead of %d", state["epoch_pos"] + shift,
                   state["epoch_pos"])
 
-    epoch_clips, train_loader = _train_loader(cfg, rank, world, micro, device, shift)
+    epoch_items, train_loader = _train_loader(cfg, rank, world, micro, device, shift)
     val_set = ClipDataset(cfg, "val", train=False)  # every rank scores its shard; the sums are all-reduced
     val = make_loader(val_set, cfg, EpochSampler(len(val_set), cfg.train.seed, shuffle=False, rank=rank,
                                                  world=world), micro)
     if rank == 0:
-        log.info("%d workers x micro-batch %d x %d accumulation = batch %d; %.2fM parameters; %d train clips",
-                 world, micro, accum, cfg.train.batch_size, count_parameters(module) / 1e6, epoch_clips)
+        log.info("%d workers x micro-batch %d x %d accumulation = batch %d; %.2fM parameters; %d train items "
+                 "per epoch", world, micro, accum, cfg.train.batch_size, count_parameters(module) / 1e6, epoch_items)
     hold_dir, hold_s = os.environ.get("FLIPRAY_HOLD_DIR"), float(os.environ.get("FLIPRAY_HOLD_S", "0"))
     attempt = {"held": False}
     if hold_dir and rank == 0:
@@ -152,7 +152,7 @@ def train_worker(config: dict):
             _hold(hold_dir, hold_s, rank, world, state["step"])  # test-only: time to lose or add a node
             attempt["held"] = True
 
-    fit(cfg, model, optimizer, device, state, epoch_clips, train_loader,
+    fit(cfg, model, optimizer, device, state, epoch_items, train_loader,
         validate=lambda: evaluate(module, val, device, world_size=world),
         save=save, world_size=world, accum_steps=accum, on_metrics=on_metrics)
 
@@ -173,7 +173,7 @@ def train_worker(config: dict):
 
 
 def _train_loader(cfg, rank: int, world: int, micro: int, device, shift: int = 0):
-    """(clips per epoch, loader(epoch, start)) for this rank's shard, from the loader data.loader names: steps of
+    """(items per epoch, loader(epoch, start)) for this rank's shard, from the loader data.loader names: steps of
     train.batch_size positions, so the shard follows the world size from any checkpointed position.
     (`shift` moves the first start by that many positions: the sampler fault drill.)"""
     shifts = [shift]
@@ -188,11 +188,11 @@ def _train_loader(cfg, rank: int, world: int, micro: int, device, shift: int = 0
         def for_epoch(epoch, start):
             loader.set_epoch(epoch, fix(epoch, start))
             return loader
-        return len(loader.clips), for_epoch
+        return num_items(len(loader.clips), cfg, train=True), for_epoch
     ds = ClipDataset(cfg, "train", train=True)
-    return len(ds.clips), lambda epoch, start: make_loader(
+    return len(ds), lambda epoch, start: make_loader(
         ds, cfg, EpochSampler(len(ds), cfg.train.seed, epoch, rank=rank, world=world, start=fix(epoch, start),
-                              step_size=B), micro)
+                              step_size=B, group=pair_size(cfg, train=True)), micro)
 
 
 def _hold_note(folder: str, kind: str, **fields):

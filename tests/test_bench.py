@@ -61,7 +61,7 @@ def test_bench_all_reports_positive_figures_with_ratios_to_the_same_run(synth_ro
 
     # the audio front end's cost per sample, for every front end (channels as the model expects them)
     fe = {(r["preset"], r["front_end"]): r for r in report["front_end"] if r["device"] == "cpu"}
-    assert {k[1]: r["channels"] for k, r in fe.items() if k[0] == "demo"} == {"logmel": 2, "ipd": 4, "ipd-gcc": 7}
+    assert {k[1]: r["channels"] for k, r in fe.items() if k[0] == "demo"} == {"logmel": 2, "ipd": 4, "ipd-gcc": 7, "ild-ipd-gcc": 7}
     assert all(r["ms_per_sample"] > 0 for r in fe.values())
 
     table = bench_all.markdown(report)

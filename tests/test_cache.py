@@ -185,7 +185,7 @@ def test_cache_off_is_a_plain_store_and_the_config_switches_it(tmp_path):
 
 def test_fetch_ahead_stays_inside_the_chunk_a_dali_worker_serves():
     from dali_pipelines.pretext import ClipSource
-    cfg = load_config("demo", ["data.fetch_threads=3"])
+    cfg = load_config("demo", ["data.fetch_threads=3", "train.pair_negatives=false"])  # 11 items: one per clip
     clips = [{"clip_id": f"c{i}", "num_frames": 24} for i in range(11)]
 
     def source(py_workers):
@@ -262,7 +262,7 @@ def _torchcodec_epoch(cfg, epoch: int) -> dict:
 def test_torchcodec_loader_sends_no_gets_from_the_second_epoch_with_the_cache(s3_via_proxy, tmp_path):
     root, proxy = s3_via_proxy
     n = len(Store(root).read_manifest("train"))
-    base = [f"data.root={root}", "data.cache=false"]
+    base = [f"data.root={root}", "data.cache=false", "train.pair_negatives=false"]  # an item per clip
     gets, out = {}, {}
     for name, extra in (("off", []), ("on", [f"data.cache_dir={tmp_path / 'cache'}", "data.cache_gb=1"])):
         for epoch in (0, 1):
@@ -290,7 +290,8 @@ def test_dali_workers_share_the_node_cache_and_fetch_each_object_once(s3_via_pro
     from dali_pipelines.pretext import DaliClipLoader
     root, proxy = s3_via_proxy
     train = Store(root).read_manifest("train")
-    overrides = [f"data.root={root}", "data.cache=false", f"data.cache_dir={tmp_path / 'cache'}"]
+    overrides = [f"data.root={root}", "data.cache=false", f"data.cache_dir={tmp_path / 'cache'}",
+                 "train.pair_negatives=false"]
     cfg = load_config("demo", overrides)
     proxy.reset()
     loader = DaliClipLoader(cfg, "train", train=True, batch_size=4, epoch=0, py_workers=2)
@@ -306,6 +307,7 @@ def test_dali_workers_share_the_node_cache_and_fetch_each_object_once(s3_via_pro
     assert {p.name for p in cache_files(cache.dir)} == {c[f"{f}_sha256"] for c in train for f in ("video", "audio")}
 
     # with the cache off and one request at a time: the same batches (the DALI loader's order and draws)
-    plain = load_config("demo", [f"data.root={root}", "data.cache=false", "data.fetch_threads=1"])
+    plain = load_config("demo", [f"data.root={root}", "data.cache=false", "data.fetch_threads=1",
+                                 "train.pair_negatives=false"])
     ref = [c for b in DaliClipLoader(plain, "train", train=True, batch_size=4, epoch=1) for c in b["clip_id"]]
     assert ref == ids[1]

@@ -50,6 +50,8 @@ def test_an_elastic_run_refuses_a_batch_one_of_its_sizes_cannot_split():
     """min_workers..workers = 1..2 with a batch of 3: two workers cannot share it, so the run is refused up front
     (it could shrink or grow to that size mid-run); the same batch on a fixed-size or local run is not refused here."""
     with pytest.raises(ValueError, match=r"train.batch_size 3 must split evenly .* 2 workers do not"):
-        load_config("demo", ["train.batch_size=3", "cluster.workers=2", "cluster.min_workers=1"])
+        load_config("demo", ["train.batch_size=3", "train.pair_negatives=false", "cluster.workers=2",
+                             "cluster.min_workers=1"])
     assert load_config("demo", ["train.batch_size=4", "cluster.workers=2", "cluster.min_workers=1"]).train.batch_size == 4
-    assert load_config("demo", ["train.batch_size=3", "cluster.workers=2"]).train.batch_size == 3  # fixed size: not here
+    assert load_config("demo", ["train.batch_size=3", "train.pair_negatives=false", "cluster.workers=2"]
+                       ).train.batch_size == 3  # fixed size: not here

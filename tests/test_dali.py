@@ -14,15 +14,17 @@ import torch
 
 from dali_pipelines.pretext import DaliClipLoader
 from flipray.config import load_config
-from flipray.pretext.data import (IMAGENET_MEAN, IMAGENET_STD, AudioFeatures, ClipDataset, EpochSampler, collate,
-                                  draw_params)
+from flipray.pretext.data import (ILD_SCALE, IMAGENET_MEAN, IMAGENET_STD, AudioFeatures, ClipDataset, EpochSampler,
+                                  collate, draw_params, pair_size)
 from flipray.dataset.manifest import MANIFEST_NAME
 from flipray.dataset.store import Store
 
 pytestmark = pytest.mark.slow  # every test reads the `ingested` dataset (moto S3 + Ray)
 
 # Full-size frames (the stored 256 px, no resize) cropped to 224, 6 of the window's 18 frames, 64 mels.
-OVERRIDES = ["data.cache=false", "data.resize=256", "data.crop=224"]
+# One item per clip (train.pair_negatives off): the loader mechanics below count clips; the parity test's demo-default
+# rows (overrides without it) train in pairs.
+OVERRIDES = ["data.cache=false", "data.resize=256", "data.crop=224", "train.pair_negatives=false"]
 
 
 def config(root: str):
@@ -42,7 +44,7 @@ def reference(cfg, split: str, train: bool, epoch: int, rank: int = 0, world: in
     """The torchcodec loader's samples in the same order: ClipDataset + EpochSampler."""
     ds = ClipDataset(cfg, split, train=train)
     return collate([ds[item] for item in EpochSampler(len(ds), cfg.train.seed, epoch, shuffle=train, rank=rank,
-                                                      world=world)])
+                                                      world=world, group=pair_size(cfg, train))])
 
 
 def test_batches_have_the_contract_shapes_values_and_labels(ingested):
@@ -100,7 +102,7 @@ def test_shards_of_an_epoch_are_disjoint_cover_the_split_and_reshuffle_per_epoch
                                              (False, ["data.cache=false", "train.task=shift"])])
 def test_parity_with_the_torchcodec_loader(ingested, train, overrides):
     """Same clip, window and augmentation seed -> same tensors: the waveform to FLAC-decoding float precision, and so
-    the model's front-end features (log-mels, IPD, GCC-PHAT of the default `ipd-gcc`) within the stated tolerance;
+    the model's front-end features (mean log-mel, level difference, IPD, GCC-PHAT of the default `ild-ipd-gcc`) within the stated tolerance;
     frames to the codec's tolerance (DALI's YUV->RGB conversion interpolates chroma differently from torchcodec's)."""
     root, _ = ingested
     cfg = load_config("demo", [f"data.root={root}", *overrides])
@@ -113,10 +115,10 @@ def test_parity_with_the_torchcodec_loader(ingested, train, overrides):
 
     assert (got["audio"] - ref["audio"]).abs().max() < 1e-5  # both decode the same FLAC (libFLAC vs FFmpeg)
     front = AudioFeatures(cfg)  # the model's front end: the same module for both loaders
-    assert front.front_end == "ipd-gcc"
+    assert front.front_end == "ild-ipd-gcc"
     gf, rf = front(got["audio"]), front(ref["audio"])
-    logmel_err = (gf[:, :2] - rf[:, :2]).abs()
-    loud = rf[:, :2] > -6  # log10 power above 1e-6; below that both sides round float noise near the floor
+    logmel_err = (left_right(gf) - left_right(rf)).abs()
+    loud = left_right(rf) > -6  # log10 power above 1e-6; below that both sides round float noise near the floor
     assert logmel_err[loud].max() < 2e-3 and logmel_err.max() < 0.05
     # phase features (bounded by ~1) where there is energy; the phase of near-silent bands and frames is noise
     ipd_err = (gf[:, 2:4] - rf[:, 2:4]).abs()[loud.all(1, keepdim=True).expand(-1, 2, -1, -1)]
@@ -130,6 +132,12 @@ def test_parity_with_the_torchcodec_loader(ingested, train, overrides):
     assert video_err.mean() < 0.08 and (video_err > 0.5).float().mean() < 0.04
     # The tolerance still catches a wrong choice: the same frames mirrored are far off (measured 2-4).
     assert (got["video"] - ref["video"].flip(-1)).abs().mean() > 10 * video_err.mean()
+
+
+def left_right(features: torch.Tensor) -> torch.Tensor:
+    """(B, 2, n_mels, T) L, R log-mels back from the default front end's mean and scaled level difference."""
+    mid, side = features[:, 0], features[:, 1] / ILD_SCALE
+    return torch.stack([mid + side / 2, mid - side / 2], dim=1)
 
 
 def _copy_prefix(src_root: str, dst_prefix: str) -> str:

@@ -10,7 +10,7 @@ import torch
 from flipray.config import load_config
 from flipray.pretext.data import (AudioFeatures, ClipDataset, ClipDecodeError, EpochSampler, collate, decode_audio,
                           decode_video, draw_params, flip_channels, item_params, joint_flip, make_sample,
-                          peak_normalise, window_frame_indices, window_samples_range)
+                          peak_normalise, sample_seed, window_frame_indices, window_samples_range)
 from flipray.dataset.manifest import read_manifest
 
 
@@ -185,14 +185,54 @@ def test_dataset_skips_and_counts_a_corrupt_clip(synth_root, tmp_path, cache):
     ds = ClipDataset(cfg, "train", train=True)
     samples = [ds[(0, i)] for i in range(len(ds))]
     batch = collate(samples)
-    good = len(rows) - 1
+    good = 2 * (len(rows) - 1)  # the demo trains each window as a pair (train.pair_negatives)
     assert batch["video"].shape == (good, 6, 3, cfg.data.crop, cfg.data.crop)
     assert batch["audio"].shape == (good, 2, cfg.window_samples)
-    assert set(batch["label"].tolist()) <= {0.0, 1.0}
-    assert batch["skipped"] == (0 if cache else 1)    # the cache drops it up front, lazy decoding on the fly
+    assert sorted(batch["label"].tolist()) == [0.0] * (good // 2) + [1.0] * (good // 2)
+    assert batch["skipped"] == (0 if cache else 2)    # the cache drops it up front, lazy decoding on the fly (both
+                                                      # items of its pair)
     assert list(ds.skipped) == [bad["clip_id"]] and "garbage" not in ds.skipped[bad["clip_id"]]
     assert bad["video"].split("/")[-1] in ds.skipped[bad["clip_id"]]
     assert bad["clip_id"] not in batch["clip_id"]
+
+
+def test_paired_groups_stay_adjacent_in_one_step_at_any_world_size_and_unpaired_order_is_unchanged():
+    """group=2 (train.pair_negatives): items 2k and 2k+1 are neighbours in every epoch's order and fall in the same
+    step of 4 on 1, 2 or 4 ranks; group=1 is the order every earlier run trained on."""
+    full = EpochSampler(12, seed=3, epoch=1, step_size=4, group=2).order()
+    assert sorted(full) == list(range(12)) and full != list(range(12))
+    assert all(full[j + 1] == full[j] + 1 and full[j] % 2 == 0 for j in range(0, 12, 2))
+    assert full != EpochSampler(12, seed=3, epoch=2, step_size=4, group=2).order()
+    for world in (1, 2, 4):
+        orders = [EpochSampler(12, seed=3, epoch=1, rank=r, world=world, step_size=4, group=2).order()
+                  for r in range(world)]
+        k = 4 // world
+        for j in range(3):  # step j holds whole pairs, whichever rank takes which half
+            step = {i for o in orders for i in o[j * k:(j + 1) * k]}
+            assert step == set(full[4 * j:4 * j + 4]) and {i ^ 1 for i in step} == step
+    g = torch.Generator().manual_seed(sample_seed(3, 1, -1))
+    assert EpochSampler(12, seed=3, epoch=1).order() == torch.randperm(12, generator=g).tolist()
+    with pytest.raises(ValueError, match="groups of 2"):
+        EpochSampler(12, seed=3, step_size=3, world=1, group=2)
+
+
+def test_paired_negatives_train_each_window_as_recorded_then_swapped(synth_root):
+    cfg = load_config("demo", [f"data.root={synth_root}", "data.cache=false"])
+    assert cfg.train.pair_negatives  # the demo preset's default
+    ds = ClipDataset(cfg, "train", train=True)
+    assert len(ds) == 2 * len(ds.clips)
+    for epoch, clip in ((0, 0), (3, 2)):
+        (ca, pa), (cb, pb) = (item_params(cfg, ds.clips, 0, epoch, 2 * clip + side, True) for side in (0, 1))
+        assert ca == cb == clip and (pa.swap, pb.swap) == (False, True)
+        pb.swap = False
+        assert pa == pb  # one draw: window, crop, jitter and joint flip shared
+    a, b = ds[(0, 4)], ds[(0, 5)]
+    assert a["clip_id"] == b["clip_id"] and (a["label"].item(), b["label"].item()) == (0.0, 1.0)
+    assert torch.equal(a["video"], b["video"]) and torch.allclose(a["audio"], b["audio"].flip(0))
+    unpaired = load_config("demo", [f"data.root={synth_root}", "train.pair_negatives=false"])
+    assert len(ClipDataset(unpaired, "train", train=True)) == len(ds.clips)
+    with pytest.raises(ValueError, match="batch_size must be even"):
+        load_config("demo", ["train.batch_size=15"])
 
 
 def test_eval_dataset_scores_every_clip_both_ways(synth_root):

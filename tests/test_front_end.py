@@ -12,7 +12,7 @@ import torch
 import torchaudio
 
 from flipray.config import config_from_dict, load_config
-from flipray.pretext.data import AudioFeatures
+from flipray.pretext.data import ILD_SCALE, AudioFeatures
 from flipray.pretext.models import BatchRenorm2d, SpatialAlignmentNet
 
 SR = 16000
@@ -25,13 +25,22 @@ def delayed_pair(signal: torch.Tensor, delay: int) -> torch.Tensor:
 
 
 def test_logmel_channels_are_torchaudios_melspectrogram():
-    cfg = load_config("demo")
+    cfg = load_config("demo", ["model.front_end=ipd-gcc"])
     wave = torch.randn(3, 2, cfg.window_samples, generator=torch.Generator().manual_seed(0)) * 0.1
+    wave[:, 1] = 0.5 * wave[:, 0]  # right: the left 6 dB quieter, a level difference of log10(4) = 0.602
     ref = torchaudio.transforms.MelSpectrogram(SR, n_fft=512, win_length=400, hop_length=160, n_mels=64,
                                                power=2.0, norm="slaney", mel_scale="slaney")
+    logmel = torch.log10(ref(wave) + 1e-10)
     feats = AudioFeatures(cfg)(wave)
     assert feats.shape == (3, 7, 64, cfg.mel_frames)
-    torch.testing.assert_close(feats[:, :2], torch.log10(ref(wave) + 1e-10), atol=1e-4, rtol=0)
+    torch.testing.assert_close(feats[:, :2], logmel, atol=1e-4, rtol=0)
+    # the default keeps the same information as mid and side: the mean log-mel, and the level difference scaled
+    default = AudioFeatures(load_config("demo"))(wave)
+    assert default.shape == feats.shape
+    torch.testing.assert_close(default[:, 0], logmel.mean(dim=1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(default[:, 1], torch.full_like(default[:, 1], ILD_SCALE * math.log10(4)), atol=1e-3,
+                               rtol=0)
+    torch.testing.assert_close(default[:, 2:], feats[:, 2:])  # phase and delay channels are the same
 
 
 @pytest.mark.parametrize("freq,delay", [(500.0, 3), (1000.0, 2), (300.0, 9)])
@@ -58,10 +67,12 @@ def test_swapping_channels_negates_sin_ipd_keeps_cos_and_mirrors_the_gcc_lag():
     cfg = load_config("demo")
     noise = torch.randn(cfg.window_samples, generator=torch.Generator().manual_seed(1))
     delay = 7  # 0.44 ms: a source well to the left of a 30-cm pair
-    wave = delayed_pair(noise, delay)
+    wave = delayed_pair(noise, delay) * torch.tensor([[1.0], [0.7]])  # and louder on the left (3.1 dB)
     f = AudioFeatures(cfg)
     a, b = f(wave), f(wave.flip(0))
-    torch.testing.assert_close(b[:2], a[:2].flip(0))            # log-mels swap
+    assert a[1, :, 10:-10].mean().item() == pytest.approx(ILD_SCALE * math.log10(1 / 0.49), abs=0.02)
+    torch.testing.assert_close(b[0], a[0], atol=1e-5, rtol=0)   # mean log-mel unchanged
+    torch.testing.assert_close(b[1], -a[1], atol=1e-5, rtol=0)  # level difference negated
     torch.testing.assert_close(b[2], a[2], atol=1e-5, rtol=0)   # cos IPD unchanged
     torch.testing.assert_close(b[3], -a[3], atol=1e-5, rtol=0)  # sin IPD negated
     half = cfg.data.n_mels // 2
@@ -120,8 +131,12 @@ def test_configs_saved_before_the_front_end_load_as_the_log_mel_model():
     cfg = config_from_dict(old)
     assert (cfg.model.front_end, cfg.model.norm, cfg.model.audio_head) == ("logmel", "batchnorm", "conv-bn-relu")
     paper = load_config("paper")
-    assert (paper.model.front_end, paper.model.norm, paper.model.audio_head) == ("ipd-gcc", "batchrenorm", "conv")
-    assert load_config("small").model.front_end == load_config("demo").model.front_end == "ipd-gcc"
+    assert (paper.model.front_end, paper.model.norm, paper.model.audio_head) == ("ild-ipd-gcc", "batchrenorm", "conv")
+    assert load_config("small").model.front_end == load_config("demo").model.front_end == "ild-ipd-gcc"
+    # a checkpoint of the earlier default keeps its L, R log-mel channels
+    earlier = load_config("demo").to_dict()
+    earlier["model"]["front_end"] = "ipd-gcc"
+    assert AudioFeatures(config_from_dict(earlier)).cues == {"ipd", "gcc"}
 
 
 def test_batch_renorm_corrects_batch_statistics_towards_running_ones():

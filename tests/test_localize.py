@@ -72,10 +72,11 @@ def test_head_shapes_and_loss_on_a_tiny_batch(method, tracks, pretext):
     assert (audio is None) == (spec["audio"] is None)
     if audio is not None:
         assert audio.shape == (3, net.front_end.channels, pcfg.data.n_mels, 101)  # 1 s at hop 160, centred frames
-        if spec["audio"] == "mono":
-            assert torch.equal(audio[:, 0], audio[:, 1])
+        assert net.front_end.front_end == "ild-ipd-gcc"  # channel 1: the level difference
+        if spec["audio"] == "mono":  # both channels the mono mix: no level difference
+            assert torch.equal(audio[:, 1], torch.zeros_like(audio[:, 1]))
         else:
-            assert not torch.equal(audio[:, 0], audio[:, 1])
+            assert audio[:, 1].abs().max() > 0.1
     expected = ({"visual"} if spec["visual"] else set()) | ({"audio"} if spec["audio"] else set())
     assert set(model.backbone) == expected
 
@@ -169,11 +170,12 @@ def test_targets_windows_and_moving_subset(synth_root, tracks, pretext):
     v, a, b = L.sample_inputs(tc, 10, 0, False, "stereo", pcfg, feats, 1.0)
     vm, am, bm = L.sample_inputs(tc, 10, 0, True, "stereo", pcfg, feats, 1.0)
     assert torch.allclose(vm, v.flip(-1))
-    # the mirror swaps the waveform's channels before the front end (demo: ipd-gcc, 7 channels), so the features do not
-    # just trade places: the two log-mels do, the phase difference keeps its cos and negates its sin, and each GCC-PHAT
-    # map mirrors in lag (index n_mels/2 + k <-> n_mels/2 - k; index 0, lag -n_mels/2, has no partner in the map)
-    assert feats.front_end == "ipd-gcc" and a.shape[0] == 7 and a[3].abs().max() > 0.1
-    assert torch.allclose(am[[0, 1]], a[[1, 0]])
+    # the mirror swaps the waveform's channels before the front end (demo: ild-ipd-gcc, 7 channels), so the features
+    # do not just trade places: the mean log-mel stays and the level difference is negated, the phase difference keeps
+    # its cos and negates its sin, and each GCC-PHAT map mirrors in lag (index n_mels/2 + k <-> n_mels/2 - k; index 0,
+    # lag -n_mels/2, has no partner in the map)
+    assert feats.front_end == "ild-ipd-gcc" and a.shape[0] == 7 and a[3].abs().max() > 0.1 and a[1].abs().max() > 0.1
+    assert torch.allclose(am[0], a[0], atol=1e-5) and torch.allclose(am[1], -a[1], atol=1e-5)
     assert torch.allclose(am[2], a[2], atol=1e-5) and torch.allclose(am[3], -a[3], atol=1e-5)
     assert torch.allclose(am[4:, 1:], a[4:, 1:].flip(-2), atol=1e-4)
     assert torch.allclose(bm[:, [0, 2]], 1 - b[:, [2, 0]]) and torch.equal(bm[:, [1, 3]], b[:, [1, 3]])

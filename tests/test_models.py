@@ -18,7 +18,7 @@ def test_paper_preset_exact_shapes_forward_backward():
     cfg = load_config("paper")
     model = SpatialAlignmentNet(cfg)
     video, audio = _inputs(cfg)
-    assert video.shape == (2, 18, 3, 224, 224) and audio.shape == (2, 7, 128, 288)  # ipd-gcc: 7 feature maps
+    assert video.shape == (2, 18, 3, 224, 224) and audio.shape == (2, 7, 128, 288)  # ild-ipd-gcc: 7 feature maps
     feats = model.features(video, audio)
     assert feats["visual"].shape == (2, 16 * 7 * 7, 18)  # 16 x 7 x 7 map flattened, no pooling
     assert feats["audio"].shape == (2, 256, 18)          # 288 STFT frames / 16 = 18 steps, matching the video
@@ -35,7 +35,7 @@ def test_paper_preset_exact_shapes_forward_backward():
     ("base", 16 * 2 * 2, 64), ("pooled-visual", 128, 64), ("mono", 16 * 2 * 2, 128),
     ("gcc-phat", 16 * 2 * 2, 64), ("motion", 16 * 4 * 4, 64)])
 def test_variant_shapes(variant, visual_dim, audio_dim):
-    front_end = "logmel" if variant == "gcc-phat" else "ipd-gcc"  # the paper's GCC ablation is on log-mels
+    front_end = "logmel" if variant == "gcc-phat" else "ild-ipd-gcc"  # the paper's GCC ablation is on log-mels
     cfg = load_config("demo", [f"model.variant={variant}", f"model.front_end={front_end}", "data.resize=72",
                                "data.crop=64"])
     model = SpatialAlignmentNet(cfg)

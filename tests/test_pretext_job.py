@@ -113,6 +113,7 @@ def test_ray_job_trains_survives_a_lost_worker_and_registers_the_model(cluster_s
     # Sample accounting: the killed worker's run trained on exactly the planned samples (per-epoch digests of the
     # (epoch, item) pairs, all ranks and attempts together), none repeated or skipped across the restart
     from flipray.config import load_config
+    from flipray.pretext.data import num_items
     from flipray.pretext.train import digest_mismatch, load_checkpoint, planned_digests
     from flipray.dataset.store import Store
     newest = max((k for k in keys if k.endswith("checkpoint.pt")), key=lambda k: k.split("/")[2])
@@ -120,7 +121,8 @@ def test_ray_job_trains_survives_a_lost_worker_and_registers_the_model(cluster_s
     state = load_checkpoint(tmp_path / "checkpoint.pt")["state"]
     n = len(Store("s3://flipray/tiny/").read_manifest("train"))
     assert state["samples_seen"] == 40
-    assert digest_mismatch(state["sample_digests"], planned_digests(load_config("demo", sets), n)) == []
+    cfg = load_config("demo", sets)
+    assert digest_mismatch(state["sample_digests"], planned_digests(cfg, num_items(n, cfg, train=True))) == []
 
 
 def test_fault_before_the_first_checkpoint_fires_once_and_the_run_finishes(cluster_services, synth_root, monkeypatch):

@@ -93,7 +93,8 @@ def test_train_checkpoint_resume_is_exact_and_reports(synth_root, tmp_path, caps
     assert a["state"]["step"] == b["state"]["step"] == 8
     steps = [h["samples_seen"] for h in b["state"]["history"] if h["kind"] == "train"]
     assert steps == list(range(4, 33, 4))  # continuous: nothing repeated, nothing skipped
-    assert (a["state"]["epoch"], a["state"]["epoch_pos"]) == (b["state"]["epoch"], b["state"]["epoch_pos"]) == (2, 8)
+    assert (a["state"]["epoch"], a["state"]["epoch_pos"]) == (b["state"]["epoch"], b["state"]["epoch_pos"]) == (1, 8)  # 24 items an epoch:
+    # 12 train clips, each window as a pair (train.pair_negatives)
     for k in a["model"]:
         assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-5), k
     # the report lands in the run folder with the accuracy per split and the counts

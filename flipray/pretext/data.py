@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 GCC_BANDS_HZ = ((0, 1000), (1000, 4000), (4000, 8000))  # the three GCC-PHAT channels of the `gcc-phat` variant
+# `ild` front ends: the level difference log10(L/R) is multiplied by this before it enters the network (units of
+# 3.3 dB), so it arrives at about the spread of the mean log-mel (std 0.42 against 1.5 bels on the demo scenes);
+# left inside L and R log-mels it is a 2% difference between two channels that random weights mostly average away.
+ILD_SCALE = 3.0
 
 
 class ClipDecodeError(ValueError):
@@ -215,16 +219,25 @@ def _shifted_window(cfg: Config, last_start: int, u_size: float, u_sign: float, 
     return (start, size) if sign > 0 else (start + size, -size)
 
 
+def pair_size(cfg: Config, train: bool) -> int:
+    """Items per drawn training window: 2 with train.pair_negatives (the window as recorded, then as the task's
+    negative, adjacent in every epoch's order), else 1."""
+    return 2 if train and cfg.train.pair_negatives else 1
+
+
 def num_items(n_clips: int, cfg: Config, train: bool) -> int:
-    """Items in one pass over a split: one random window per clip when training; when evaluating,
-    data.eval_windows fixed windows per clip, each scored as recorded and swapped."""
-    return n_clips if train else n_clips * 2 * cfg.data.eval_windows
+    """Items in one pass over a split: one random window per clip when training (twice with train.pair_negatives);
+    when evaluating, data.eval_windows fixed windows per clip, each scored as recorded and swapped."""
+    return n_clips * pair_size(cfg, train) if train else n_clips * 2 * cfg.data.eval_windows
 
 
 def item_params(cfg: Config, clips: list[dict], seed: int, epoch: int, item: int,
                 train: bool) -> tuple[int, SampleParams]:
     """(clip index, SampleParams) of dataset item `item` in `epoch`: the one mapping both loaders use."""
-    if train:
+    if train and cfg.train.pair_negatives:  # item = (clip, negative?): one draw, the label given
+        (ci, side), window = divmod(item, 2), epoch
+        swap = bool(side)
+    elif train:
         ci, window, swap = item, epoch, None
     else:  # item = (clip, window, swap); the window index seeds the window's position instead of the epoch
         ci, rest = divmod(item, 2 * cfg.data.eval_windows)
@@ -299,9 +312,10 @@ class AudioFeatures(torch.nn.Module):
     """Waveform (..., C, S) at 16 kHz -> features (..., C', n_mels, T): the audio front end, on the waveform's device.
 
     Stereo channels by model.front_end: log10-mel of left and right (`logmel`, the paper's stacked input; level
-    differences only); `ipd` adds cos and sin of the interaural phase difference per mel band (the left x conj(right)
+    differences only), or for `ild-ipd-gcc` (the default) their mean and their difference, the level difference,
+    times ILD_SCALE (same information; the laterality cue as a channel of its own, docs/stereo.md); `ipd` adds cos and sin of the interaural phase difference per mel band (the left x conj(right)
     cross-spectrum pooled over each band's bins, divided by the pooled |L||R|: a band whose phase difference is steady
-    gives (cos, sin) of it, an incoherent or silent band gives ~0); `ipd-gcc` adds three band-limited GCC-PHAT maps
+    gives (cos, sin) of it, an incoherent or silent band gives ~0); `ipd-gcc` and `ild-ipd-gcc` add three band-limited GCC-PHAT maps
     (lags -n_mels/2..n_mels/2-1 samples, bands GCC_BANDS_HZ, peak scaled to ~1). Then the mono mix for the `mono`
     variant, or the paper's unscaled GCC-PHAT maps for `gcc-phat`. FOA clips: W, Y, Z, X log-mels (+ intensity).
     The mel filterbank is Slaney-scaled and -normalised so DALI's mel_filter_bank defaults reproduce it. Buffers are
@@ -315,6 +329,7 @@ class AudioFeatures(torch.nn.Module):
         self.variant, self.n_mels, self.sr = cfg.model.variant, d.n_mels, d.sample_rate
         self.audio_channels = d.audio_channels
         self.front_end = cfg.model.front_end if d.audio_channels != 4 else "logmel"
+        self.cues = set(self.front_end.split("-"))  # what the name lists: ild, ipd, gcc (beside the log-mels)
         self.intensity = d.audio_channels == 4 and d.foa_intensity  # FOA: + 3 intensity-vector maps (flipray.foa)
         self.n_fft, self.hop, self.win = d.n_fft, d.hop_length, d.win_length
         # torchaudio.transforms.MelSpectrogram(norm="slaney", mel_scale="slaney", power=2) computed from one STFT
@@ -347,13 +362,17 @@ class AudioFeatures(torch.nn.Module):
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         spec = self.stft(wave)
-        feats = [torch.log10(self.mel_of_power(spec.abs().pow(2)) + 1e-10)]
+        logmel = torch.log10(self.mel_of_power(spec.abs().pow(2)) + 1e-10)
+        if "ild" in self.cues:  # mid and side: swapping the channels negates the second, keeps the first
+            left, right = logmel[..., 0, :, :], logmel[..., 1, :, :]
+            logmel = torch.stack([(left + right) / 2, ILD_SCALE * (left - right)], dim=-3)
+        feats = [logmel]
         if self.intensity:
             from flipray.foa import intensity_features
             feats.append(intensity_features(wave, self.fb, self.n_fft, self.hop, self.win))
-        if self.front_end in ("ipd", "ipd-gcc"):
+        if "ipd" in self.cues:
             feats.append(self.ipd(spec))
-        if self.front_end == "ipd-gcc":
+        if "gcc" in self.cues:
             feats.append(self.gcc_phat(spec, scaled=True))
         if self.variant == "mono":
             feats.append(self.log_mel(wave.mean(dim=-2, keepdim=True)))
@@ -426,20 +445,25 @@ class EpochSampler(Sampler):
     any other world size. Positions past the epoch's end are pads, yielded as item -1 - i (i a real item to decode,
     trained with weight 0), so every rank takes the same number of micro-batches (DDP) and no sample counts twice.
     Carrying the epoch in the item keeps DataLoader workers deterministic without set_epoch plumbing.
+    `group` (pair_size: 2 with train.pair_negatives) shuffles items in runs of that many (items g*k .. g*k+g-1 stay
+    adjacent), so with an even step size both halves of a pair land in the same optimizer step at any world size.
     """
 
     def __init__(self, n: int, seed: int, epoch: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1,
-                 start: int = 0, step_size: int | None = None):
-        step_size = step_size or world
+                 start: int = 0, step_size: int | None = None, group: int = 1):
+        step_size = step_size or world * group
         if step_size % world:
             raise ValueError(f"step size {step_size} is not divisible by {world} ranks")
-        self.n, self.seed, self.epoch, self.shuffle = n, seed, epoch, shuffle
+        if n % group or step_size % group:
+            raise ValueError(f"{n} items in steps of {step_size} do not split into groups of {group}")
+        self.n, self.seed, self.epoch, self.shuffle, self.group = n, seed, epoch, shuffle, group
         self.rank, self.world, self.start, self.step_size = rank, world, start, step_size
 
     def permutation(self) -> torch.Tensor:
         if self.shuffle:
             g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
-            return torch.randperm(self.n, generator=g)
+            units = torch.randperm(self.n // self.group, generator=g)
+            return (units[:, None] * self.group + torch.arange(self.group)).flatten()
         return torch.arange(self.n)
 
     def order(self) -> list[int]:
@@ -481,13 +505,14 @@ class ClipDataset(Dataset):
             raise ValueError(f"{self.root}: no clips in split {split!r}")
         self.skipped: dict[str, str] = {}
         self._fetched: dict[str, Future] = {}  # key -> its object being fetched ahead, for the items being made
+        self._decoded: dict | None = None      # (clip, frames) -> decoded window, within one batch (pairs share it)
         self._pool = None
         self.cache: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
         if cfg.data.cache:
             self._fill_cache()
 
     def __getstate__(self):  # DataLoader workers start with spawn: each makes its own thread pool
-        return {**self.__dict__, "_pool": None, "_fetched": {}}
+        return {**self.__dict__, "_pool": None, "_fetched": {}, "_decoded": None}
 
     def prefetch(self, objects: list[tuple[dict, str]]) -> None:
         """Start fetching the (clip, field) objects, data.fetch_threads at a time, for the `_file` calls that
@@ -578,10 +603,11 @@ class ClipDataset(Dataset):
                 objects += [(self.clips[ci], "video"), (self.clips[ci], "audio"),  # _decode reads both
                             (self.clips[audio_window(self.cfg, ci, p)[0]], "audio")]  # the mismatch task's
             self.prefetch(objects)
+        self._decoded = {}
         try:
             return [self[item] for item in items]
         finally:
-            self._fetched = {}
+            self._fetched, self._decoded = {}, None
 
     def __getitem__(self, item) -> dict | None:
         epoch, i = item if isinstance(item, tuple) else (0, item)
@@ -598,7 +624,13 @@ class ClipDataset(Dataset):
                 frames, wave = self.cache[ci]
                 frames, wave = take_frames(frames, idx), self.cache[audio_ci][1]
             else:
-                frames, wave = self._decode(clip, idx)
+                key = (ci, tuple(idx))
+                if self._decoded is not None and key in self._decoded:  # the other half of a pair, decoded once
+                    frames, wave = self._decoded[key]
+                else:
+                    frames, wave = self._decode(clip, idx)
+                    if self._decoded is not None:
+                        self._decoded[key] = frames, wave
                 if audio_ci != ci:
                     wave = self._decode_audio(self.clips[audio_ci])
         except ClipDecodeError as e:

@@ -27,7 +27,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from flipray.config import Config, apply_overrides, config_from_dict, load_config
-from flipray.pretext.data import ClipDataset, EpochSampler, collate, sample_seed
+from flipray.pretext.data import ClipDataset, EpochSampler, collate, pair_size, sample_seed
 from flipray.pretext.models import SpatialAlignmentNet, count_parameters
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,8 @@ def planned_digests(cfg: Config, epoch_items: int) -> dict:
     (Clips skipped as undecodable are logged and missing from a run's record.)"""
     plan, seen, epoch = {}, 0, 0
     while seen < cfg.train.total_samples:
-        order = EpochSampler(epoch_items, cfg.train.seed, epoch, step_size=cfg.train.batch_size).order()
+        order = EpochSampler(epoch_items, cfg.train.seed, epoch, step_size=cfg.train.batch_size,
+                             group=pair_size(cfg, train=True)).order()
         for s in range(0, len(order), cfg.train.batch_size):
             real = [i for i in order[s:s + cfg.train.batch_size] if i >= 0]
             add_digest(plan, epoch, sample_digest(epoch, real))
@@ -483,7 +484,7 @@ def upgrade_state(state: dict, world_size: int) -> dict:
     return state
 
 
-def fit(cfg: Config, model, optimizer, device, state: dict, epoch_clips: int, train_loader, validate, save,
+def fit(cfg: Config, model, optimizer, device, state: dict, epoch_items: int, train_loader, validate, save,
         world_size: int = 1, accum_steps: int = 1, on_metrics=None) -> None:
     """The epoch loop every launcher runs: locally (`run` below) and on Ray Train workers (jobs/pretext.py).
 
@@ -496,8 +497,8 @@ def fit(cfg: Config, model, optimizer, device, state: dict, epoch_clips: int, tr
     Evaluation and checkpoints fall every train.eval_every_samples / checkpoint_every_samples (default: an epoch).
     """
     total = cfg.train.total_samples
-    every_eval = cfg.train.eval_every_samples or epoch_clips
-    every_ckpt = cfg.train.checkpoint_every_samples or epoch_clips
+    every_eval = cfg.train.eval_every_samples or epoch_items
+    every_ckpt = cfg.train.checkpoint_every_samples or epoch_items
     marks = {"eval": state["samples_seen"] // every_eval, "ckpt": state["samples_seen"] // every_ckpt}
     t_start, seconds_before = time.time(), state["train_seconds"]
     emit = on_metrics or (lambda kind, state, metrics: None)
@@ -531,12 +532,12 @@ def fit(cfg: Config, model, optimizer, device, state: dict, epoch_clips: int, tr
     while state["samples_seen"] < total:
         stats = train_one_epoch(model, train_loader(state["epoch"], state["epoch_pos"]), optimizer, cfg, device,
                                 state, world_size=world_size, accum_steps=accum_steps, on_step=on_step,
-                                stop_at=total, epoch_items=epoch_clips)
+                                stop_at=total, epoch_items=epoch_items)
         log.info("epoch %d: train loss %.4f, acc %.3f, %.1f samples/s, data wait %.0f%%, %d clips skipped",
                  state["epoch"], stats["loss"], stats["acc"], stats["samples_per_s"],
                  100 * stats["data_wait_fraction"], stats["skipped"])
         emit("epoch", state, stats)
-        if state["epoch_pos"] >= epoch_clips:  # else training stopped mid-epoch at total_samples
+        if state["epoch_pos"] >= epoch_items:  # else training stopped mid-epoch at total_samples
             state["epoch"] += 1
             state["epoch_pos"] = 0
     merge_pending(state, world_size)
@@ -588,9 +589,10 @@ def run(cfg: Config, run_dir: Path, ckpt: dict | None = None) -> dict:
 
     bs = cfg.train.batch_size
     val_loader = make_loader(val_set, cfg, EpochSampler(len(val_set), cfg.train.seed, shuffle=False), bs)
-    fit(cfg, model, optimizer, device, state, epoch_clips=len(train_set),
+    fit(cfg, model, optimizer, device, state, epoch_items=len(train_set),
         train_loader=lambda epoch, start: make_loader(
-            train_set, cfg, EpochSampler(len(train_set), cfg.train.seed, epoch=epoch, start=start, step_size=bs), bs),
+            train_set, cfg, EpochSampler(len(train_set), cfg.train.seed, epoch=epoch, start=start, step_size=bs,
+                                         group=pair_size(cfg, train=True)), bs),
         validate=lambda: evaluate(model, val_loader, device),
         save=lambda state: save_checkpoint(run_dir / "checkpoint.pt", model, optimizer, state, cfg))
     state["calibration"] = calibrate(model, val_loader, device)
