@@ -41,6 +41,7 @@ from flipray.dataset.store import Store, upload_dataset
 
 def _cfg(root: str, threads: int, cache_dir: str = "", config: str = "demo"):
     return load_config(config, [f"data.root={root}", "data.cache=false", f"data.fetch_threads={threads}",
+                                "train.pair_negatives=false",  # one item per clip: GETs per sample count objects
                                 f"data.cache_dir={cache_dir}", "data.cache_gb=10"])
 
 

@@ -116,7 +116,7 @@ def test_gpu_sh_dry_run_writes_its_json(synth_root, tmp_path):
     assert compiled["compiled"] == "aot_eager" and compiled["speedup_over_eager"] == pytest.approx(
         compiled["samples_per_s"] / steps["bf16 + channels_last, eager"]["samples_per_s"])
     loader = report["decode"]["dali_cpu"]
-    assert loader["samples_per_s"] > 0 and loader["samples"] == 2 * len(rows)  # two timed epochs of every clip
+    assert loader["samples_per_s"] > 0 and loader["samples"] == 2 * 2 * len(rows)  # two timed epochs of every clip, in pairs
     keeps = report["keeps_up"]
     assert keeps["loader_over_step"] == pytest.approx(keeps["loader_samples_per_s"] / keeps["step_samples_per_s"])
     assert 0 <= report["end_to_end"]["data_wait_fraction"] < 1 and report["end_to_end"]["samples"] > 0

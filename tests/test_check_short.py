@@ -125,5 +125,6 @@ def test_check_scores_with_the_models_calibrated_temperature(tmp_path):
     raw = check.check_file(video, net, cfg)
     net.temperature.fill_(1e6)
     flat = check.check_file(video, net, cfg)
-    assert max(abs(p - 0.5) for _, p in raw.timeline) > 1e-3
+    # an untrained model's P is near 0.5 (measured 3e-4 off with the default front end), 30x further than at T=1e6
+    assert max(abs(p - 0.5) for _, p in raw.timeline) > 1e-4
     assert max(abs(p - 0.5) for _, p in flat.timeline) < 1e-5 and flat.verdict == "undecidable"

@@ -102,8 +102,9 @@ def test_shards_of_an_epoch_are_disjoint_cover_the_split_and_reshuffle_per_epoch
                                              (False, ["data.cache=false", "train.task=shift"])])
 def test_parity_with_the_torchcodec_loader(ingested, train, overrides):
     """Same clip, window and augmentation seed -> same tensors: the waveform to FLAC-decoding float precision, and so
-    the model's front-end features (mean log-mel, level difference, IPD, GCC-PHAT of the default `ild-ipd-gcc`) within the stated tolerance;
-    frames to the codec's tolerance (DALI's YUV->RGB conversion interpolates chroma differently from torchcodec's)."""
+    the model's front-end features (mean log-mel, level difference, IPD, GCC-PHAT of the default `ild-ipd-gcc`)
+    within the stated tolerance; frames to the codec's tolerance (DALI's YUV->RGB conversion interpolates chroma
+    differently from torchcodec's). The rows without OVERRIDES train in pairs (the demo default)."""
     root, _ = ingested
     cfg = load_config("demo", [f"data.root={root}", *overrides])
     split = "train" if train else "val"

@@ -125,7 +125,7 @@ def test_killed_upload_resumes_without_duplicates_and_manifest_only_at_the_end(s
 def test_clip_dataset_reads_s3_root_and_skips_corrupt_objects(synth_dataset, bucket):
     root = f"s3://{bucket}/ds"
     upload_dataset(synth_dataset, root)
-    cfg = load_config("demo", [f"data.root={root}", "data.cache=false"])
+    cfg = load_config("demo", [f"data.root={root}", "data.cache=false", "train.pair_negatives=false"])  # item = clip
     train = Store(root).read_manifest("train")
     ds = ClipDataset(cfg, "train", train=True)
     assert [c["clip_id"] for c in ds.clips] == [c["clip_id"] for c in train]

@@ -313,9 +313,10 @@ class AudioFeatures(torch.nn.Module):
 
     Stereo channels by model.front_end: log10-mel of left and right (`logmel`, the paper's stacked input; level
     differences only), or for `ild-ipd-gcc` (the default) their mean and their difference, the level difference,
-    times ILD_SCALE (same information; the laterality cue as a channel of its own, docs/stereo.md); `ipd` adds cos and sin of the interaural phase difference per mel band (the left x conj(right)
-    cross-spectrum pooled over each band's bins, divided by the pooled |L||R|: a band whose phase difference is steady
-    gives (cos, sin) of it, an incoherent or silent band gives ~0); `ipd-gcc` and `ild-ipd-gcc` add three band-limited GCC-PHAT maps
+    times ILD_SCALE (same information; the laterality cue as a channel of its own, docs/stereo.md); `ipd` adds cos
+    and sin of the interaural phase difference per mel band (the left x conj(right) cross-spectrum pooled over each
+    band's bins, divided by the pooled |L||R|: a band whose phase difference is steady gives (cos, sin) of it, an
+    incoherent or silent band gives ~0); `ipd-gcc` and `ild-ipd-gcc` add three band-limited GCC-PHAT maps
     (lags -n_mels/2..n_mels/2-1 samples, bands GCC_BANDS_HZ, peak scaled to ~1). Then the mono mix for the `mono`
     variant, or the paper's unscaled GCC-PHAT maps for `gcc-phat`. FOA clips: W, Y, Z, X log-mels (+ intensity).
     The mel filterbank is Slaney-scaled and -normalised so DALI's mel_filter_bank defaults reproduce it. Buffers are
