@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from flipray.config import config_from_dict, load_config
-from flipray.pretext.data import ClipDataset, EpochSampler, num_items, pair_size
+from flipray.pretext.data import ClipDataset, EpochSampler, num_items, train_sampler
 from flipray.pretext.models import SpatialAlignmentNet, count_parameters
 from flipray.pretext.train import (calibrate, evaluate, evaluate_splits, fit, load_checkpoint, make_loader,
                                   make_optimizer, new_state, plot_curves, prepare_model, save_checkpoint, split_batch,
@@ -191,8 +191,7 @@ def _train_loader(cfg, rank: int, world: int, micro: int, device, shift: int = 0
         return num_items(len(loader.clips), cfg, train=True), for_epoch
     ds = ClipDataset(cfg, "train", train=True)
     return len(ds), lambda epoch, start: make_loader(
-        ds, cfg, EpochSampler(len(ds), cfg.train.seed, epoch, rank=rank, world=world, start=fix(epoch, start),
-                              step_size=B, group=pair_size(cfg, train=True)), micro)
+        ds, cfg, train_sampler(cfg, len(ds), epoch, fix(epoch, start), rank, world), micro)
 
 
 def _hold_note(folder: str, kind: str, **fields):

@@ -148,15 +148,16 @@ def test_resumed_run_consumes_the_plan_and_a_broken_sampler_fails_it(synth_root,
     args = ["--config", "demo", "--run-name", "r", *sum((["--set", s] for s in ACCOUNTING), []),
             "--set", f"data.root={synth_root}", "--set", f"train.out_dir={tmp_path}"]
     train.main(args + ["--set", f"train.total_samples={first}"])
+    plan = train.planned_digests(cfg, n)
     if fault:
-        class Broken(EpochSampler):
-            def __init__(self, *a, start=0, **kw):
-                super().__init__(*a, start=max(start + (1 if fault == "skip" else -1), 0) if start else 0, **kw)
-        monkeypatch.setattr(train, "EpochSampler", Broken)
+        real = train.train_sampler
+
+        def broken(cfg, n_items, epoch, start=0, *a, **kw):
+            return real(cfg, n_items, epoch, max(start + (1 if fault == "skip" else -1), 0) if start else 0, *a, **kw)
+        monkeypatch.setattr(train, "train_sampler", broken)
     train.main(args + ["--resume"])
     state = train.load_checkpoint(tmp_path / "r" / "checkpoint.pt")["state"]
     assert state["samples_seen"] == 40
-    plan = train.planned_digests(cfg, n)
     if fault:
         assert train.digest_mismatch(state["sample_digests"], plan)
     else:

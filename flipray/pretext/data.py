@@ -483,6 +483,14 @@ class EpochSampler(Sampler):
         return len(range(self.start, self.n, self.step_size)) * (self.step_size // self.world)
 
 
+def train_sampler(cfg: Config, n_items: int, epoch: int, start: int = 0, rank: int = 0,
+                  world: int = 1) -> EpochSampler:
+    """The training order every trainer (and its sample accounting) uses: steps of train.batch_size positions, the
+    halves of a pair (train.pair_negatives) kept together."""
+    return EpochSampler(n_items, cfg.train.seed, epoch, rank=rank, world=world, start=start,
+                        step_size=cfg.train.batch_size, group=pair_size(cfg, train=True))
+
+
 class ClipDataset(Dataset):
     """One split of a dataset root (a folder, or s3://bucket/prefix through flipray.dataset.store), decoded with torchcodec.
 

@@ -27,7 +27,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from flipray.config import Config, apply_overrides, config_from_dict, load_config
-from flipray.pretext.data import ClipDataset, EpochSampler, collate, pair_size, sample_seed
+from flipray.pretext.data import ClipDataset, EpochSampler, collate, sample_seed, train_sampler
 from flipray.pretext.models import SpatialAlignmentNet, count_parameters
 
 log = logging.getLogger(__name__)
@@ -153,8 +153,7 @@ def planned_digests(cfg: Config, epoch_items: int) -> dict:
     (Clips skipped as undecodable are logged and missing from a run's record.)"""
     plan, seen, epoch = {}, 0, 0
     while seen < cfg.train.total_samples:
-        order = EpochSampler(epoch_items, cfg.train.seed, epoch, step_size=cfg.train.batch_size,
-                             group=pair_size(cfg, train=True)).order()
+        order = train_sampler(cfg, epoch_items, epoch).order()
         for s in range(0, len(order), cfg.train.batch_size):
             real = [i for i in order[s:s + cfg.train.batch_size] if i >= 0]
             add_digest(plan, epoch, sample_digest(epoch, real))
@@ -591,8 +590,7 @@ def run(cfg: Config, run_dir: Path, ckpt: dict | None = None) -> dict:
     val_loader = make_loader(val_set, cfg, EpochSampler(len(val_set), cfg.train.seed, shuffle=False), bs)
     fit(cfg, model, optimizer, device, state, epoch_items=len(train_set),
         train_loader=lambda epoch, start: make_loader(
-            train_set, cfg, EpochSampler(len(train_set), cfg.train.seed, epoch=epoch, start=start, step_size=bs,
-                                         group=pair_size(cfg, train=True)), bs),
+            train_set, cfg, train_sampler(cfg, len(train_set), epoch, start), bs),
         validate=lambda: evaluate(model, val_loader, device),
         save=lambda state: save_checkpoint(run_dir / "checkpoint.pt", model, optimizer, state, cfg))
     state["calibration"] = calibrate(model, val_loader, device)
