@@ -116,6 +116,10 @@ class ClusterConfig:
     cpus_per_worker: float = 1.0
     storage_path: str = "runs/ray"    # Ray RunConfig storage: a folder or s3://bucket/prefix (honours AWS_ENDPOINT_URL)
     max_failures: int = 2             # worker-group restarts from the last checkpoint before the run fails
+    worker_start_timeout_s: float = 60.0  # how long Ray Train waits for a worker group to start before trying again
+                                      # (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S). After a node dies with no
+                                      # replacement the first restart can ask for the old size while the dead node
+                                      # still counts, and waits this long before it settles for fewer workers
     keep_checkpoints: int = 2         # newest checkpoints kept in storage
     experiment: str = "flipray-pretext"   # MLflow experiment
     register_as: str = "flipray-pretext"  # registered model name; "" = do not register
@@ -211,6 +215,8 @@ class Config:
             raise ValueError("cluster.workers and cluster.keep_checkpoints must be >= 1, cluster.max_failures >= -1")
         if not 0 <= c.min_workers <= c.workers:
             raise ValueError(f"cluster.min_workers must be in 0..cluster.workers ({c.workers}), got {c.min_workers}")
+        if c.worker_start_timeout_s <= 0:
+            raise ValueError(f"cluster.worker_start_timeout_s must be > 0, got {c.worker_start_timeout_s}")
         lo, hi = self.worker_range
         # Only an elastic run is checked here: it may shrink mid-run to a size the batch does not split over. A
         # fixed-size Ray run fails at its start (split_batch), and the local trainer and bench's plain runs ignore

@@ -242,6 +242,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def ray_train_env(c) -> dict[str, str]:
+    """Ray Train's own settings that flipray's cluster config sets (Train V2 reads them from the driver's environment
+    and passes them to its controller and workers)."""
+    return {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(float(c.worker_start_timeout_s))}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -278,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not ray.is_initialized():
         from flipray import raylocal
         raylocal.init()  # RAY_ADDRESS (failing fast when it does not answer), else a local instance on 127.0.0.1
+    os.environ.update(ray_train_env(c))  # read by TorchTrainer.fit, which hands it to the controller
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id,

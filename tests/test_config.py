@@ -55,3 +55,14 @@ def test_an_elastic_run_refuses_a_batch_one_of_its_sizes_cannot_split():
     assert load_config("demo", ["train.batch_size=4", "cluster.workers=2", "cluster.min_workers=1"]).train.batch_size == 4
     assert load_config("demo", ["train.batch_size=3", "train.pair_negatives=false", "cluster.workers=2"]
                        ).train.batch_size == 3  # fixed size: not here
+
+
+def test_worker_start_timeout_reaches_ray_train_and_must_be_positive():
+    """cluster.worker_start_timeout_s becomes Ray Train's RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (the drills in
+    tests/test_multinode.py see it in the controller's log); 0 would make every worker group start fail."""
+    from jobs.pretext import ray_train_env
+    cfg = load_config("demo", ["cluster.worker_start_timeout_s=25"])
+    assert ray_train_env(cfg.cluster) == {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "25.0"}
+    assert ray_train_env(load_config("demo").cluster)["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "60.0"
+    with pytest.raises(ValueError, match="cluster.worker_start_timeout_s must be > 0, got 0"):
+        load_config("demo", ["cluster.worker_start_timeout_s=0"])
