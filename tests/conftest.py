@@ -136,7 +136,7 @@ def synth_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> dict:
-    """The demo preset trained once per session on a fresh 600-clip synthetic set (the suite's slowest step, ~6 min on
+    """The demo preset trained once per session on a fresh 600-clip synthetic set (the suite's slowest step, ~9 min on
     2 idle cores). Yields {"data": dataset folder, "run_dir": run folder, "checkpoint": checkpoint.pt, "report": the
     report dict}. Read-only for its users: test_demo checks the accuracy, test_check and the downstream tests use the
     trained model."""
