@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -230,18 +231,23 @@ def test_command_line():
 
 
 @pytest.mark.parametrize("job", sorted(JOB_ENTRYPOINTS))
-def test_job_entrypoints_exist_and_take_their_options(job):
+def test_job_entrypoints_exist_and_take_their_options(job, monkeypatch, capsys):
     """Every RayJob's entrypoint is a module of this repository whose --help lists each option the manifest passes
     (the data root and storage come from FLIPRAY_DATA / FLIPRAY_STORAGE in the flipray-env ConfigMap)."""
     argv = JOB_ENTRYPOINTS[job].split()
     assert argv[:2] == ["python", "-m"], job
     module = argv[2]
     assert importlib.util.find_spec(module) is not None, f"{job}: no module {module}"
-    out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, f"{job}: {module} --help failed: {out.stderr[-2000:]}"
+    # `python -m module --help` in this process (runpy runs it as __main__, as the pod's python does): the same
+    # parser, without paying a fresh interpreter's torch import per job
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    monkeypatch.delitem(sys.modules, module, raising=False)  # a fresh __main__, not the copy another test imported
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    out = capsys.readouterr()
+    assert exited.value.code in (0, None), f"{job}: {module} --help failed: {out.err[-2000:]}"
     for flag in (a for a in argv[3:] if a.startswith("--")):
-        assert flag in out.stdout, f"{job}: {module} has no option {flag}"
+        assert flag in out.out, f"{job}: {module} has no option {flag}"
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -105,6 +105,7 @@ def _get_or_none(url: str) -> int | None:
         return None
 
 
+@pytest.mark.slow  # starts an MLflow server
 def test_mlflow_requires_a_login(k8s_mlflow, monkeypatch):
     url, admin, tmp_path = k8s_mlflow
     api = f"{url}/api/2.0/mlflow/experiments/search?max_results=5"

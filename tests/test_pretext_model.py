@@ -69,6 +69,7 @@ def test_registered_model_loads_with_mlflow_pytorch_and_equals_the_check_model(t
     assert yaml.safe_load((tiny_model / "config.yaml").read_text())["data"]["crop"] == cfg.data.crop == 32
 
 
+@pytest.mark.slow  # starts an MLflow server
 def test_the_demo_store_serves_the_model_with_its_server_and_without(tiny_model, tmp_path, monkeypatch):
     """`make demo`'s layout: an MLflow server proxying artifacts into a folder beside its sqlite store. While it runs,
     mlflow.pytorch.load_model works through it; after it stops, flipray still loads the checkpoint from the folder."""
