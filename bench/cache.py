@@ -96,7 +96,9 @@ def fetch_stage(cfg, clips: list[dict], root: str, batch_size: int) -> float:
 
 
 def run(clips: int = 32, delay_ms: float = 30.0, batch_size: int = 8, threads: int = 2, config: str = "demo",
-        root: str | None = None) -> dict:
+        root: str | None = None, timed_delays_ms: tuple | None = None, timed_fetch_threads: tuple = (1, 8)) -> dict:
+    """The measurements the module docstring lists; the timed parts run at each of `timed_delays_ms` (default 0 and
+    delay_ms) x `timed_fetch_threads` (the markdown table needs the defaults; the test times one cell)."""
     source = Store(root or str(synthetic_data(clips, 10.0)))
     rows = source.read_manifest()[:clips]
     result = {"clips": len(rows), "config": config, "delay_ms": delay_ms, "batch_size": batch_size,
@@ -141,9 +143,9 @@ def run(clips: int = 32, delay_ms: float = 30.0, batch_size: int = 8, threads: i
 
             # -- the fetch stage and the loaders, with and without latency -----------------------------------
             fetch, loaders = {}, {}
-            for delay in (0.0, delay_ms):
+            for delay in (0.0, delay_ms) if timed_delays_ms is None else timed_delays_ms:
                 px.set_delay(delay)
-                for ft in (1, 8):
+                for ft in timed_fetch_threads:
                     key = f"{delay:g}ms_threads{ft}"
                     print(f"fetch and loaders: {key} ...", file=sys.stderr)
                     cfg = _cfg(s3_root, ft, "", config)

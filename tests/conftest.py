@@ -4,7 +4,9 @@
 
 Services are started by the fixtures that need them, each in its own process group, and stopped by PID; nothing is
 left running. Only tests marked `slow` use them, so `make test-fast` (`-m "not slow"`) starts none
-(tests/test_lanes.py checks). The AWS variables set here are moto's dummies, not credentials.
+(tests/test_lanes.py checks). The demo model that test_demo and test_check need trains in a background process
+from the session's first test, and those tests run last. The AWS variables set here are moto's dummies, not
+credentials.
 """
 from __future__ import annotations
 
@@ -134,18 +136,45 @@ def synth_root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def demo_run(tmp_path_factory) -> dict:
-    """The demo preset trained once per session on a fresh 600-clip synthetic set (the suite's slowest step, ~9 min on
-    2 idle cores). Yields {"data": dataset folder, "run_dir": run folder, "checkpoint": checkpoint.pt, "report": the
-    report dict}. Read-only for its users: test_demo checks the accuracy, test_check and the downstream tests use the
-    trained model."""
-    from flipray.synth import scenes as synth
-    from flipray.pretext import train
+def pytest_collection_modifyitems(config, items):
+    """Tests that use the demo model run last (in their usual order), so it trains in the background while the rest
+    of the session runs (`_demo_model_in_background`)."""
+    items.sort(key=lambda item: "demo_run" in getattr(item, "fixturenames", ()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _demo_model_in_background(request, tmp_path_factory):
+    """When the session has tests that use `demo_run`: tests/_demo_model.py started at the session's first test, at
+    nice 19 in its own process group, and killed by PID if it is still running at the end. Yields (folder, process)
+    or None."""
+    if not any("demo_run" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        yield None
+        return
+    import sys
     base = tmp_path_factory.mktemp("demo")
-    data = base / "demo"
-    synth.generate(data, clips=600, seed=0, workers=2)
-    report = train.main(["--config", "demo", "--run-name", "demo", "--set", f"data.root={data}",
-                         "--set", f"train.out_dir={base / 'runs'}"])
+    with open(base / "demo.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_demo_model.py")), str(base)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "TQDM_DISABLE": "1"})
+    try:
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def demo_run(_demo_model_in_background) -> dict:
+    """The demo preset trained once per session on a fresh 600-clip synthetic set, as `make demo` does (the suite's
+    longest step: ~7 min on 2 idle cores, mostly hidden behind the other tests; see `_demo_model_in_background`).
+    Yields {"data": dataset folder, "run_dir": run folder, "checkpoint": checkpoint.pt, "report": what
+    train.main returned}. Read-only for its users: test_demo checks the accuracy, test_check uses the trained model."""
+    import json
+    base, proc = _demo_model_in_background
+    if proc.wait():
+        pytest.fail(f"training the demo model failed (exit {proc.returncode}); the end of {base / 'demo.log'}:\n"
+                    + (base / "demo.log").read_text()[-4000:])
     run_dir = base / "runs" / "demo"
-    return {"data": data, "run_dir": run_dir, "checkpoint": run_dir / "checkpoint.pt", "report": report}
+    return {"data": base / "demo", "run_dir": run_dir, "checkpoint": run_dir / "checkpoint.pt",
+            "report": json.loads((base / "returned.json").read_text())}

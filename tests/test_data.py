@@ -196,6 +196,25 @@ def test_dataset_skips_and_counts_a_corrupt_clip(synth_root, tmp_path, cache):
     assert bad["clip_id"] not in batch["clip_id"]
 
 
+def test_the_ram_cache_holds_each_clips_own_decode_in_manifest_order_with_parallel_decoding(synth_root, tmp_path):
+    root = tmp_path / "ds"
+    shutil.copytree(synth_root, root)
+    rows = read_manifest(root, "train")
+    (root / rows[2]["audio"]).write_bytes(b"garbage")  # a bad clip mid-chunk: skipped, the others keep their places
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # three decoding threads over the chunks
+    try:
+        cached = ClipDataset(load_config("demo", [f"data.root={root}", "data.fetch_threads=1"]), "train", train=True)
+    finally:
+        torch.set_num_threads(threads)
+    lazy = ClipDataset(load_config("demo", [f"data.root={root}", "data.cache=false"]), "train", train=True)
+    assert [c["clip_id"] for c in cached.clips] == [r["clip_id"] for i, r in enumerate(rows) if i != 2]
+    assert list(cached.skipped) == [rows[2]["clip_id"]]
+    for clip, (frames, wave) in zip(cached.clips, cached.cache):
+        ref_frames, ref_wave = lazy._decode(clip)
+        assert torch.equal(frames, ref_frames) and torch.equal(wave, ref_wave), clip["clip_id"]
+
+
 def test_paired_groups_stay_adjacent_in_one_step_at_any_world_size_and_unpaired_order_is_unchanged():
     """group=2 (train.pair_negatives): items 2k and 2k+1 are neighbours in every epoch's order and fall in the same
     step of 4 on 1, 2 or 4 ranks; group=1 is the order every earlier run trained on."""
