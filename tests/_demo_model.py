@@ -9,10 +9,21 @@ every core into OUT_DIR/runs/demo, and writes what `flipray.pretext.train.main` 
 import json
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 
+def exit_with(parent: int) -> None:
+    """Ends this process (and so its rendering workers) when the pytest that started it is gone, even if it was
+    killed without running its fixtures' teardown."""
+    while os.getppid() == parent:
+        time.sleep(2)
+    os._exit(1)
+
+
 def main(out: str) -> None:
+    threading.Thread(target=exit_with, args=(os.getppid(),), daemon=True).start()
     # Nice 19: while other tests run, this takes only the CPU time they leave idle (a test on one thread, a service
     # starting, a drill waiting for a node); the tests that need the model run last, when it has every core.
     os.nice(19)

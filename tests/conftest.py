@@ -165,13 +165,16 @@ def _demo_model_in_background(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def demo_run(_demo_model_in_background) -> dict:
+def demo_run(_demo_model_in_background, request) -> dict:
     """The demo preset trained once per session on a fresh 600-clip synthetic set, as `make demo` does (the suite's
     longest step: ~7 min on 2 idle cores, mostly hidden behind the other tests; see `_demo_model_in_background`).
     Yields {"data": dataset folder, "run_dir": run folder, "checkpoint": checkpoint.pt, "report": what
     train.main returned}. Read-only for its users: test_demo checks the accuracy, test_check uses the trained model."""
     import json
     base, proc = _demo_model_in_background
+    if proc.poll() is None:  # say so past pytest's capture: this can take minutes
+        with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+            print(f"\nwaiting for the demo model to finish training: {base / 'demo.log'}", flush=True)
     if proc.wait():
         pytest.fail(f"training the demo model failed (exit {proc.returncode}); the end of {base / 'demo.log'}:\n"
                     + (base / "demo.log").read_text()[-4000:])
