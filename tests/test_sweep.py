@@ -81,6 +81,7 @@ def test_sweep_asha_mlflow_best_config_and_restore(synth_root, ray_local, tmp_pa
     assert finished_before
 
     # 2. Restore in this process (the ray_local instance): finished trials are kept, not run again.
+    from mlflow import MlflowClient
     summary = __import__("tuning.sweep", fromlist=["main"]).main([*args, "--restore"])
     assert summary["trials"] == 8 and summary["errors"] == 0
     runs = _trial_runs(uri)
@@ -88,14 +89,18 @@ def test_sweep_asha_mlflow_best_config_and_restore(synth_root, ray_local, tmp_pa
     for r in runs:
         by_trial.setdefault(r.data.tags["flipray.trial_id"], []).append(r)
     assert len(by_trial) == 8
-    for trial_id in finished_before:
+    superseded = {r.data.tags["flipray.trial_id"] for r in runs if r.data.tags.get("flipray.superseded") == "true"}
+    for trial_id in finished_before - superseded:
         assert len(by_trial[trial_id]) == 1, f"finished trial {trial_id} ran again after the restore"
+    for trial_id in superseded:  # ended its run, interrupted before Tune recorded it: run again, under a new run
+        earlier, rerun = sorted(by_trial[trial_id], key=lambda r: r.info.start_time)
+        assert trial_id in finished_before and "flipray.superseded" not in rerun.data.tags
+        assert MlflowClient(uri).get_run(earlier.info.run_id).info.status == "KILLED"
 
     # 3. ASHA stopped some trials before their 4 epochs; every trial run is under the parent, with its params and
     #    per-epoch metrics, and ended (FINISHED, or KILLED when ASHA stopped it).
     assert summary["stopped_early"] >= 1
     parent = summary["mlflow_parent_run"]
-    from mlflow import MlflowClient
     client = MlflowClient(uri)
     complete = {}
     for trial_runs in by_trial.values():
@@ -122,6 +127,29 @@ def test_sweep_asha_mlflow_best_config_and_restore(synth_root, ray_local, tmp_pa
     artifacts = {a.path for a in client.list_artifacts(parent)}
     assert {"best.yaml", "trials.png"} <= artifacts
     json.dumps(summary)
+
+
+@pytest.mark.slow
+def test_a_rerun_trial_supersedes_its_finished_run_and_no_other(tmp_path):
+    """The interrupt between a trial ending its run and Tune recording it, played out on a real sqlite store."""
+    from mlflow import MlflowClient
+    from tuning.sweep import supersede_unrecorded_runs
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("sweeps")
+    parent, other_parent = (client.create_run(exp).info.run_id for _ in range(2))
+
+    def trial_run(trial_id, status, under=parent):
+        run_id = client.create_run(exp, tags={"mlflow.parentRunId": under, "flipray.trial_id": trial_id}).info.run_id
+        client.set_terminated(run_id, status=status)
+        return run_id
+    stale, killed = trial_run("t_00000", "FINISHED"), trial_run("t_00000", "KILLED")
+    done, elsewhere = trial_run("t_00001", "FINISHED"), trial_run("t_00000", "FINISHED", under=other_parent)
+    assert supersede_unrecorded_runs(client, exp, parent, "t_00000") == 1
+    assert client.get_run(stale).info.status == "KILLED" and client.get_run(stale).data.tags["flipray.superseded"]
+    for run_id in (killed, done, elsewhere):
+        run = client.get_run(run_id)
+        assert "flipray.superseded" not in run.data.tags and run.info.status == ("KILLED" if run_id == killed
+                                                                                 else "FINISHED")
 
 
 @pytest.mark.parametrize("task", __import__("tuning.sweep", fromlist=["sweepable"]).sweepable())

@@ -18,7 +18,8 @@ pass it back with `python -m jobs.<task> --config-file best.yaml`) and `<out>/tr
 one line per trial, coloured by the learning rate), and logs both to the parent run.
 
 `--restore` (or a rerun with the same --name) restores with `Tuner.restore`: finished trials are kept, not rerun;
-unfinished ones start again.
+unfinished ones start again under a new run (the earlier one KILLED, tagged flipray.stopped_early, or
+flipray.superseded if it had ended just before Tune recorded its last result).
 """
 from __future__ import annotations
 
@@ -104,6 +105,7 @@ def trainable(config: dict):
     cfg.out_dir = str(Path(cfg.out_dir or "runs/sweeps") / ctx.get_trial_name())
     m = config["mlflow"]
     client = MlflowClient(m["uri"])
+    supersede_unrecorded_runs(client, m["experiment_id"], m["parent"], ctx.get_trial_id())
     run_id = client.create_run(m["experiment_id"], run_name=ctx.get_trial_name(),
                                tags={"mlflow.parentRunId": m["parent"], "flipray.trial_id": ctx.get_trial_id()}
                                ).info.run_id
@@ -153,6 +155,20 @@ class _checkpoint_dir:
 
     def __exit__(self, *exc):
         self.tmp.cleanup()
+
+
+def supersede_unrecorded_runs(client, experiment_id: str, parent: str, trial_id: str) -> int:
+    """Before a trial (re)starts: end its earlier FINISHED runs as superseded. A trial ends its run at its last
+    epoch, before Tune has recorded that result (Tune may end the process right after it); an interrupt in between
+    leaves a FINISHED run for a trial Tune never saw finish, which a restored sweep runs again. The old run is marked
+    KILLED and tagged flipray.superseded, so every trial has one current run."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}' and "
+                                                             f"tags.`flipray.trial_id` = '{trial_id}' and "
+                                                             "attributes.status = 'FINISHED'")
+    for run in runs:
+        client.set_tag(run.info.run_id, "flipray.superseded", "true")
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return len(runs)
 
 
 def close_stopped_trials(client, experiment_id: str, parent: str) -> int:
