@@ -129,10 +129,23 @@ def run(data: str, split: str, models: list[str], eval_windows: int, check_clips
     return report
 
 
+SCENE_KINDS = ("one source", "one source + silent objects", "two sources")
+
+
+def scene_kind(meta: dict) -> str:
+    """What the picture asks of the model: one sounding object alone, one among silent objects (which one sounds?),
+    or two sounding objects (which sound is whose?)."""
+    sounding = sum(o["sounding"] for o in meta["objects"])
+    if sounding > 1:
+        return "two sources"
+    return "one source" if len(meta["objects"]) == sounding else "one source + silent objects"
+
+
 def check_eval(model, cfg, clips: list[dict], root: Path, groups: dict, cuts: list | None = None) -> dict:
-    """`flipray check` on 3-s cuts of `clips`, tallied per capture group; each cut's record (group, truth, window
-    probabilities, cues) is appended to `cuts` when given, so decision rules can be compared offline."""
-    table = {}
+    """`flipray check` on 3-s cuts of `clips`, tallied per capture group and per scene kind (under "by_scene");
+    each cut's record (group, scene kind, truth, window probabilities, cues) is appended to `cuts` when given, so
+    decision rules can be compared offline."""
+    table, by_scene = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for clip in clips:
             for swap in (False, True):
@@ -140,13 +153,15 @@ def check_eval(model, cfg, clips: list[dict], root: Path, groups: dict, cuts: li
                 r = check.check_file(path, model, cfg)
                 truth = "swapped" if swap else "correct"
                 g = groups[clip["clip_id"]]
+                kind = scene_kind(json.loads((root / clip["meta"]).read_text()))
                 if cuts is not None:
-                    cuts.append({"clip_id": clip["clip_id"], "group": g, "swapped": swap, "verdict": r.verdict,
-                                 "timeline": r.timeline, "cues": r.cues, "error": r.error})
+                    cuts.append({"clip_id": clip["clip_id"], "group": g, "scene": kind, "swapped": swap,
+                                 "verdict": r.verdict, "timeline": r.timeline, "cues": r.cues, "error": r.error})
                 _tally_verdict(table, g, r.verdict, truth)
+                _tally_verdict(by_scene, kind, r.verdict, truth)
                 if r.cues:
                     _tally(table, g, "capture_guess_right", float(r.cues["capture_guess"] == g))
-    return _finish(table)
+    return {**_finish(table), "by_scene": _finish(by_scene)}
 
 
 def replay(cuts: list[dict], opts: check.CheckOptions, window_s: float) -> dict:
@@ -191,6 +206,14 @@ def markdown(report: dict) -> str:
         for key in ("right", "undecidable", "right_decided", "capture_guess_right"):
             lines.append(f"| check 3-s H.264/AAC, `{name}`: {key} | " +
                          " | ".join(cell(m["check"].get(g, {}).get(key)) for g in groups) + " |")
+    checked = {name: m["check"]["by_scene"] for name, m in report["models"].items() if "by_scene" in m.get("check", {})}
+    if checked:
+        lines += ["", "`flipray check` by scene (cuts in brackets)", "",
+                  "| row | " + " | ".join(SCENE_KINDS) + " |", "|---|" + "---|" * len(SCENE_KINDS)]
+        for name, by_scene in checked.items():
+            for key in ("undecidable", "right_decided"):
+                lines.append(f"| `{name}`: {key} | " +
+                             " | ".join(cell(by_scene.get(k, {}).get(key)) for k in SCENE_KINDS) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.capture_eval import baselines, picture_side, replay
+from bench.capture_eval import baselines, picture_side, replay, scene_kind
 from flipray import check
 from flipray.config import load_config
 from flipray.pretext.data import ClipDataset
@@ -75,6 +75,13 @@ def test_picture_side_is_the_loudest_sounding_objects():
                         {"sounding": False, "level_db": None, "azimuth_deg": [30.0, 30.0, 30.0]}]}
     assert picture_side(meta, 0, 3) == -1
     assert picture_side({"objects": []}, 0, 3) == 0
+
+
+def test_scene_kind_says_what_the_picture_asks():
+    bell, shaker, rock = ({"sounding": True}, {"sounding": True}, {"sounding": False})
+    assert scene_kind({"objects": [bell]}) == "one source"
+    assert scene_kind({"objects": [bell, rock, rock]}) == "one source + silent objects"
+    assert scene_kind({"objects": [bell, shaker]}) == scene_kind({"objects": [bell, shaker, rock]}) == "two sources"
 
 
 def test_replay_recomputes_check_verdicts_under_other_options():

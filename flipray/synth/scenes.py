@@ -5,7 +5,8 @@
 
 A scene is a procedural background plus a set of objects: one or two sounding objects (6 classes, each with its own
 look and its own sound family) and a few silent distractors (mostly silent-only classes, sometimes look-alikes of
-sounding classes, so that the network has to match the sound to the object). Each scene yields --clips-per-scene
+sounding classes, so that the network has to match the sound to the object; `--novel-look-prob 1` gives every object a
+random look instead, for held-out sets of objects never seen). Each scene yields --clips-per-scene
 clips with new motion and sound draws; objects stand still or move left-right, up-down or diagonally, bouncing off
 the frame edges. The audio is what a listener at the camera hears: every sounding object's sound rendered with both
 cues of the clip's capture setup (one per clip, `--mics`: binaural heads of several sizes and ear asymmetries with
@@ -63,6 +64,9 @@ class SynthConfig:
     two_source_prob: float = 0.25      # scenes with two sounding objects (of different classes) instead of one
     max_distractors: int = 2           # silent objects per scene: 0..max, each count half as likely as the one before
     lookalike_prob: float = 0.2        # a distractor looks like a sounding class (and stays silent)
+    novel_look_prob: float = 0.0       # an object gets a random shape, colour and pattern instead of its class's
+                                       # look (a bell is a yellow ringed circle); scenes and audio stay the same.
+                                       # 1.0: held-out sets of objects never seen
     object_px: tuple = (30, 70)        # object width at size 256, scaled with --size; height = width * 0.8-1.25
     motion_probs: tuple = (0.4, 0.3, 0.1, 0.2)  # static, left-right, up-down, diagonal
     crossing_time_s: tuple = (2.5, 8.0)  # a moving object travels one frame width in this time
@@ -96,7 +100,7 @@ class SynthConfig:
         if self.size < 64 or self.size % 2:
             raise ValueError(f"size must be an even number of pixels >= 64 (yuv420p, objects of 30-70 px at 256), "
                              f"got {self.size}")
-        for name in ("two_source_prob", "lookalike_prob", "reverb_prob", "lossy_audio_prob"):
+        for name in ("two_source_prob", "lookalike_prob", "novel_look_prob", "reverb_prob", "lossy_audio_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be a probability, got {getattr(self, name)}")
         self.mics = tuple(self.mics)
@@ -141,6 +145,8 @@ PATTERNS = {
     "speckle": lambda u, v, rng: rng.uniform(0.7, 1.15, u.shape),
     "frame":   lambda u, v, rng: np.where((np.maximum(abs(u), abs(v)) > 0.62) | (abs(v) % 0.4 < 0.06), 0.6, 1.0),
 }
+
+NOVEL_LOOK_STREAM = 7_919  # novel_look_prob: whether and how object i looks new, default_rng([seed, scene, this, i])
 
 # Block processing for time-varying filters: Hann blocks of 32 ms every 16 ms, zero-padded to twice their length.
 BLOCK, HOP, NFFT = 512, 256, 1024
@@ -572,6 +578,12 @@ def make_clip(out_dir, cfg: SynthConfig, seed: int, scene: int, k: int) -> dict:
         w = int(srng.uniform(*cfg.object_px) * size / 256)
         h = int(w * srng.uniform(0.8, 1.25))
         rgb, cover = sprite(look, w, h, srng)
+        # Novel looks come from a stream of their own, drawn after the class sprite, so that every other draw of
+        # the scene and its clips (sizes, motions, audio) is the same whatever novel_look_prob is.
+        lrng = np.random.default_rng([seed, scene, NOVEL_LOOK_STREAM, i])
+        if lrng.random() < cfg.novel_look_prob:
+            novel = (str(lrng.choice(list(SHAPES))), tuple(lrng.uniform(30, 240, 3)), str(lrng.choice(list(PATTERNS))))
+            rgb, cover = sprite(novel, w, h, lrng)
         objects.append(dict(id=i, cls=str(cls), family=family, sounding=i < n_sounding, w=w, h=h, rgb=rgb, cover=cover))
 
     # The clip: motions, sounds and recording conditions.
@@ -715,13 +727,16 @@ def main(argv=None):
     p.add_argument("--max-distractors", type=int, default=defaults.max_distractors, help="silent objects per scene")
     p.add_argument("--two-source-prob", type=float, default=defaults.two_source_prob,
                    help="probability of two sounding objects in a scene")
+    p.add_argument("--novel-look-prob", type=float, default=defaults.novel_look_prob,
+                   help="probability that an object gets a random look instead of its class's (1: objects never seen)")
     p.add_argument("--mics", default=",".join(defaults.mics),
                    help=f"capture setups drawn per clip, comma-separated from {','.join(MIC_TYPES)}")
     overrides.add_arguments(p, "SynthConfig")
     args = p.parse_args(argv)
     flags = dict(fps="fps", size="size", duration="duration_s", clips_per_scene="clips_per_scene",
                  lossy_audio_prob="lossy_audio_prob", reverb_prob="reverb_prob", noise="noise",
-                 max_distractors="max_distractors", two_source_prob="two_source_prob")
+                 max_distractors="max_distractors", two_source_prob="two_source_prob",
+                 novel_look_prob="novel_look_prob")
     try:
         options = asdict(overrides.config_from_args(SynthConfig, args, p, flags))
         if args.mics != p.get_default("mics"):  # a list of any length, so not through the tuple rule of --set
