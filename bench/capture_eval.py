@@ -148,12 +148,11 @@ def check_eval(model, cfg, clips: list[dict], root: Path, groups: dict, cuts: li
     table, by_scene = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for clip in clips:
+            g, kind = groups[clip["clip_id"]], scene_kind(json.loads((root / clip["meta"]).read_text()))
             for swap in (False, True):
                 path = cut(clip, root, Path(tmp) / f"{clip['clip_id']}-{int(swap)}.mp4", swap)
                 r = check.check_file(path, model, cfg)
                 truth = "swapped" if swap else "correct"
-                g = groups[clip["clip_id"]]
-                kind = scene_kind(json.loads((root / clip["meta"]).read_text()))
                 if cuts is not None:
                     cuts.append({"clip_id": clip["clip_id"], "group": g, "scene": kind, "swapped": swap,
                                  "verdict": r.verdict, "timeline": r.timeline, "cues": r.cues, "error": r.error})

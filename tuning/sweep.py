@@ -157,30 +157,29 @@ class _checkpoint_dir:
         self.tmp.cleanup()
 
 
+def _kill_runs(client, experiment_id: str, parent: str, where: str, tag: str) -> int:
+    """Mark the parent's trial runs matching `where` (an MLflow filter) KILLED and tagged `tag`; return how many."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}' and {where}")
+    for run in runs:
+        client.set_tag(run.info.run_id, tag, "true")
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return len(runs)
+
+
 def supersede_unrecorded_runs(client, experiment_id: str, parent: str, trial_id: str) -> int:
     """Before a trial (re)starts: end its earlier FINISHED runs as superseded. A trial ends its run at its last
     epoch, before Tune has recorded that result (Tune may end the process right after it); an interrupt in between
     leaves a FINISHED run for a trial Tune never saw finish, which a restored sweep runs again. The old run is marked
     KILLED and tagged flipray.superseded, so every trial has one current run."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}' and "
-                                                             f"tags.`flipray.trial_id` = '{trial_id}' and "
-                                                             "attributes.status = 'FINISHED'")
-    for run in runs:
-        client.set_tag(run.info.run_id, "flipray.superseded", "true")
-        client.set_terminated(run.info.run_id, status="KILLED")
-    return len(runs)
+    return _kill_runs(client, experiment_id, parent, f"tags.`flipray.trial_id` = '{trial_id}' and "
+                                                     "attributes.status = 'FINISHED'", "flipray.superseded")
 
 
 def close_stopped_trials(client, experiment_id: str, parent: str) -> int:
     """End the MLflow runs of trials that ASHA or an interrupt stopped: their process was ended mid-trial, before it
     could end its run. They are marked KILLED and tagged flipray.stopped_early (a restored sweep reruns the
     interrupted ones under a new run)."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}' and "
-                                                             "attributes.status = 'RUNNING'")
-    for run in runs:
-        client.set_tag(run.info.run_id, "flipray.stopped_early", "true")
-        client.set_terminated(run.info.run_id, status="KILLED")
-    return len(runs)
+    return _kill_runs(client, experiment_id, parent, "attributes.status = 'RUNNING'", "flipray.stopped_early")
 
 
 def plot_trials(df_by_trial: dict, metric: str, color_by: str, path: Path) -> Path:
