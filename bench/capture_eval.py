@@ -100,10 +100,12 @@ def cut(clip: dict, root: Path, out: Path, swap: bool, start_s: float = 0.5, sec
     return out
 
 
-def run(data: str, split: str, models: list[str], eval_windows: int, check_clips: int, threads: int) -> dict:
+def run(data: str, split: str, models: list[str], eval_windows: int, check_clips: int, threads: int,
+        frame_fit: str = "crop") -> dict:
     torch.set_num_threads(threads)
     root = Path(data)
-    report = {"data": data, "split": split, "eval_windows": eval_windows, "models": {}, "threads": threads}
+    report = {"data": data, "split": split, "eval_windows": eval_windows, "models": {}, "threads": threads,
+              "frame_fit": frame_fit}
     t0 = time.time()
     base_ds = None
     for named in models:
@@ -120,7 +122,8 @@ def run(data: str, split: str, models: list[str], eval_windows: int, check_clips
                  "acc_by_capture": {g: {"acc": round(v["acc"], 4), "n": v["n"]} for g, v in res["acc_by_capture"].items()}}
         if check_clips:
             entry["check_cuts"] = []
-            entry["check"] = check_eval(model, cfg, ds.clips[:check_clips], root, groups, entry["check_cuts"])
+            entry["check"] = check_eval(model, cfg, ds.clips[:check_clips], root, groups, entry["check_cuts"],
+                                        check.CheckOptions(frame_fit=frame_fit))
         report["models"][name] = entry
         base_ds = base_ds or ds
         print(f"{name}: {entry['acc_by_capture']}", file=sys.stderr)
@@ -141,7 +144,8 @@ def scene_kind(meta: dict) -> str:
     return "one source" if len(meta["objects"]) == sounding else "one source + silent objects"
 
 
-def check_eval(model, cfg, clips: list[dict], root: Path, groups: dict, cuts: list | None = None) -> dict:
+def check_eval(model, cfg, clips: list[dict], root: Path, groups: dict, cuts: list | None = None,
+               opts: check.CheckOptions | None = None) -> dict:
     """`flipray check` on 3-s cuts of `clips`, tallied per capture group and per scene kind (under "by_scene");
     each cut's record (group, scene kind, truth, window probabilities, cues) is appended to `cuts` when given, so
     decision rules can be compared offline."""
@@ -151,7 +155,7 @@ def check_eval(model, cfg, clips: list[dict], root: Path, groups: dict, cuts: li
             g, kind = groups[clip["clip_id"]], scene_kind(json.loads((root / clip["meta"]).read_text()))
             for swap in (False, True):
                 path = cut(clip, root, Path(tmp) / f"{clip['clip_id']}-{int(swap)}.mp4", swap)
-                r = check.check_file(path, model, cfg)
+                r = check.check_file(path, model, cfg, opts)
                 truth = "swapped" if swap else "correct"
                 if cuts is not None:
                     cuts.append({"clip_id": clip["clip_id"], "group": g, "scene": kind, "swapped": swap,
@@ -226,10 +230,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-windows", type=int, default=2)
     p.add_argument("--check-clips", type=int, default=0, help="clips cut to 3-s mp4s for flipray check (0 = none)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--frame-fit", choices=check.FRAME_FITS, default=check.CheckOptions.frame_fit,
+                   help="flipray check --frame-fit: how wide videos become square frames")
     p.add_argument("--json-out", default=None)
     p.add_argument("--md-out", default=None)
     args = p.parse_args(argv)
-    report = run(args.data, args.split, args.model, args.eval_windows, args.check_clips, args.threads)
+    report = run(args.data, args.split, args.model, args.eval_windows, args.check_clips, args.threads,
+                 args.frame_fit)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2))
     if args.md_out:

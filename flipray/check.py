@@ -32,7 +32,8 @@ from flipray.atomic import atomic_output
 from flipray.media import FFmpegError, MediaError, ffmpeg, probe as probe_file, require_stereo_video
 from flipray.optional import require
 from flipray.tracking import NoModelError, load_pretrained
-from flipray.pretext.data import SampleParams, first_line, make_sample, resize_square, window_frame_indices
+from flipray.pretext.data import (FRAME_FITS, SampleParams, first_line, make_sample, resize_square,
+                                  window_frame_indices)
 
 DEFAULT_MODEL = "models:/flipray-pretext/latest"
 EXIT_SWAPPED, EXIT_UNCHECKED, EXIT_NO_MODEL, EXIT_FFMPEG = 1, 2, 4, 5
@@ -54,6 +55,8 @@ class CheckOptions:
     pad_s: float = 0.5              # and windows reaching up to pad_s beyond either end (edge frames, silent audio)
     silence_dbfs: float = -60.0     # windows with a lower RMS (both channels, before normalisation) are not scored
     dual_mono_db: float = -40.0     # side (L-R) this far below mid (L+R) over the whole file: dual mono
+    frame_fit: str = "squash"       # how a wide video becomes the model's square frames: squash | pad | crop (its
+                                    # centre square loses the sides: 0.75 right against 0.90 on 16:9 clips, docs/stereo.md)
     batch_size: int = 16            # windows per forward pass (each window is 4 inputs, the test-time VIEWS)
     device: str = "cpu"
 
@@ -170,7 +173,7 @@ def _decode(path: str, header_s: float | None, cfg: Config, opts: CheckOptions) 
     chunks = []
     for j in range(0, len(needed), 64):  # resize as we go: a long 1080p video never sits in memory whole
         times = [t0 + k / fps + FRAME_EPS_S for k in needed[j:j + 64]]
-        chunks.append(resize_square(vdec.get_frames_played_at(times).data, cfg.data.resize))
+        chunks.append(resize_square(vdec.get_frames_played_at(times).data, cfg.data.resize, opts.frame_fit))
     return Media(torch.cat(chunks), {k: r for r, k in enumerate(needed)}, wave, starts, duration, grid)
 
 
@@ -547,6 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-windows", type=int, default=CheckOptions.min_windows,
                    help="videos with fewer windows at --hop are scored at every frame, padded 0.5 s at each end")
     p.add_argument("--silence-dbfs", type=float, default=CheckOptions.silence_dbfs)
+    p.add_argument("--frame-fit", choices=FRAME_FITS, default=CheckOptions.frame_fit,
+                   help="wide video: squash it to a square, pad it above and below, or crop its centre square "
+                        "(loses the sides); tall video is always centre-cropped")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = p.parse_args(argv)
     if (args.hop <= 0 or not 0 <= args.margin < 0.5 or not 0 <= args.run_margin < 0.5 or not 0 <= args.min_agree <= 1
@@ -561,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     from flipray.pretext.train import resolve_device
     opts = CheckOptions(hop_s=args.hop, margin=args.margin, min_agree=args.min_agree, min_run=args.min_run,
                         run_margin=args.run_margin, min_windows=args.min_windows,
-                        silence_dbfs=args.silence_dbfs, device=str(resolve_device(args.device)))
+                        silence_dbfs=args.silence_dbfs, frame_fit=args.frame_fit, device=str(resolve_device(args.device)))
     results = check_files(args.videos, model, cfg, opts, use_ray=args.ray)
     if args.json:
         # one object per line: readable, and still one JSON document

@@ -300,3 +300,46 @@ def test_scoring_runs_features_and_model_on_the_check_device():
     probe = Probe()
     p = check.score_windows(probe, cfg, media, [0, 6], check.CheckOptions(device="meta", batch_size=1))
     assert probe.seen == [("meta", "meta")] * 2 and p == [0.5, 0.5]
+
+
+def test_frame_fits_of_a_wide_video_keep_or_lose_its_sides():
+    """--frame-fit: a wide frame's leftmost columns (where a sounding object at the side would be) are cut by "crop",
+    kept by "pad" (bars of the frame's mean colour above and below) and by "squash" (full height)."""
+    from flipray.pretext.data import resize_square
+
+    frame = torch.full((1, 16, 32, 3), 100, dtype=torch.uint8)
+    frame[0, :, :4] = torch.tensor([250, 0, 0], dtype=torch.uint8)  # a red object on the left eighth
+    crop, pad, squash = (resize_square(frame, 16, fit)[0].int() for fit in ("crop", "pad", "squash"))
+    red = lambda img: (img[..., 0] > 200) & (img[..., 1] < 60)
+    assert not red(crop).any() and (crop == 100).all()
+    mean = frame.float().mean(dim=(0, 1, 2)).round().int()  # (4 red columns + 28 grey) / 32
+    assert (pad[:3] == mean).all() and (pad[-3:] == mean).all()  # 32 wide -> 16: the 16 rows become 8, padded 4 + 4
+    assert red(pad[4:12, :2]).all() and not red(pad[4:12, 3:]).any()
+    assert red(squash[:, :2]).all() and not red(squash[:, 3:]).any()
+    tall = frame.transpose(1, 2)  # red on top: a tall frame is centre-cropped whatever the fit (its width is whole)
+    assert all(torch.equal(resize_square(tall, 16, fit), tall[:, 8:24]) for fit in ("crop", "pad", "squash"))
+    with pytest.raises(ValueError, match="frame fit must be one of crop, pad, squash"):
+        resize_square(frame, 16, "stretch")
+
+
+def test_check_fits_a_wide_video_as_told(tmp_path):
+    """The frames `flipray check` scores from a 2:1 video: padded to a square with --frame-fit pad (bars of one colour
+    above and below, the whole width kept), cropped to its centre with crop, squashed whole by default."""
+    from flipray.config import load_config
+
+    cfg = load_config("demo")
+    wide = tmp_path / "wide.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc2=size=320x160:rate=25:duration=4", "-f", "lavfi", "-i",
+            "sine=frequency=440:sample_rate=48000:duration=4", "-filter_complex", "[1:a][1:a]amerge=inputs=2[a]",
+            "-map", "0:v", "-map", "[a]", *H264, "-c:a", "aac", str(wide))
+    padded, cropped, squashed = (check._decode(str(wide), None, cfg, check.CheckOptions(**fit)).frames.int()
+                                 for fit in (dict(frame_fit="pad"), dict(frame_fit="crop"), {}))
+    assert padded.shape[1:] == cropped.shape[1:] == squashed.shape[1:] == (cfg.data.resize, cfg.data.resize, 3)
+    # squashed: the whole frame, so its top rows are the pattern's top rows, as wide as the padded picture's
+    top = (cfg.data.resize - cfg.data.resize // 2) // 2
+    assert (squashed[:, 0].float() - padded[:, top + 1].float()).abs().mean() < \
+        (squashed[:, 0].float() - cropped[:, 0].float()).abs().mean()
+    bar = cfg.data.resize // 4 - 2  # 160 of 320 rows are picture: a quarter above, a quarter below, less the blur
+    assert (padded[:, :bar] - padded[:, :1, :1]).abs().max() <= 1  # one colour per frame
+    assert (padded[:, -bar:] - padded[:, -1:, -1:]).abs().max() <= 1
+    assert (cropped[:, :bar] - cropped[:, :1, :1]).abs().amax(dim=(1, 2, 3)).min() > 30  # test pattern up there

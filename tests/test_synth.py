@@ -310,3 +310,79 @@ def test_novel_looks_change_the_objects_pictures_and_nothing_else(tmp_path):
         assert np.abs(frame_a - frame_b)[inside].mean() > 15.0, row["clip_id"]
     with pytest.raises(ValueError, match="novel_look_prob must be a probability"):
         synth.SynthConfig(novel_look_prob=2.0)
+
+
+def all_frames(path, size, width=None):
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                         capture_output=True, check=True).stdout
+    return np.frombuffer(raw, np.uint8).reshape(-1, size, width or size, 3).astype(float)
+
+
+def test_sync_pulse_grows_each_sounding_object_with_its_own_sound(tmp_path):
+    """--sync-pulse 0.5: a sounding object is 1.5x its size in its loudest frame and follows its sound's loudness
+    frame by frame; silent objects, the audio and the rest of the picture are those of the same seed without it."""
+    opts = dict(duration_s=2.0, size=128, two_source_prob=0.0, max_distractors=1, noise=False, reverb_prob=0.0,
+                clips_per_scene=1)
+    rows = synth.generate(tmp_path / "plain", 4, seed=11, workers=1, **opts)
+    synth.main(["--out", str(tmp_path / "pulsed"), "--clips", "4", "--seed", "11", "--duration", "2", "--size", "128",
+                "--two-source-prob", "0", "--max-distractors", "1", "--no-noise", "--reverb-prob", "0",
+                "--clips-per-scene", "1", "--sync-pulse", "0.5", "--workers", "1"])
+    silent_seen = 0
+    for row in rows:
+        a, b = tmp_path / "plain", tmp_path / "pulsed"
+        assert (a / row["audio"]).read_bytes() == (b / row["audio"]).read_bytes()
+        plain, pulsed = (json.loads((root / row["meta"]).read_text())["objects"] for root in (a, b))
+        for obj_a, obj_b in zip(plain, pulsed):
+            if not obj_a["sounding"]:
+                assert obj_b["boxes"] == obj_a["boxes"]
+                silent_seen += 1
+                continue
+            width = np.array([x1 - x0 for x0, _, x1, _ in obj_b["boxes"]], float)
+            base = obj_a["boxes"][0][2] - obj_a["boxes"][0][0]
+            assert all(x1 - x0 == base for x0, _, x1, _ in obj_a["boxes"])
+            audio, sr = sf.read(b / row["audio"])
+            loudness = synth.frame_loudness(audio.mean(1), sr, 6, len(width))
+            inside = [0 < x0 and x1 < 128 for x0, _, x1, _ in obj_b["boxes"]]
+            loudest = int(np.argmax(width))  # its own sound's loudest frame (the recording mixes in the room)
+            if inside[loudest]:
+                assert width[loudest] == round(base * 1.5)
+            assert width.min() >= base and np.corrcoef(width, loudness)[0, 1] > 0.9, (row["clip_id"], width)
+            # the picture: the grown object covers background that the plain one leaves; nothing else changes
+            frame_a, frame_b = all_frames(a / row["video"], 128)[loudest], all_frames(b / row["video"], 128)[loudest]
+            mask = lambda box: np.pad(np.ones((box[3] - box[1], box[2] - box[0]), bool),
+                                      ((box[1], 128 - box[3]), (box[0], 128 - box[2])))
+            small, big = mask(obj_a["boxes"][loudest]), mask(obj_b["boxes"][loudest])
+            ring = big & ~binary_dilation(small, iterations=2)
+            far = ~binary_dilation(big, iterations=4)
+            for other in plain:
+                if other is not obj_a:
+                    far &= ~binary_dilation(mask(other["boxes"][loudest]), iterations=4)
+            # (the ring's corners are background around a round object: compare with the codec noise elsewhere)
+            noise = np.abs(frame_a - frame_b)[far].mean()
+            assert noise < 2.0 and np.abs(frame_a - frame_b)[ring].mean() > 5 * max(noise, 1.0), row["clip_id"]
+    assert silent_seen  # the seed has at least one distractor to compare
+    with pytest.raises(ValueError, match="sync_pulse must be"):
+        synth.SynthConfig(sync_pulse=1.5)
+
+
+def test_wide_frames_put_objects_and_their_sound_where_the_wider_camera_sees_them(tmp_path):
+    """--width 256 at --size 128: 16:9-ish clips whose objects roam the whole width; an object's azimuth sign is its
+    side of the frame's centre column, and its sound comes from that side."""
+    rows = synth.generate(tmp_path, 4, seed=5, workers=1, duration_s=2.0, size=128, width=256, two_source_prob=0.0,
+                          max_distractors=0, noise=False, reverb_prob=0.0, mics=("coincident",))
+    xs = []
+    for row in rows:
+        meta = json.loads((tmp_path / row["meta"]).read_text())
+        assert (meta["width"], meta["height"]) == (256, 128)
+        assert len(all_frames(tmp_path / row["video"], 128, 256)) == 12
+        obj = meta["objects"][0]
+        for (x0, y0, x1, y1), az in zip(obj["boxes"], obj["azimuth_deg"]):
+            assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 128
+            assert np.sign(az) == np.sign((x0 + x1) / 2 - 128)
+            xs.append((x0 + x1) / 2)
+        audio, _ = sf.read(tmp_path / row["audio"])
+        level = 10 * np.log10((audio[:, 1] ** 2).sum() / (audio[:, 0] ** 2).sum())  # coincident: level only
+        assert np.sign(level) == np.sign(np.mean(obj["azimuth_deg"])), row["clip_id"]
+    assert max(xs) > 128 + 64 or min(xs) < 128 - 64  # objects reach beyond a centre 128 x 128 crop
+    with pytest.raises(ValueError, match="width must be 0"):
+        synth.SynthConfig(size=128, width=100)

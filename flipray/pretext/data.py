@@ -101,12 +101,28 @@ def first_line(e: Exception) -> str:
     return text.split(", ")[-1] if "SingleStreamDecoder" in text else text
 
 
-def resize_square(frames: torch.Tensor, size: int | None) -> torch.Tensor:
-    """Centre-crop uint8 (N, H, W, 3) frames to a square, then resize (antialiased bilinear) to size x size."""
+FRAME_FITS = ("crop", "pad", "squash")
+
+
+def resize_square(frames: torch.Tensor, size: int | None, fit: str = "crop") -> torch.Tensor:
+    """uint8 (N, H, W, 3) frames made square, then resized (antialiased bilinear) to size x size. A wide frame is fit
+    by `fit`: "crop" its centre square (as ingest does; it loses its sides, where the most lateral objects are), "pad"
+    it to a square with each frame's mean colour above and below, or "squash" it whole. A tall frame is always
+    centre-cropped: that keeps its whole width, all a left/right question needs."""
+    if fit not in FRAME_FITS:
+        raise ValueError(f"frame fit must be one of {', '.join(FRAME_FITS)}, got {fit!r}")
     n, h, w, _ = frames.shape
     s = min(h, w)
-    frames = frames[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-    if size is None or size == s:
+    if fit == "crop" or h >= w:
+        frames = frames[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    elif fit == "pad":
+        square = frames.float().mean(dim=(1, 2), keepdim=True).round().to(torch.uint8).expand(n, w, w, 3).clone()
+        top = (w - h) // 2
+        square[:, top:top + h] = frames
+        frames, s = square, w
+    elif size is None:
+        raise ValueError("frame fit 'squash' needs a size to squash to")
+    if size is None or (size == s and frames.shape[1] == frames.shape[2]):
         return frames.contiguous()
     x = frames.permute(0, 3, 1, 2).float()
     x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)

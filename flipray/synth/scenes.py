@@ -6,7 +6,8 @@
 A scene is a procedural background plus a set of objects: one or two sounding objects (6 classes, each with its own
 look and its own sound family) and a few silent distractors (mostly silent-only classes, sometimes look-alikes of
 sounding classes, so that the network has to match the sound to the object; `--novel-look-prob 1` gives every object a
-random look instead, for held-out sets of objects never seen). Each scene yields --clips-per-scene
+random look instead, for held-out sets of objects never seen; `--sync-pulse F` makes sounding objects grow with their
+sound; `--width` renders wide frames). Each scene yields --clips-per-scene
 clips with new motion and sound draws; objects stand still or move left-right, up-down or diagonally, bouncing off
 the frame edges. The audio is what a listener at the camera hears: every sounding object's sound rendered with both
 cues of the clip's capture setup (one per clip, `--mics`: binaural heads of several sizes and ear asymmetries with
@@ -56,7 +57,9 @@ class SynthConfig:
     # clip format (docs/clip-format.md)
     duration_s: float = 10.0
     fps: int = 6                       # the paper's frame rate; 30 also works
-    size: int = 256                    # square frames, pixels (even, for yuv420p)
+    size: int = 256                    # frame height, and width unless `width` says otherwise (pixels, even: yuv420p)
+    width: int = 0                     # frame width; 0 = size (square, as ingest crops real video); e.g. 456 at 256
+                                       # for 16:9 held-out sets (flipray check --frame-fit on wide video)
     sample_rate: int = 16000
     clips_per_scene: int = 2           # clips sharing a background and object set; splits are by scene
     # camera and objects
@@ -67,6 +70,10 @@ class SynthConfig:
     novel_look_prob: float = 0.0       # an object gets a random shape, colour and pattern instead of its class's
                                        # look (a bell is a yellow ringed circle); scenes and audio stay the same.
                                        # 1.0: held-out sets of objects never seen
+    sync_pulse: float = 0.0            # a sounding object's picture grows by up to this fraction of its size with its
+                                       # sound's loudness per frame (as mouths, strings and cones move with their
+                                       # sound), so that which object sounds can be seen, not only guessed from its
+                                       # look; silent objects keep their size. Audio is the same whatever its value
     object_px: tuple = (30, 70)        # object width at size 256, scaled with --size; height = width * 0.8-1.25
     motion_probs: tuple = (0.4, 0.3, 0.1, 0.2)  # static, left-right, up-down, diagonal
     crossing_time_s: tuple = (2.5, 8.0)  # a moving object travels one frame width in this time
@@ -97,9 +104,14 @@ class SynthConfig:
         if self.duration_s < 1 or self.fps <= 0 or self.clips_per_scene < 1 or self.max_distractors < 0:
             raise ValueError("duration_s must be >= 1 (sounds need room for a few events), fps positive, "
                              "clips_per_scene >= 1, max_distractors >= 0")
+        if not 0 <= self.sync_pulse <= 1:
+            raise ValueError(f"sync_pulse must be a fraction of the object's size in [0, 1], got {self.sync_pulse}")
         if self.size < 64 or self.size % 2:
             raise ValueError(f"size must be an even number of pixels >= 64 (yuv420p, objects of 30-70 px at 256), "
                              f"got {self.size}")
+        if self.width and (self.width < self.size or self.width % 2):
+            raise ValueError(f"width must be 0 (square) or an even number of pixels >= size ({self.size}), "
+                             f"got {self.width}")
         for name in ("two_source_prob", "lookalike_prob", "novel_look_prob", "reverb_prob", "lossy_audio_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be a probability, got {getattr(self, name)}")
@@ -453,6 +465,13 @@ def source_signal(family, n, sr, rng, tilt_db_per_octave=0.0):
     return x / (np.sqrt(np.mean(x ** 2)) + 1e-12)
 
 
+def frame_loudness(mono, sr, fps, num_frames):
+    """The sound's RMS over each video frame's 1/fps around it, as a fraction of its loudest frame's (0..1)."""
+    edges = np.clip(np.round((np.arange(num_frames + 1) - 0.5) / fps * sr).astype(int), 0, len(mono))
+    rms = np.array([np.sqrt(np.mean(mono[a:b] ** 2)) if b > a else 0.0 for a, b in zip(edges[:-1], edges[1:])])
+    return rms / max(rms.max(), 1e-12)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Room, noise, codec
 
@@ -504,8 +523,12 @@ def _aac_round_trip(audio, sr, kbps):
 # ----------------------------------------------------------------------------------------------------------------------
 # Pictures
 
-def _background(rng, size):
-    """A muted backdrop (size, size, 3) uint8: smoothed colour noise, soft stripes or a gradient, plus faint grain."""
+def _background(rng, size, width=None):
+    """A muted backdrop (size, width, 3) uint8: smoothed colour noise, soft stripes or a gradient, plus faint grain
+    (drawn square, width x width, and centre-cropped to the height)."""
+    if width and width != size:
+        top = (width - size) // 2
+        return _background(rng, width)[top:top + size]
     kind = rng.integers(3)
     c1, c2 = rng.uniform(30, 225, (2, 3))
     yy, xx = np.mgrid[0:size, 0:size] / size
@@ -546,9 +569,10 @@ def _track(obj, t):
     return obj["lo"] + span - np.abs(u - span)
 
 
-def _direction(xy, size, focal):
-    """Azimuth and elevation (degrees) of pixel positions xy (..., 2) through the pinhole camera."""
-    dx, dy = xy[..., 0] - size / 2, size / 2 - xy[..., 1]
+def _direction(xy, size, focal, width=None):
+    """Azimuth and elevation (degrees) of pixel positions xy (..., 2) through the pinhole camera (frames of
+    width x size pixels; square when width is None)."""
+    dx, dy = xy[..., 0] - (width or size) / 2, size / 2 - xy[..., 1]
     return np.degrees(np.arctan2(dx, focal)), np.degrees(np.arctan2(dy, np.hypot(focal, dx)))
 
 
@@ -558,14 +582,15 @@ def _direction(xy, size, focal):
 def make_clip(out_dir, cfg: SynthConfig, seed: int, scene: int, k: int) -> dict:
     """Write clip k of scene `scene` (webm, flac, json) under out_dir/clips/ and return its manifest row (no split)."""
     size, sr, fps = cfg.size, cfg.sample_rate, cfg.fps
+    width = cfg.width or size
     n, num_frames = round(cfg.duration_s * sr), round(cfg.duration_s * fps)
     scene_id, clip_id = f"s{scene:06d}", f"s{scene:06d}_c{k}"
 
     # The scene: camera, background and object set, the same for all its clips.
     srng = np.random.default_rng([seed, scene])
     hfov = srng.uniform(*cfg.hfov_deg)
-    focal = (size / 2) / math.tan(math.radians(hfov) / 2)
-    background = _background(srng, size)
+    focal = (width / 2) / math.tan(math.radians(hfov) / 2)  # the field of view is horizontal
+    background = _background(srng, size, width)
     n_sounding = 2 if srng.random() < cfg.two_source_prob else 1
     classes = list(srng.choice(list(SOUNDING_CLASSES), n_sounding, replace=False))
     weights = 0.5 ** np.arange(cfg.max_distractors + 1)
@@ -590,13 +615,13 @@ def make_clip(out_dir, cfg: SynthConfig, seed: int, scene: int, k: int) -> dict:
     rng = np.random.default_rng([seed, scene, k])
     for obj in objects:
         obj["lo"] = np.array([obj["w"] / 2, obj["h"] / 2])
-        obj["hi"] = size - obj["lo"]
+        obj["hi"] = np.array([width, size]) - obj["lo"]
         obj["motion"] = str(rng.choice(MOTIONS, p=np.array(cfg.motion_probs) / sum(cfg.motion_probs)))
         obj["start"] = rng.uniform(obj["lo"], obj["hi"])
         if obj["sounding"] and obj["motion"] in ("static", "up-down"):  # never parked on the centre line
-            reach = obj["hi"][0] - size / 2
+            reach = obj["hi"][0] - width / 2
             margin = min(focal * math.tan(math.radians(cfg.min_offcentre_deg)), reach)
-            obj["start"][0] = size / 2 + rng.choice([-1, 1]) * rng.uniform(margin, reach)
+            obj["start"][0] = width / 2 + rng.choice([-1, 1]) * rng.uniform(margin, reach)
         direction = {"static": (0, 0), "left-right": (rng.choice([-1, 1]), 0), "up-down": (0, rng.choice([-1, 1])),
                      "diagonal": rng.choice([-1, 1], 2) / math.sqrt(2)}[obj["motion"]]
         obj["velocity"] = np.array(direction, dtype=float) * size / rng.uniform(*cfg.crossing_time_s)
@@ -609,7 +634,8 @@ def make_clip(out_dir, cfg: SynthConfig, seed: int, scene: int, k: int) -> dict:
             obj["level_db"] = rng.uniform(*cfg.source_level_db)
             mono = source_signal(obj["family"], n, sr, rng, rng.uniform(*cfg.spectral_tilt_db_per_octave))
             mono *= 10 ** (obj["level_db"] / 20)
-            az, el = _direction(_track(obj, np.arange(n) / sr), size, focal)
+            obj["loudness"] = frame_loudness(mono, sr, fps, num_frames)
+            az, el = _direction(_track(obj, np.arange(n) / sr), size, focal, width)
             direct += render_capture(mono, az, sr, capture, el)
             dry += mono
     audio, render = direct, {"capture": capture, "head_radius_m": capture.get("head_radius_m"), "rt60_s": None,
@@ -636,20 +662,33 @@ def make_clip(out_dir, cfg: SynthConfig, seed: int, scene: int, k: int) -> dict:
     # Video: background, then objects from the last to the first, so distractors never hide a sounding object.
     frames = np.repeat(background[None], num_frames, axis=0)
     for obj in reversed(objects):
-        corners = np.round(_track(obj, np.arange(num_frames) / fps) - obj["lo"]).astype(int)
-        obj["boxes"] = [[int(x), int(y), int(x) + obj["w"], int(y) + obj["h"]] for x, y in corners]
-        for frame, (x, y) in zip(frames, corners):
-            region = frame[y:y + obj["h"], x:x + obj["w"]]
-            region[:] = np.clip(region * (1 - obj["cover"]) + obj["rgb"], 0, 255).astype(np.uint8)
+        scales = np.ones(num_frames)
+        if obj["sounding"] and cfg.sync_pulse > 0:
+            scales += cfg.sync_pulse * obj["loudness"]
+        centres = _track(obj, np.arange(num_frames) / fps)
+        obj["boxes"], obj["centres"] = [], []
+        for frame, centre, scale in zip(frames, centres, scales):
+            rgb, cover = obj["rgb"], obj["cover"]
+            if scale != 1:
+                h, w = max(1, round(obj["h"] * scale)), max(1, round(obj["w"] * scale))
+                rgb, cover = (zoom(a, (h / obj["h"], w / obj["w"], 1), order=1) for a in (rgb, cover))
+            h, w = cover.shape[:2]
+            x, y = np.round(centre - np.array([w / 2, h / 2])).astype(int)
+            # a grown object may overhang the frame: paste, and box, the part inside
+            x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, size)
+            obj["boxes"].append([int(x0), int(y0), int(x1), int(y1)])
+            obj["centres"].append([x + w / 2, y + h / 2])  # the whole object's, also when it overhangs
+            rgb, cover = rgb[y0 - y:y1 - y, x0 - x:x1 - x], cover[y0 - y:y1 - y, x0 - x:x1 - x]
+            region = frame[y0:y1, x0:x1]
+            region[:] = np.clip(region * (1 - cover) + rgb, 0, 255).astype(np.uint8)
     clips_dir = Path(out_dir) / "clips"
-    media.ffmpeg(["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{size}x{size}", "-r", str(fps), "-i", "-", "-an",
+    media.ffmpeg(["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{size}", "-r", str(fps), "-i", "-", "-an",
                   *media.vp9_args(fps), str(clips_dir / f"{clip_id}.webm")], stdin=frames.tobytes())
     media.write_flac(clips_dir / f"{clip_id}.flac", audio, sr)
 
     sidecar_objects = []
     for obj in objects:
-        centres = np.array(obj["boxes"], dtype=float).reshape(-1, 2, 2).mean(1)
-        az, el = _direction(centres, size, focal)
+        az, el = _direction(np.array(obj["centres"], dtype=float), size, focal, width)
         sidecar_objects.append({
             "id": obj["id"], "class": obj["cls"], "family": obj["family"], "sounding": obj["sounding"],
             "motion": obj["motion"], "boxes": obj["boxes"], "azimuth_deg": np.round(az, 2).tolist(),
@@ -657,7 +696,7 @@ def make_clip(out_dir, cfg: SynthConfig, seed: int, scene: int, k: int) -> dict:
             "level_db": round(obj["level_db"], 2) if obj["sounding"] else None})
     sidecar = {
         "clip_id": clip_id, "scene_id": scene_id, "source": "synthetic", "duration_s": cfg.duration_s, "fps": fps,
-        "num_frames": num_frames, "width": size, "height": size, "sample_rate": sr, "channels": 2,
+        "num_frames": num_frames, "width": width, "height": size, "sample_rate": sr, "channels": 2,
         "conventions": "azimuth deg, positive = listener's right, 0 = straight ahead; audio channel 0 = left; "
                        "boxes [x0, y0, x1, y1] in pixels",
         "camera": {"hfov_deg": round(hfov, 3)}, "render": render, "objects": sidecar_objects,
@@ -714,7 +753,8 @@ def main(argv=None):
     p.add_argument("--clips", type=int, required=True, help="number of clips")
     p.add_argument("--seed", type=int, required=True, help="same seed, same dataset")
     p.add_argument("--fps", type=int, choices=(6, 30), default=defaults.fps, help="video frame rate")
-    p.add_argument("--size", type=int, default=defaults.size, help="square frame side, pixels")
+    p.add_argument("--size", type=int, default=defaults.size, help="frame height (and width, unless --width), pixels")
+    p.add_argument("--width", type=int, default=defaults.width, help="frame width, pixels (0: square)")
     p.add_argument("--duration", type=float, default=defaults.duration_s, help="clip length, seconds")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes")
     p.add_argument("--clips-per-scene", type=int, default=defaults.clips_per_scene,
@@ -729,14 +769,16 @@ def main(argv=None):
                    help="probability of two sounding objects in a scene")
     p.add_argument("--novel-look-prob", type=float, default=defaults.novel_look_prob,
                    help="probability that an object gets a random look instead of its class's (1: objects never seen)")
+    p.add_argument("--sync-pulse", type=float, default=defaults.sync_pulse,
+                   help="sounding objects grow by up to this fraction of their size with their sound's loudness")
     p.add_argument("--mics", default=",".join(defaults.mics),
                    help=f"capture setups drawn per clip, comma-separated from {','.join(MIC_TYPES)}")
     overrides.add_arguments(p, "SynthConfig")
     args = p.parse_args(argv)
-    flags = dict(fps="fps", size="size", duration="duration_s", clips_per_scene="clips_per_scene",
+    flags = dict(fps="fps", size="size", width="width", duration="duration_s", clips_per_scene="clips_per_scene",
                  lossy_audio_prob="lossy_audio_prob", reverb_prob="reverb_prob", noise="noise",
                  max_distractors="max_distractors", two_source_prob="two_source_prob",
-                 novel_look_prob="novel_look_prob")
+                 novel_look_prob="novel_look_prob", sync_pulse="sync_pulse")
     try:
         options = asdict(overrides.config_from_args(SynthConfig, args, p, flags))
         if args.mics != p.get_default("mics"):  # a list of any length, so not through the tuple rule of --set
