@@ -101,7 +101,7 @@ def cut(clip: dict, root: Path, out: Path, swap: bool, start_s: float = 0.5, sec
 
 
 def run(data: str, split: str, models: list[str], eval_windows: int, check_clips: int, threads: int,
-        frame_fit: str = "crop") -> dict:
+        frame_fit: str = check.CheckOptions.frame_fit) -> dict:
     torch.set_num_threads(threads)
     root = Path(data)
     report = {"data": data, "split": split, "eval_windows": eval_windows, "models": {}, "threads": threads,

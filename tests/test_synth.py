@@ -281,10 +281,12 @@ def test_thirty_fps_and_config_checks(tmp_path):
         synth.SynthConfig(reverb_prob=1.5)
 
 
-def first_frame(path, size):
-    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-frames:v", "1", "-f", "rawvideo", "-pix_fmt",
-                          "rgb24", "-"], capture_output=True, check=True).stdout
-    return np.frombuffer(raw, np.uint8).reshape(size, size, 3).astype(float)
+def decode_frames(path, size, width=None, count=None):
+    """RGB frames (n, size, width or size, 3) as floats: every frame, or the first `count`."""
+    limit = ["-frames:v", str(count)] if count else []
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), *limit, "-f", "rawvideo", "-pix_fmt", "rgb24",
+                          "-"], capture_output=True, check=True).stdout
+    return np.frombuffer(raw, np.uint8).reshape(-1, size, width or size, 3).astype(float)
 
 
 def test_novel_looks_change_the_objects_pictures_and_nothing_else(tmp_path):
@@ -300,7 +302,7 @@ def test_novel_looks_change_the_objects_pictures_and_nothing_else(tmp_path):
         assert (a / row["audio"]).read_bytes() == (b / row["audio"]).read_bytes()
         meta_a, meta_b = (json.loads((root / row["meta"]).read_text()) for root in (a, b))
         assert meta_a["objects"] == meta_b["objects"] and meta_b["generator"]["config"]["novel_look_prob"] == 1.0
-        frame_a, frame_b = first_frame(a / row["video"], 128), first_frame(b / row["video"], 128)
+        frame_a, frame_b = (decode_frames(root / row["video"], 128, count=1)[0] for root in (a, b))
         inside = np.zeros((128, 128), bool)
         for obj in meta_a["objects"]:
             x0, y0, x1, y1 = obj["boxes"][0]
@@ -310,12 +312,6 @@ def test_novel_looks_change_the_objects_pictures_and_nothing_else(tmp_path):
         assert np.abs(frame_a - frame_b)[inside].mean() > 15.0, row["clip_id"]
     with pytest.raises(ValueError, match="novel_look_prob must be a probability"):
         synth.SynthConfig(novel_look_prob=2.0)
-
-
-def all_frames(path, size, width=None):
-    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
-                         capture_output=True, check=True).stdout
-    return np.frombuffer(raw, np.uint8).reshape(-1, size, width or size, 3).astype(float)
 
 
 def test_sync_pulse_grows_each_sounding_object_with_its_own_sound(tmp_path):
@@ -348,7 +344,7 @@ def test_sync_pulse_grows_each_sounding_object_with_its_own_sound(tmp_path):
                 assert width[loudest] == round(base * 1.5)
             assert width.min() >= base and np.corrcoef(width, loudness)[0, 1] > 0.9, (row["clip_id"], width)
             # the picture: the grown object covers background that the plain one leaves; nothing else changes
-            frame_a, frame_b = all_frames(a / row["video"], 128)[loudest], all_frames(b / row["video"], 128)[loudest]
+            frame_a, frame_b = (decode_frames(root / row["video"], 128)[loudest] for root in (a, b))
             mask = lambda box: np.pad(np.ones((box[3] - box[1], box[2] - box[0]), bool),
                                       ((box[1], 128 - box[3]), (box[0], 128 - box[2])))
             small, big = mask(obj_a["boxes"][loudest]), mask(obj_b["boxes"][loudest])
@@ -374,7 +370,7 @@ def test_wide_frames_put_objects_and_their_sound_where_the_wider_camera_sees_the
     for row in rows:
         meta = json.loads((tmp_path / row["meta"]).read_text())
         assert (meta["width"], meta["height"]) == (256, 128)
-        assert len(all_frames(tmp_path / row["video"], 128, 256)) == 12
+        assert len(decode_frames(tmp_path / row["video"], 128, 256)) == 12
         obj = meta["objects"][0]
         for (x0, y0, x1, y1), az in zip(obj["boxes"], obj["azimuth_deg"]):
             assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 128

@@ -634,7 +634,8 @@ def make_clip(out_dir, cfg: SynthConfig, seed: int, scene: int, k: int) -> dict:
             obj["level_db"] = rng.uniform(*cfg.source_level_db)
             mono = source_signal(obj["family"], n, sr, rng, rng.uniform(*cfg.spectral_tilt_db_per_octave))
             mono *= 10 ** (obj["level_db"] / 20)
-            obj["loudness"] = frame_loudness(mono, sr, fps, num_frames)
+            if cfg.sync_pulse:
+                obj["loudness"] = frame_loudness(mono, sr, fps, num_frames)
             az, el = _direction(_track(obj, np.arange(n) / sr), size, focal, width)
             direct += render_capture(mono, az, sr, capture, el)
             dry += mono
@@ -662,9 +663,7 @@ def make_clip(out_dir, cfg: SynthConfig, seed: int, scene: int, k: int) -> dict:
     # Video: background, then objects from the last to the first, so distractors never hide a sounding object.
     frames = np.repeat(background[None], num_frames, axis=0)
     for obj in reversed(objects):
-        scales = np.ones(num_frames)
-        if obj["sounding"] and cfg.sync_pulse > 0:
-            scales += cfg.sync_pulse * obj["loudness"]
+        scales = 1 + cfg.sync_pulse * obj["loudness"] if "loudness" in obj else np.ones(num_frames)
         centres = _track(obj, np.arange(num_frames) / fps)
         obj["boxes"], obj["centres"] = [], []
         for frame, centre, scale in zip(frames, centres, scales):
