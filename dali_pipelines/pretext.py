@@ -266,9 +266,10 @@ def build_pipeline(cfg: Config, source: ClipSource, device: str = "cpu", batch_s
         n_frames = frames.shape()
         frames = fn.pad(frames, axes=(0,), shape=(T,))  # uniform shapes; short samples are dropped anyway
         if (n_frames[1] != R) | (n_frames[2] != R):
-            # flipray.pretext.data.resize_square: centre square, antialiased linear resize, rounded to uint8 levels
+            # flipray.pretext.data.resize_square's default fit: a wide frame squashed whole, a tall one cropped to its
+            # centre square; antialiased linear resize, rounded to uint8 levels
             side = fn.cast(dmath.min(n_frames[1], n_frames[2]), dtype=types.FLOAT)
-            frames = fn.crop(frames, crop_h=side, crop_w=side)
+            frames = fn.crop(frames, crop_h=side, crop_w=fn.cast(n_frames[2], dtype=types.FLOAT))
             frames = fn.resize(frames, resize_x=R, resize_y=R, antialias=True, interp_type=types.INTERP_LINEAR,
                                dtype=types.UINT8)
         frames = fn.flip(frames, horizontal=flags[0])  # joint flip: mirror, then crop, as flipray.pretext.data does

@@ -316,6 +316,7 @@ def test_frame_fits_of_a_wide_video_keep_or_lose_its_sides():
     assert (pad[:3] == mean).all() and (pad[-3:] == mean).all()  # 32 wide -> 16: the 16 rows become 8, padded 4 + 4
     assert red(pad[4:12, :2]).all() and not red(pad[4:12, 3:]).any()
     assert red(squash[:, :2]).all() and not red(squash[:, 3:]).any()
+    assert torch.equal(resize_square(frame, None), squash[None].to(torch.uint8))  # the default; no size: its height
     tall = frame.transpose(1, 2)  # red on top: a tall frame is centre-cropped whatever the fit (its width is whole)
     assert all(torch.equal(resize_square(tall, 16, fit), tall[:, 8:24]) for fit in ("crop", "pad", "squash"))
     with pytest.raises(ValueError, match="frame fit must be one of crop, pad, squash"):

@@ -135,6 +135,26 @@ def test_parity_with_the_torchcodec_loader(ingested, train, overrides):
     assert (got["video"] - ref["video"].flip(-1)).abs().mean() > 10 * video_err.mean()
 
 
+def test_parity_on_wide_clips_squashed_whole(tmp_path, monkeypatch):
+    """Clips stored wider than tall (`flipray synth --width`, a user's own clip-format dataset) are squashed whole by
+    both loaders, as flipray.pretext.data.resize_square's default fit: the sidecar's boxes and azimuths describe the
+    whole frame. The same windows cropped to their centre square instead are far off."""
+    from flipray import pretext
+    from flipray.synth.scenes import generate
+    generate(tmp_path, 6, seed=4, workers=2, duration_s=3.0, size=128, width=256, clips_per_scene=1)
+    cfg = load_config("demo", [f"data.root={tmp_path}", "data.cache=false"])
+    ref = reference(cfg, "train", True, epoch=0)
+    got, _ = run(DaliClipLoader(cfg, "train", train=True, batch_size=4, epoch=0))
+    assert got["clip_id"] == ref["clip_id"] and got["video"].shape == ref["video"].shape
+    video_err = (got["video"] - ref["video"]).abs()
+    assert video_err.mean() < 0.08 and (video_err > 0.5).float().mean() < 0.04  # the ingested clips' tolerance
+
+    decode = pretext.data.decode_video
+    monkeypatch.setattr(pretext.data, "decode_video", lambda *a, **k: decode(*a, **{**k, "fit": "crop"}))
+    cropped = reference(cfg, "train", True, epoch=0)
+    assert (got["video"] - cropped["video"]).abs().mean() > 3 * video_err.mean()
+
+
 def left_right(features: torch.Tensor) -> torch.Tensor:
     """(B, 2, n_mels, T) L, R log-mels back from the default front end's mean and scaled level difference."""
     mid, side = features[:, 0], features[:, 1] / ILD_SCALE

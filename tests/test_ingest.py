@@ -17,7 +17,9 @@ import soundfile as sf
 
 from flipray.dataset.manifest import MANIFEST_NAME, REQUIRED_FIELDS
 from flipray.dataset.store import Store, sha256
-from flipray.dataset.ingest import Options, folder_sources, main, run_ingest
+from flipray import media
+from flipray.dataset.ingest import ClipJob, Options, Source, folder_sources, ingest_clip, main, run_ingest, transcode
+from flipray.pretext.data import decode_video
 
 SKIPPED = {"mono audio": "mono.mp4", "no audio stream": "silent.mp4", "unreadable": "corrupt.mp4",
            "empty file": "empty.mkv", "too short": "short.mp4"}
@@ -91,6 +93,60 @@ def test_rerun_resumes_without_transcoding_or_duplicates(ingested, source_videos
              boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
     assert after.keys() == stamps.keys()
     assert all(after[k] == stamps[k] for k in stamps if not k.endswith(MANIFEST_NAME))  # no clip re-uploaded
+
+
+def banded_video(path, width: int, height: int) -> Source:
+    """A 1-s video with a red band over the left tenth of the picture and a green one over its top tenth, stereo."""
+    bands = (f"color=c=blue:s={width}x{height}:r=12:d=1,drawbox=x=0:y=0:w={width // 10}:h={height}:color=red:t=fill,"
+             f"drawbox=x={width // 10}:y=0:w={width}:h={height // 10}:color=green:t=fill")
+    media.ffmpeg(["-f", "lavfi", "-i", bands, "-f", "lavfi", "-i", "aevalsrc=0.5*sin(2*PI*440*t)|0.1*sin(2*PI*440*t)"
+                  ":s=44100:d=1", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac",
+                  "-shortest", str(path)])
+    return Source(str(path), path.name, path.stem)
+
+
+def test_a_wide_video_is_squashed_whole_or_cropped_as_told(tmp_path):
+    """--frame-fit: a 2:1 picture squashed whole keeps its left tenth (red) in the clip's left tenth; cropped to its
+    centre square, it loses it. A tall picture is cropped to its centre square either way (its top tenth, green,
+    goes; the red left band stays)."""
+    wide, tall = banded_video(tmp_path / "wide.mp4", 320, 160), banded_video(tmp_path / "tall.mp4", 160, 320)
+    red = lambda f: (f[..., 0] > 180) & (f[..., 1] < 80) & (f[..., 2] < 80)
+    green = lambda f: (f[..., 1] > 100) & (f[..., 0] < 80) & (f[..., 2] < 80)
+    for fit in ("squash", "crop"):
+        for source in (wide, tall):
+            out = tmp_path / f"{fit}-{source.scene_id}"
+            out.mkdir()
+            webm, _, n_frames, n_samples = transcode(ClipJob("c", source, 0.0, 0), out,
+                                                     Options(size=64, frame_fit=fit, clip_s=1.0))
+            frame = decode_video(webm)[0]
+            assert frame.shape == (64, 64, 3) and (n_frames, n_samples) == (6, 16000)
+            if source is tall:
+                assert red(frame[:, :5]).float().mean() > 0.9 and not green(frame).any()
+            elif fit == "squash":  # 32 of 320 px -> 6.4 of 64: the first 5 columns red, top 6 rows green beside them
+                assert red(frame[:, :5]).float().mean() > 0.9 and not red(frame[:, 8:]).any()
+                assert green(frame[:5, 8:]).float().mean() > 0.9
+            else:  # the centre 160 px of 320: no red band; the green top tenth of 160 rows is 6.4 of 64
+                assert not red(frame).any() and green(frame[:5]).float().mean() > 0.9
+    with pytest.raises(ValueError, match="frame fit must be one of squash, crop"):
+        Options(frame_fit="pad")
+
+
+def test_a_clip_made_with_another_frame_fit_is_made_again(tmp_path):
+    """A re-run skips a stored clip only if it was made as asked: a clip cropped before is squashed on a run with
+    --frame-fit squash (sidecars from before the option say nothing and were cropped)."""
+    job, store = ClipJob("w_0000000", banded_video(tmp_path / "w.mp4", 320, 160), 0.0, 0), Store(tmp_path / "ds")
+    opts = {fit: Options(size=64, frame_fit=fit, clip_s=1.0) for fit in ("squash", "crop")}
+    assert ingest_clip(job, store, opts["crop"])["status"] == "ingested"
+    assert json.loads(store.get("clips/w_0000000.json"))["frame_fit"] == "crop"
+    assert ingest_clip(job, store, opts["crop"])["status"] == "exists"
+    sidecar = json.loads(store.get("clips/w_0000000.json"))
+    del sidecar["frame_fit"]
+    store.put("clips/w_0000000.json", json.dumps(sidecar).encode())
+    assert ingest_clip(job, store, opts["crop"])["status"] == "exists"
+    cropped = store.get("clips/w_0000000.webm")
+    assert ingest_clip(job, store, opts["squash"])["status"] == "ingested"
+    assert json.loads(store.get("clips/w_0000000.json"))["frame_fit"] == "squash"
+    assert store.get("clips/w_0000000.webm") != cropped
 
 
 def test_scene_ids_are_unique_and_clean(tmp_path):

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 # Fixtures that start a service or train a model: only tests marked `slow` may use them.
 SLOW_FIXTURES = {"moto_server", "bucket", "ray_local", "ingested", "demo_run",
@@ -22,6 +24,7 @@ def _pytest(*args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow  # collects the whole suite (10 s): a guard of the fast lane, run with everything else
 def test_fast_lane_starts_no_service_and_runs_at_least_half_of_the_tests():
     plan = _pytest("--setup-plan", "-q", "-m", "not slow")  # what a fast run would set up, without running it
     tests = dict(re.findall(r"^\s*(tests/\S+)(?: \(fixtures used: ([^)]*)\))?$", plan, re.M))

@@ -14,6 +14,7 @@ def _inputs(cfg, batch=2):
     return video, audio
 
 
+@pytest.mark.slow  # 18 frames of 224 px through the full network and back (10 s on 2 cores)
 def test_paper_preset_exact_shapes_forward_backward():
     cfg = load_config("paper")
     model = SpatialAlignmentNet(cfg)

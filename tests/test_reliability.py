@@ -123,8 +123,9 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subpro
 # ---------------------------------------------------------------------------------------------------------------------
 # flipray check
 
-def test_batch_over_every_bad_input_gives_both_verdicts_one_line_each_and_exit_2(files, bad, flat_model):
-    """Issue 15 #1 and the batch test: good.mp4, every bad input, good2.mkv."""
+def test_batch_over_every_bad_input_gives_both_verdicts_one_line_each_and_exit_2(files, bad, flat_model, capsys):
+    """Issue 15 #1 and the batch test: good.mp4, every bad input, good2.mkv. The command in a child process; its
+    --json output in this one (the same main)."""
     paths = [str(files / "good.mp4")] + [str(files / "bad" / name) for name in bad] + [str(files / "good2.mkv")]
     proc = run_cli("check", *paths, "--model", str(flat_model))
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -135,12 +136,12 @@ def test_batch_over_every_bad_input_gives_both_verdicts_one_line_each_and_exit_2
     for path, line in zip(paths[1:-1], lines[1:-1]):
         assert line.startswith(f"{path}: cannot check: "), line
     assert proc.returncode == check.EXIT_UNCHECKED  # 2: nothing swapped, some inputs could not be checked
-    js = run_cli("check", *paths, "--model", str(flat_model), "--json")
-    objs = json.loads(js.stdout)
+    code = cli.main(["check", *paths, "--model", str(flat_model), "--json"])
+    objs = json.loads(capsys.readouterr().out)
     assert [o["reason"] for o in objs[1:-1]] == list(bad.values())
     assert objs[0]["error"] is None and objs[-1]["error"] is None
     assert objs[0]["p_swapped"] == objs[-1]["p_swapped"] == 0.5 and objs[0]["swapped_segments"] == []
-    assert js.returncode == check.EXIT_UNCHECKED
+    assert code == check.EXIT_UNCHECKED
 
 
 def test_half_downloaded_faststart_file_is_reported_cut_short(bad, files, flat_model):
@@ -199,6 +200,7 @@ def test_plot_that_cannot_be_written_is_one_line_and_exit_2(files, flat_model, t
     assert "cannot write the timeline" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # waits out Ray's connection attempt
 def test_ray_at_an_address_that_does_not_answer_fails_fast_and_checks_here(files, flat_model):
     """Issue 15 #9: RAY_ADDRESS names a cluster that is gone. Before: ray.init waited for minutes."""
     address = f"127.0.0.1:{_free_port()}"
@@ -209,6 +211,7 @@ def test_ray_at_an_address_that_does_not_answer_fails_fast_and_checks_here(files
     assert proc.stdout.startswith(f"{files / 'good.mp4'}: undecidable") and proc.returncode == 0
 
 
+@pytest.mark.slow  # waits out MLflow's connection attempt
 def test_dead_mlflow_server_fails_fast_saying_what_was_tried(files):
     """Issue 15 #9: before, MLflow retried for 278 s."""
     uri = f"http://127.0.0.1:{_free_port()}"

@@ -14,9 +14,11 @@ manifest row that is malformed, or a Ray address that does not answer (one line 
 
 What happens: every source is probed with ffprobe (in Ray tasks); files with no video, no audio, mono or more than
 two audio channels, unreadable or shorter than one clip are skipped with that reason. Each remaining source gives
-floor(duration / clip length) clips, each a Ray task (one CPU): ffmpeg cuts the clip, centre-crops the frames to a
-square, scales them to --size, resamples to --fps with a keyframe every second (VP9, no audio) and writes the audio
-as 16 kHz 16-bit stereo FLAC (channel 0 = left); the clip is checked (frame and sample counts) and uploaded through
+floor(duration / clip length) clips, each a Ray task (one CPU): ffmpeg cuts the clip, makes the frames square
+(--frame-fit: a wide picture squashed whole by default, as `flipray check` sees it, or its centre square cropped,
+which loses the sides; a tall picture is cropped to its centre square either way), scales them to --size, resamples
+to --fps with a keyframe every second (VP9, no audio) and writes the audio as 16 kHz 16-bit stereo FLAC (channel 0 =
+left); the clip is checked (frame and sample counts) and uploaded through
 `flipray.dataset.store.upload_clip`, the same path `flipray synth` output takes with --dataset. The manifest (splits by
 source video, checksums) is written last, so an interrupted run leaves no dataset behind; re-running the same
 command skips every clip whose sidecar is already stored (sidecars go up after their video and audio), so it
@@ -58,6 +60,7 @@ log = logging.getLogger(__name__)
 
 VIDEO_EXTS = {".mp4", ".mkv", ".webm", ".mov", ".m4v", ".avi"}
 EXIT_NO_CLIPS, EXIT_BAD_INPUT = 1, 2  # 0: manifest written
+INGEST_FRAME_FITS = ("squash", "crop")  # flipray.pretext.data.FRAME_FITS without "pad" (per-frame mean-colour bars)
 CLIP_ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 CONVENTIONS = ("azimuth deg, positive = listener's right, 0 = straight ahead; audio channel 0 = left; "
                "boxes [x0, y0, x1, y1] in pixels")
@@ -65,12 +68,19 @@ CONVENTIONS = ("azimuth deg, positive = listener's right, 0 = straight ahead; au
 
 @dataclass
 class Options:
-    size: int = 256            # square frame side after the centre crop
+    size: int = 256            # square frame side
+    frame_fit: str = "squash"  # a wide picture: "squash" it whole (keeps objects at the sides, where the sound says
+                               # they are; what `flipray check` does) | "crop" its centre square (loses the sides;
+                               # ingest's only fit until squash came)
     fps: int = 6               # stored frame rate (the paper's 6 Hz)
     clip_s: float = 10.0       # clip length
     sample_rate: int = 16000
     max_clips_per_source: int = 0  # 0 = as many as fit
     timeout_s: int = 600       # per ffmpeg call
+
+    def __post_init__(self):
+        if self.frame_fit not in INGEST_FRAME_FITS:
+            raise ValueError(f"frame fit must be one of {', '.join(INGEST_FRAME_FITS)}, got {self.frame_fit!r}")
 
 
 @dataclass
@@ -222,8 +232,9 @@ def transcode(job: ClipJob, out_dir: Path, opts: Options) -> tuple[Path, Path, i
     """Cut one clip into out_dir/<id>.webm + .flac with one ffmpeg run; returns (webm, flac, frames, samples)."""
     webm, flac = out_dir / f"{job.clip_id}.webm", out_dir / f"{job.clip_id}.flac"
     frames = round(opts.clip_s * opts.fps)
-    vf = (f"fps={opts.fps},crop='min(iw,ih)':'min(iw,ih)',"        # centre crop to a square (crop centres by default)
-          f"scale={opts.size}:{opts.size}:flags=area,setsar=1")
+    # ffmpeg's crop centres by default; "squash" crops only a tall picture's height (flipray.pretext.data.resize_square)
+    square = "crop='min(iw,ih)':'min(iw,ih)'" if opts.frame_fit == "crop" else "crop=iw:'min(iw,ih)'"
+    vf = f"fps={opts.fps},{square},scale={opts.size}:{opts.size}:flags=area,setsar=1"
     try:
         media.ffmpeg(["-ss", f"{job.start_s:.3f}", "-t", f"{opts.clip_s:.3f}", "-i", job.source.path,
                       "-map", "0:v:0", "-an", "-sn", "-dn", "-vf", vf, "-frames:v", str(frames),
@@ -257,8 +268,9 @@ def ingest_clip(job: ClipJob, store: Store, opts: Options) -> dict:
     """Make and upload one clip unless it is already stored; {"status": "ingested"|"exists"|"skipped", ...}."""
     try:  # sidecars go up last: a stored sidecar means a complete clip
         sidecar = json.loads(store.get(f"clips/{job.clip_id}.json"))
-        settings = (sidecar.get("width"), sidecar.get("fps"), sidecar.get("sample_rate"))
-        if settings == (opts.size, opts.fps, opts.sample_rate) and "video_sha256" in sidecar:
+        settings = (sidecar.get("width"), sidecar.get("fps"), sidecar.get("sample_rate"),
+                    sidecar.get("frame_fit", "crop"))  # sidecars without it are from before squash, all cropped
+        if settings == (opts.size, opts.fps, opts.sample_rate, opts.frame_fit) and "video_sha256" in sidecar:
             return {"status": "exists", "row": row_from_sidecar(sidecar)}
     except (FileNotFoundError, ValueError, KeyError):
         pass  # not there yet, unreadable, or made with other settings: make the clip (again)
@@ -271,7 +283,8 @@ def ingest_clip(job: ClipJob, store: Store, opts: Options) -> dict:
             sidecar = {
                 "clip_id": job.clip_id, "scene_id": job.source.scene_id, "source": f"ingest:{job.source.name}",
                 "duration_s": duration, "fps": opts.fps, "num_frames": n_frames, "width": opts.size,
-                "height": opts.size, "sample_rate": opts.sample_rate, "channels": 2, "conventions": CONVENTIONS,
+                "height": opts.size, "frame_fit": opts.frame_fit, "sample_rate": opts.sample_rate, "channels": 2,
+                "conventions": CONVENTIONS,
                 "camera": {"hfov_deg": None}, "objects": [],
                 "ingest": {"file": job.source.name, "start_s": round(job.start_s, 3), "clip": job.index,
                            **job.source.extra}}
@@ -426,7 +439,10 @@ def main(argv: list[str] | None = None) -> int:
                                     "list's videos were downloaded)")
     p.add_argument("--csv", help="YouTube-ASMR list: header, # comments, ytid, ts_start, ts_end")
     p.add_argument("--dataset", help="upload an existing clip-format dataset (e.g. `flipray synth` output) instead")
-    p.add_argument("--size", type=int, default=defaults.size, help="square frame side after the centre crop")
+    p.add_argument("--size", type=int, default=defaults.size, help="square frame side")
+    p.add_argument("--frame-fit", choices=INGEST_FRAME_FITS, default=defaults.frame_fit,
+                   help="wide video: squash it whole to a square (as flipray check does) or crop its centre square "
+                        "(loses the sides); tall video is always centre-cropped")
     p.add_argument("--fps", type=int, default=defaults.fps)
     p.add_argument("--clip-seconds", type=float, default=defaults.clip_s)
     p.add_argument("--max-clips-per-video", type=int, default=0, help="0 = every clip that fits")
@@ -439,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.size % 2:
         p.error("--size must be even (yuv420p)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    opts = Options(size=args.size, fps=args.fps, clip_s=args.clip_seconds,
+    opts = Options(size=args.size, frame_fit=args.frame_fit, fps=args.fps, clip_s=args.clip_seconds,
                    max_clips_per_source=args.max_clips_per_video)
     start = time.time()
     try:  # bad sources and stores are reported in one line before any Ray instance starts

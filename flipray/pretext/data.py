@@ -53,9 +53,11 @@ class ClipDecodeError(ValueError):
 # Decoding (torchcodec)
 
 def decode_video(path: str | Path | bytes, indices: list[int] | None = None, size: int | None = None,
-                 expect_frames: int | None = None, name: str | None = None, panorama: bool = False) -> torch.Tensor:
-    """uint8 frames (N, H, W, 3) of a video file, centre-cropped to a square and resized to `size` if given
-    (`panorama`: equirectangular frames resized to size x 2 size, never cropped; flipray.foa.resize_panorama).
+                 expect_frames: int | None = None, name: str | None = None, panorama: bool = False,
+                 fit: str = "squash") -> torch.Tensor:
+    """uint8 frames (N, H, W, 3) of a video file made square by `fit` (resize_square; wide clips squashed whole by
+    default, so that sidecar boxes and azimuths, which describe the whole frame, still hold) and resized to `size`
+    if given (`panorama`: equirectangular frames resized to size x 2 size, never cropped; flipray.foa.resize_panorama).
 
     `indices` selects frames (all when None). `path` may also be the file's bytes (an object from the clip store),
     which `name` then names in errors. Raises ClipDecodeError naming the file when it cannot be read or has
@@ -85,7 +87,7 @@ def decode_video(path: str | Path | bytes, indices: list[int] | None = None, siz
     if panorama:
         from flipray.foa import resize_panorama
         return resize_panorama(frames, size)
-    return resize_square(frames, size)
+    return resize_square(frames, size, fit)
 
 
 def _decoder_source(path, name: str | None):
@@ -104,11 +106,12 @@ def first_line(e: Exception) -> str:
 FRAME_FITS = ("crop", "pad", "squash")
 
 
-def resize_square(frames: torch.Tensor, size: int | None, fit: str = "crop") -> torch.Tensor:
-    """uint8 (N, H, W, 3) frames made square, then resized (antialiased bilinear) to size x size. A wide frame is fit
-    by `fit`: "crop" its centre square (as ingest does; it loses its sides, where the most lateral objects are), "pad"
-    it to a square with each frame's mean colour above and below, or "squash" it whole. A tall frame is always
-    centre-cropped: that keeps its whole width, all a left/right question needs."""
+def resize_square(frames: torch.Tensor, size: int | None, fit: str = "squash") -> torch.Tensor:
+    """uint8 (N, H, W, 3) frames made square, then resized (antialiased bilinear) to size x size (size None: the
+    square's own side; a squashed frame keeps its height). A wide frame is fit by `fit`: "squash" it whole (ingest's
+    default too), "pad" it to a square with each frame's mean colour above and below, or "crop" its centre square (it
+    loses the sides, where the most lateral objects are). A tall frame is always centre-cropped: that keeps its whole
+    width, all a left/right question needs."""
     if fit not in FRAME_FITS:
         raise ValueError(f"frame fit must be one of {', '.join(FRAME_FITS)}, got {fit!r}")
     n, h, w, _ = frames.shape
@@ -121,7 +124,7 @@ def resize_square(frames: torch.Tensor, size: int | None, fit: str = "crop") -> 
         square[:, top:top + h] = frames
         frames, s = square, w
     elif size is None:
-        raise ValueError("frame fit 'squash' needs a size to squash to")
+        size = s
     if size is None or (size == s and frames.shape[1] == frames.shape[2]):
         return frames.contiguous()
     x = frames.permute(0, 3, 1, 2).float()

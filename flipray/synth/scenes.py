@@ -386,6 +386,8 @@ def _clicks(n, sr, rng):
     spells = np.zeros(n)
     for a, b in _events(rng, n, sr, (1.0, 4.0), (0.0, 0.6)):
         spells[a:b] = 1.0
+    if not (train * spells).any():  # no hit in a spell (3% of 1-s clips): one, so that a sounding object sounds
+        train[rng.choice(np.flatnonzero(spells))] = rng.uniform(0.2, 1.0)  # (a spell starts within 0.6 s)
     t = np.arange(int(0.1 * sr)) / sr
     ir = rng.uniform(0, 0.6) * rng.standard_normal(len(t)) * np.exp(-t / 0.002)
     for _ in range(rng.integers(1, 4)):  # resonant modes: 0.7-6 kHz, 3-30 ms decays
