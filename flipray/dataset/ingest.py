@@ -18,12 +18,11 @@ floor(duration / clip length) clips, each a Ray task (one CPU): ffmpeg cuts the 
 (--frame-fit: a wide picture squashed whole by default, as `flipray check` sees it, or its centre square cropped,
 which loses the sides; a tall picture is cropped to its centre square either way), scales them to --size, resamples
 to --fps with a keyframe every second (VP9, no audio) and writes the audio as 16 kHz 16-bit stereo FLAC (channel 0 =
-left); the clip is checked (frame and sample counts) and uploaded through
-`flipray.dataset.store.upload_clip`, the same path `flipray synth` output takes with --dataset. The manifest (splits by
-source video, checksums) is written last, so an interrupted run leaves no dataset behind; re-running the same
-command skips every clip whose sidecar is already stored (sidecars go up after their video and audio), so it
-resumes where it stopped without duplicates. The run ends with the count of clips ingested / already there /
-skipped, and why.
+left); the clip is checked (frame and sample counts) and uploaded through `flipray.dataset.store.upload_clip`, the
+same path `flipray synth` output takes with --dataset. The manifest (splits by source video, checksums) is written
+last, so an interrupted run leaves no dataset behind; re-running the same command skips every clip whose sidecar is
+already stored with the same settings (sidecars go up after their video and audio), so it resumes where it stopped
+without duplicates. The run ends with the count of clips ingested / already there / skipped, and why.
 
 YouTube-ASMR: the CSV has a header row, `#` comments and columns `ytid, ts_start, ts_end` (seconds). Download each
 segment yourself (it is your business which videos you may download), named `<ytid>_<start ms>_<end ms>.<ext>`:
