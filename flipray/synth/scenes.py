@@ -58,7 +58,7 @@ class SynthConfig:
     duration_s: float = 10.0
     fps: int = 6                       # the paper's frame rate; 30 also works
     size: int = 256                    # frame height, and width unless `width` says otherwise (pixels, even: yuv420p)
-    width: int = 0                     # frame width; 0 = size (square, as ingest crops real video); e.g. 456 at 256
+    width: int = 0                     # frame width; 0 = size (square, as ingest stores video); e.g. 456 at 256
                                        # for 16:9 held-out sets (flipray check --frame-fit on wide video)
     sample_rate: int = 16000
     clips_per_scene: int = 2           # clips sharing a background and object set; splits are by scene
