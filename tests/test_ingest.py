@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from flipray import media
 from flipray.dataset.manifest import MANIFEST_NAME, REQUIRED_FIELDS
 from flipray.dataset.store import Store, sha256
-from flipray import media
 from flipray.dataset.ingest import ClipJob, Options, Source, folder_sources, ingest_clip, main, run_ingest, transcode
 from flipray.pretext.data import decode_video
 
