@@ -248,6 +248,24 @@ def ray_train_env(c) -> dict[str, str]:
     return {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(float(c.worker_start_timeout_s))}
 
 
+def remove_unregistered_checkpoints(result) -> list[str]:
+    """Delete the run's checkpoint_* folders Ray Train never registered and return their paths. A node lost while its
+    worker copied a checkpoint into storage leaves a folder with a cut-off checkpoint.pt: Ray never restores from it,
+    but it reads as the newest checkpoint to anyone who lists the folder (or syncs it elsewhere)."""
+    import pyarrow.fs
+    fs = result.filesystem
+    kept = {checkpoint.path.rstrip("/") for checkpoint, _ in result.best_checkpoints or []}
+    if result.checkpoint is not None:
+        kept.add(result.checkpoint.path.rstrip("/"))
+    removed = []
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(result.path.rstrip("/"), allow_not_found=True)):
+        if (info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")
+                and info.path.rstrip("/") not in kept):
+            fs.delete_dir(info.path)
+            removed.append(info.path)
+    return removed
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -302,6 +320,9 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     result = trainer.fit()
     metrics = result.metrics
+    removed = remove_unregistered_checkpoints(result)
+    for path in removed:
+        print(f"removed {path}: a checkpoint copy Ray Train never registered (cut off by a lost node)")
     version = None
     if c.register_as:
         with result.checkpoint.as_directory() as d:
@@ -313,11 +334,13 @@ def main(argv: list[str] | None = None) -> dict:
     client.set_terminated(run_id)
     summary = {"run_name": run_name, "run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri,
                "metrics": metrics, "model": c.register_as, "model_version": version,
-               "checkpoint": result.checkpoint.path, "wall_seconds": round(time.time() - t0, 1)}
+               "checkpoint": result.checkpoint.path, "removed_checkpoints": removed,
+               "wall_seconds": round(time.time() - t0, 1)}
     print(f"\nflip accuracy: test {metrics.get('test_flip_acc', float('nan')):.3f}, "
           f"val {metrics.get('val_flip_acc', float('nan')):.3f} after {metrics['samples_seen']} samples "
           f"({metrics['step']} steps) on {metrics.get('world_size', c.workers)} workers")
     print(f"MLflow run: {run_url(uri, experiment_id, run_id)}")
+    print(f"checkpoint: {result.checkpoint.path}")
     if version is not None:
         print(f"registered model: models:/{c.register_as}/{version}")
     return summary

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -167,9 +168,12 @@ class Run:
             if self.proc.poll() is None:
                 self.proc.kill()
         assert rc == 0, self.tail()
-        newest = max((self.tmp / "ray" / self.name).glob("checkpoint_*/checkpoint.pt"),
-                     key=lambda p: load_checkpoint(p)["state"]["step"])
-        return load_checkpoint(newest)
+        # the run's final checkpoint, as the job prints it; a copy the lost node cut off is gone, the rest load
+        final = Path(re.findall(r"^checkpoint: (.+)$", self.log.read_text(), re.M)[-1]) / "checkpoint.pt"
+        steps = {p: load_checkpoint(p)["state"]["step"]
+                 for p in (self.tmp / "ray" / self.name).glob("checkpoint_*/checkpoint.pt")}
+        assert steps[final] == max(steps.values()), steps
+        return load_checkpoint(final)
 
     def tail(self) -> str:
         return self.log.read_text()[-8000:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from flipray.pretext.train import load_checkpoint
 from jobs import pretext
 
 FAST = ["data.num_frames=3", "data.eval_windows=1", "data.resize=40", "data.crop=32", "data.n_mels=32",
@@ -42,9 +43,22 @@ def test_resubmitting_with_the_same_run_name_continues_from_the_checkpoint(synth
     assert max(m.value for m in client.get_metric_history(first[0].info.run_id, "samples_seen")) == 16.0  # died at step 5, before logging it
     assert (tmp_path / "ray-results" / "flipray-pretext").is_dir()
 
+    # what a node lost mid-copy leaves: a checkpoint folder Ray Train never registered, its checkpoint.pt cut off
+    run_dir = tmp_path / "ray-results" / "flipray-pretext"
+    written = sorted(run_dir.glob("checkpoint_*/checkpoint.pt"))
+    assert written
+    cut_off = run_dir / "checkpoint_2099-01-01_00-00-00.000000" / "checkpoint.pt"
+    cut_off.parent.mkdir()
+    cut_off.write_bytes(written[-1].read_bytes()[:4096])
+
     # attempt 2: the same command
     monkeypatch.delenv("FLIPRAY_FAULT_AT_STEP")
     summary = pretext.main(argv)
+    # removed (with attempt 1's step-4 copy when that one never reached the controller), the registered ones kept
+    assert str(cut_off.parent) in summary["removed_checkpoints"] and not cut_off.parent.exists()
+    kept = sorted(run_dir.glob("checkpoint_*/checkpoint.pt"))
+    assert len(kept) == 2 and str(summary["checkpoint"]) in {str(p.parent) for p in kept}  # keep_checkpoints=2
+    assert [load_checkpoint(p)["state"]["samples_seen"] for p in kept] == [24, 24]  # step 6, then the final one
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1 and summary["run_id"] == first[0].info.run_id  # the same MLflow run
     run_id = summary["run_id"]
