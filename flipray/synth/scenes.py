@@ -654,11 +654,11 @@ def make_clip(out_dir, cfg: SynthConfig, seed: int, scene: int, k: int) -> dict:
         audio = audio + noise * math.sqrt(np.mean(audio ** 2) / np.mean(noise ** 2) * 10 ** (-snr / 10))
         render.update(snr_db=round(snr, 2), noise_beta=round(beta, 2))
     peak = rng.uniform(*cfg.peak)
-    audio *= peak / np.abs(audio).max()
+    audio *= peak / max(np.abs(audio).max(), 1e-9)
     if rng.random() < cfg.lossy_audio_prob:
         kbps = int(rng.choice(cfg.aac_kbps))
         audio = _aac_round_trip(audio, sr, kbps)
-        audio *= peak / np.abs(audio).max()  # the codec can overshoot
+        audio *= peak / max(np.abs(audio).max(), 1e-9)  # the codec can overshoot
         render["lossy_audio"] = f"aac-{kbps}k"
     render["peak"] = round(peak, 3)
 

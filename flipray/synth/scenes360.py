@@ -247,7 +247,7 @@ def make_clip(out_dir, cfg: Synth360Config, seed: int, scene: int, k: int) -> di
         audio = audio + noise * math.sqrt(np.mean(audio[0] ** 2) / np.mean(noise[0] ** 2) * 10 ** (-snr / 10))
         render["snr_db"] = round(snr, 2)
     peak = rng.uniform(*cfg.peak)
-    audio *= peak / np.abs(audio).max()  # one gain for all channels: the direction lives in their ratios
+    audio *= peak / max(np.abs(audio).max(), 1e-9)  # one gain for all channels: the direction lives in their ratios
     render["peak"] = round(peak, 3)
 
     # Video: backdrop, then objects from the last to the first, so distractors never hide a sounding object.
