@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     result = trainer.fit()
     metrics = result.metrics
-    removed = remove_unregistered_checkpoints(result)
+    scheme = "s3://" if c.storage_path.startswith("s3://") else ""  # pyarrow's paths on S3 are bucket/key
+    removed = [scheme + path for path in remove_unregistered_checkpoints(result)]
     for path in removed:
         print(f"removed {path}: a checkpoint copy Ray Train never registered (cut off by a lost node)")
     version = None
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"val {metrics.get('val_flip_acc', float('nan')):.3f} after {metrics['samples_seen']} samples "
           f"({metrics['step']} steps) on {metrics.get('world_size', c.workers)} workers")
     print(f"MLflow run: {run_url(uri, experiment_id, run_id)}")
-    print(f"checkpoint: {result.checkpoint.path}")
+    print(f"checkpoint: {scheme}{result.checkpoint.path}")
     if version is not None:
         print(f"registered model: models:/{c.register_as}/{version}")
     return summary
