@@ -94,6 +94,8 @@ class Probe:
     video: bool                                       # a video stream that is not cover art
     video_duration_s: float | None                    # what the header says of the first one (None: not said)
     audio: list[dict] = field(default_factory=list)   # index, codec_name, channels, bit_rate, sample_rate of each
+    video_size: tuple[int, int] | None = None         # the first video stream's stored width and height
+    pixel_aspect: float = 1.0                         # and its pixels' width over height (sample aspect ratio)
 
 
 def probe(path, timeout: float = 60) -> Probe:
@@ -103,7 +105,8 @@ def probe(path, timeout: float = 60) -> Probe:
         raise MediaError("missing", "a folder, not a file" if os.path.isdir(path) else "no such file")
     if os.path.getsize(path) == 0:
         raise MediaError("empty", "empty file (0 bytes)")
-    entries = ("stream=index,codec_type,codec_name,channels,bit_rate,sample_rate,duration"
+    entries = ("stream=index,codec_type,codec_name,channels,bit_rate,sample_rate,duration,width,height,"
+               "sample_aspect_ratio"
                ":stream_disposition=attached_pic:format=duration")
     try:
         proc = subprocess.run(["ffprobe", "-v", "error", "-show_entries", entries, "-of", "json", path],
@@ -126,8 +129,19 @@ def probe(path, timeout: float = 60) -> Probe:
         video_duration = math.nan
     audio = [{k: s.get(k) for k in ("index", "codec_name", "channels", "bit_rate", "sample_rate")}
              for s in streams if s.get("codec_type") == "audio"]
+    size = (int(video[0]["width"]), int(video[0]["height"])) if video and video[0].get("width") else None
     return Probe(path, duration if duration > 0 else None, bool(video),
-                 video_duration if video_duration > 0 else None, audio)
+                 video_duration if video_duration > 0 else None, audio, size,
+                 _ratio(video[0].get("sample_aspect_ratio")) if video else 1.0)
+
+
+def _ratio(text: str | None) -> float:
+    """ffprobe's "16:15" as 16/15; 1.0 for a missing or unknown ("0:1", "N/A") ratio."""
+    try:
+        num, den = (float(x) for x in str(text).split(":"))
+    except ValueError:
+        return 1.0
+    return num / den if num > 0 and den > 0 else 1.0
 
 
 def require_stereo_video(info: Probe, what: str = "check") -> Probe:

@@ -18,7 +18,8 @@ import soundfile as sf
 from flipray import media
 from flipray.dataset.manifest import MANIFEST_NAME, REQUIRED_FIELDS
 from flipray.dataset.store import Store, sha256
-from flipray.dataset.ingest import ClipJob, Options, Source, folder_sources, ingest_clip, main, run_ingest, transcode
+from flipray.dataset.ingest import (ClipJob, Options, Source, folder_sources, ingest_clip, main, plan, run_ingest,
+                                     transcode)
 from flipray.pretext.data import decode_video
 
 SKIPPED = {"mono audio": "mono.mp4", "no audio stream": "silent.mp4", "unreadable": "corrupt.mp4",
@@ -95,10 +96,11 @@ def test_rerun_resumes_without_transcoding_or_duplicates(ingested, source_videos
     assert all(after[k] == stamps[k] for k in stamps if not k.endswith(MANIFEST_NAME))  # no clip re-uploaded
 
 
-def banded_video(path, width: int, height: int) -> Source:
-    """A 1-s video with a red band over the left tenth of the picture and a green one over its top tenth, stereo."""
+def banded_video(path, width: int, height: int, sar: str = "1") -> Source:
+    """A 1-s video with a red band over the left tenth of the picture and a green one over its top tenth, stereo;
+    `sar` its pixels' aspect (4/3: a 240x180 picture displayed at 320x180)."""
     bands = (f"color=c=blue:s={width}x{height}:r=12:d=1,drawbox=x=0:y=0:w={width // 10}:h={height}:color=red:t=fill,"
-             f"drawbox=x={width // 10}:y=0:w={width}:h={height // 10}:color=green:t=fill")
+             f"drawbox=x={width // 10}:y=0:w={width}:h={height // 10}:color=green:t=fill,setsar={sar}")
     media.ffmpeg(["-f", "lavfi", "-i", bands, "-f", "lavfi", "-i", "aevalsrc=0.5*sin(2*PI*440*t)|0.1*sin(2*PI*440*t)"
                   ":s=44100:d=1", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac",
                   "-shortest", str(path)])
@@ -129,6 +131,24 @@ def test_a_wide_video_is_squashed_whole_or_cropped_as_told(tmp_path):
                 assert not red(frame).any() and green(frame[:5]).float().mean() > 0.9
     with pytest.raises(ValueError, match="frame fit must be one of squash, crop"):
         Options(frame_fit="pad")
+
+
+def test_the_sidecar_says_how_wide_a_picture_the_square_frames_show(tmp_path):
+    """picture_aspect (width over height as displayed, of what the square frames show) lets the face detector
+    stretch a squashed frame back: 2:1 squashed 2.0, cropped 1.0; a tall picture 1.0 either way; a 240x180 picture
+    of 4:3 pixels (displayed 16:9) 1.7778 squashed, and its centre 180x180 storage pixels, 1.3333 cropped."""
+    sources = [banded_video(tmp_path / "wide.mp4", 320, 160), banded_video(tmp_path / "tall.mp4", 160, 320),
+               banded_video(tmp_path / "ana.mp4", 240, 180, sar="4/3")]
+    expected = {"squash": [2.0, 1.0, 1.7778], "crop": [1.0, 1.0, 1.3333]}
+    for fit, aspects in expected.items():
+        opts = Options(size=64, frame_fit=fit, clip_s=1.0)
+        assert [plan(source, opts)[0].picture_aspect for source in sources] == aspects
+    store = Store(tmp_path / "ds")
+    assert ingest_clip(plan(sources[0], opts)[0], store, opts)["status"] == "ingested"  # crop, the loop's last
+    assert json.loads(store.get("clips/wide_0000000.json"))["picture_aspect"] == 1.0
+    squash = Options(size=64, frame_fit="squash", clip_s=1.0)
+    assert ingest_clip(plan(sources[0], squash)[0], store, squash)["status"] == "ingested"
+    assert json.loads(store.get("clips/wide_0000000.json"))["picture_aspect"] == 2.0
 
 
 def test_a_clip_made_with_another_frame_fit_is_made_again(tmp_path):

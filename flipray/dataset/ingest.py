@@ -98,6 +98,7 @@ class ClipJob:
     source: Source
     start_s: float             # in the file
     index: int                 # clip number within the source
+    picture_aspect: float = 1.0  # width over height, as displayed, of what the square frames show (picture_aspect)
 
 
 class Skip(Exception):
@@ -203,7 +204,18 @@ def probe(path: str, timeout: int = 60) -> dict:
         raise Skip(media.LABELS[e.reason], str(e)) from None
     if info.duration_s is None:
         raise Skip("zero length", "no duration")
-    return {"duration": info.duration_s, "channels": 2}
+    return {"duration": info.duration_s, "channels": 2, "size": info.video_size, "pixel_aspect": info.pixel_aspect}
+
+
+def picture_aspect(size: tuple[int, int] | None, pixel_aspect: float, frame_fit: str) -> float:
+    """Width over height, as displayed, of the part of a source's picture that transcode's square frames show: a
+    16:9 source squashed whole shows 1.778 in a square, its centre square cropped 1.0. Stored in the sidecar, so that
+    whatever looks at the frames (the localization task's face detector) can stretch them back first."""
+    if not size:
+        return 1.0
+    w, h = size
+    crop_w, crop_h = (min(w, h), min(w, h)) if frame_fit == "crop" else (w, min(w, h))
+    return round(crop_w * pixel_aspect / crop_h, 4)
 
 
 def plan(source: Source, opts: Options) -> list[ClipJob]:
@@ -223,7 +235,8 @@ def plan(source: Source, opts: Options) -> list[ClipJob]:
         start = offset + k * opts.clip_s
         # YouTube-ASMR clips are named by their time in the original video, so overlapping rows share clips
         t_id = source.extra.get("ts_start", 0.0) + k * opts.clip_s if source.extra else start
-        jobs.append(ClipJob(f"{source.scene_id}_{round(t_id * 1000):07d}", source, start, k))
+        jobs.append(ClipJob(f"{source.scene_id}_{round(t_id * 1000):07d}", source, start, k,
+                            picture_aspect(info["size"], info["pixel_aspect"], opts.frame_fit)))
     return jobs
 
 
@@ -282,7 +295,8 @@ def ingest_clip(job: ClipJob, store: Store, opts: Options) -> dict:
             sidecar = {
                 "clip_id": job.clip_id, "scene_id": job.source.scene_id, "source": f"ingest:{job.source.name}",
                 "duration_s": duration, "fps": opts.fps, "num_frames": n_frames, "width": opts.size,
-                "height": opts.size, "frame_fit": opts.frame_fit, "sample_rate": opts.sample_rate, "channels": 2,
+                "height": opts.size, "frame_fit": opts.frame_fit, "picture_aspect": job.picture_aspect,
+                "sample_rate": opts.sample_rate, "channels": 2,
                 "conventions": CONVENTIONS,
                 "camera": {"hfov_deg": None}, "objects": [],
                 "ingest": {"file": job.source.name, "start_s": round(job.start_s, 3), "clip": job.index,

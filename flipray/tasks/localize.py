@@ -151,11 +151,14 @@ PRESETS = {
 
 def face_pseudo_labels(frames: torch.Tensor | np.ndarray, upscale_to: int = 256, scale_factor: float = 1.1,
                        min_neighbors: int = 5, min_size_frac: float = 0.08,
-                       cascade: str = "haarcascade_frontalface_default.xml") -> list[list[float] | None]:
+                       cascade: str = "haarcascade_frontalface_default.xml",
+                       aspect: float | None = None) -> list[list[float] | None]:
     """Pseudo ground truth for real videos: per frame, the largest face OpenCV's bundled Haar cascade finds.
 
     `frames`: uint8 RGB (N, H, W, 3). Frames smaller than `upscale_to` are enlarged first (the cascade's smallest
-    window is 24 px); faces narrower than `min_size_frac` of the frame are ignored. `clip_targets` hands it the
+    window is 24 px); faces narrower than `min_size_frac` of the frame are ignored. `aspect`: the width over height
+    the frames show (the sidecar's picture_aspect: 1.778 for a 16:9 video squashed square at ingest; None: their own
+    W / H); they are stretched back to it first, as the cascade looks for faces in their true proportions. `clip_targets` hands it the
     stored 256-px frames, not the pretext-size copy in RAM. Returns one [x0, y0, x1, y1] (floats) in the input
     frames' pixels per frame, or None where no face is found. Needs opencv-python-headless (pinned in
     pyproject.toml); the cascade file ships inside it (`cv2.data.haarcascades`), nothing is downloaded.
@@ -174,20 +177,36 @@ def face_pseudo_labels(frames: torch.Tensor | np.ndarray, upscale_to: int = 256,
         raise ValueError(f"face_pseudo_labels needs uint8 RGB frames (N, H, W, 3), got {frames.dtype} "
                          f"{frames.shape}")
     h, w = frames.shape[1:3]
+    aspect = w / h if aspect is None else aspect
+    if not aspect > 0:
+        raise ValueError(f"face_pseudo_labels: aspect must be a positive width over height, got {aspect}")
     scale = max(1.0, upscale_to / min(h, w))
     min_px = max(24, int(min_size_frac * min(h, w) * scale))
-    boxes = []
-    for frame in frames:
-        gray = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY)
-        if scale > 1:
-            gray = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_LINEAR)
+
+    def largest(gray, sx: float, sy: float) -> list[float] | None:
+        """The largest face in `gray` resized by (sx, sy), as [x0, y0, x1, y1] in the input frame's pixels."""
+        if (round(w * sx), round(h * sy)) != (w, h):
+            gray = cv2.resize(gray, (round(w * sx), round(h * sy)), interpolation=cv2.INTER_LINEAR)
         found = detector.detectMultiScale(gray, scaleFactor=scale_factor, minNeighbors=min_neighbors,
                                           minSize=(min_px, min_px))
         if len(found) == 0:
-            boxes.append(None)
-            continue
+            return None
         x, y, bw, bh = max(found, key=lambda f: f[2] * f[3])
-        boxes.append([float(x / scale), float(y / scale), float((x + bw) / scale), float((y + bh) / scale)])
+        return [float(x / sx), float(y / sy), float((x + bw) / sx), float((y + bh) / sy)]
+
+    narrow = (w / h) / aspect  # a face's width in these frames over its width in true proportions
+    boxes = []
+    for frame in frames:
+        gray = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY)
+        box = largest(gray, scale / narrow, scale)  # stretched back to `aspect`
+        if box is None and abs(narrow - 1) > 0.01:
+            # the cascade's finds are marginal either way; a face missed stretched is often found as stored, where
+            # its square box is too wide by 1 / narrow (docs/tasks.md, "Faces in squashed frames")
+            box = largest(gray, scale, scale)
+            if box is not None:
+                centre, half = (box[0] + box[2]) / 2, (box[2] - box[0]) * narrow / 2
+                box = [centre - half, box[1], centre + half, box[3]]
+        boxes.append(box)
     return boxes
 
 
@@ -212,7 +231,7 @@ def clip_targets(clip: Clip, cfg: Config) -> list[torch.Tensor]:
     side = frames.shape[2], frames.shape[1]
     scale = torch.tensor([side[0], side[1], side[0], side[1]], dtype=torch.float32)
     return [torch.zeros(0, 4) if b is None else (torch.tensor([b], dtype=torch.float32) / scale).clamp(0, 1)
-            for b in face_pseudo_labels(frames)]
+            for b in face_pseudo_labels(frames, aspect=clip.meta.get("picture_aspect"))]
 
 
 def _stored_frames(clip: Clip, root: str) -> torch.Tensor:
