@@ -94,8 +94,8 @@ class Probe:
     video: bool                                       # a video stream that is not cover art
     video_duration_s: float | None                    # what the header says of the first one (None: not said)
     audio: list[dict] = field(default_factory=list)   # index, codec_name, channels, bit_rate, sample_rate of each
-    video_size: tuple[int, int] | None = None         # the first video stream's stored width and height
-    pixel_aspect: float = 1.0                         # and its pixels' width over height (sample aspect ratio)
+    video_size: tuple[int, int] | None = None         # the first video stream's width and height as ffmpeg decodes
+    pixel_aspect: float = 1.0                         # it (rotation applied), and its pixels' width over height
 
 
 def probe(path, timeout: float = 60) -> Probe:
@@ -106,8 +106,8 @@ def probe(path, timeout: float = 60) -> Probe:
     if os.path.getsize(path) == 0:
         raise MediaError("empty", "empty file (0 bytes)")
     entries = ("stream=index,codec_type,codec_name,channels,bit_rate,sample_rate,duration,width,height,"
-               "sample_aspect_ratio"
-               ":stream_disposition=attached_pic:format=duration")
+               "sample_aspect_ratio:stream_disposition=attached_pic:stream_side_data=rotation:stream_tags=rotate"
+               ":format=duration")
     try:
         proc = subprocess.run(["ffprobe", "-v", "error", "-show_entries", entries, "-of", "json", path],
                               capture_output=True, timeout=timeout)
@@ -129,10 +129,25 @@ def probe(path, timeout: float = 60) -> Probe:
         video_duration = math.nan
     audio = [{k: s.get(k) for k in ("index", "codec_name", "channels", "bit_rate", "sample_rate")}
              for s in streams if s.get("codec_type") == "audio"]
-    size = (int(video[0]["width"]), int(video[0]["height"])) if video and video[0].get("width") else None
+    size, pixel_aspect = None, 1.0
+    if video and video[0].get("width"):
+        size = int(video[0]["width"]), int(video[0]["height"])
+        pixel_aspect = _ratio(video[0].get("sample_aspect_ratio"))
+        if _rotation(video[0]) % 180 == 90:  # a phone held upright: ffmpeg turns the picture as it decodes
+            size, pixel_aspect = size[::-1], 1 / pixel_aspect
     return Probe(path, duration if duration > 0 else None, bool(video),
-                 video_duration if video_duration > 0 else None, audio, size,
-                 _ratio(video[0].get("sample_aspect_ratio")) if video else 1.0)
+                 video_duration if video_duration > 0 else None, audio, size, pixel_aspect)
+
+
+def _rotation(stream: dict) -> int:
+    """A video stream's display rotation in degrees, 0-359: the display matrix (ffmpeg 5+) or the older rotate tag."""
+    for side in stream.get("side_data_list", []):
+        if "rotation" in side:
+            return round(float(side["rotation"])) % 360
+    try:
+        return round(float(stream.get("tags", {}).get("rotate", 0))) % 360
+    except ValueError:
+        return 0
 
 
 def _ratio(text: str | None) -> float:

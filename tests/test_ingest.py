@@ -136,10 +136,14 @@ def test_a_wide_video_is_squashed_whole_or_cropped_as_told(tmp_path):
 def test_the_sidecar_says_how_wide_a_picture_the_square_frames_show(tmp_path):
     """picture_aspect (width over height as displayed, of what the square frames show) lets the face detector
     stretch a squashed frame back: 2:1 squashed 2.0, cropped 1.0; a tall picture 1.0 either way; a 240x180 picture
-    of 4:3 pixels (displayed 16:9) 1.7778 squashed, and its centre 180x180 storage pixels, 1.3333 cropped."""
+    of 4:3 pixels (displayed 16:9) 1.7778 squashed, and its centre 180x180 storage pixels, 1.3333 cropped; a wide
+    picture with a 90-degree display rotation (a phone held upright) is tall, 1.0."""
     sources = [banded_video(tmp_path / "wide.mp4", 320, 160), banded_video(tmp_path / "tall.mp4", 160, 320),
                banded_video(tmp_path / "ana.mp4", 240, 180, sar="4/3")]
-    expected = {"squash": [2.0, 1.0, 1.7778], "crop": [1.0, 1.0, 1.3333]}
+    upright = tmp_path / "upright.mp4"  # the wide one with a 90-degree display rotation: tall as decoded
+    media.ffmpeg(["-i", sources[0].path, "-c", "copy", "-metadata:s:v:0", "rotate=90", str(upright)])
+    sources.append(Source(str(upright), upright.name, upright.stem))
+    expected = {"squash": [2.0, 1.0, 1.7778, 1.0], "crop": [1.0, 1.0, 1.3333, 1.0]}
     for fit, aspects in expected.items():
         opts = Options(size=64, frame_fit=fit, clip_s=1.0)
         assert [plan(source, opts)[0].picture_aspect for source in sources] == aspects
