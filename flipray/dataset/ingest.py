@@ -98,7 +98,7 @@ class ClipJob:
     source: Source
     start_s: float             # in the file
     index: int                 # clip number within the source
-    picture_aspect: float = 1.0  # width over height, as displayed, of what the square frames show (picture_aspect)
+    picture_aspect: float = 1.0  # width over height, as displayed, of what the square frames show (the sidecar's)
 
 
 class Skip(Exception):
@@ -196,8 +196,8 @@ def csv_sources(csv_path: str | os.PathLike, folder: str | os.PathLike) -> tuple
 # Probing and transcoding (plain functions; the Ray tasks below wrap them)
 
 def probe(path: str, timeout: int = 60) -> dict:
-    """{'duration': s, 'channels': audio channels} of a source; Skip with the reason it cannot be used (the words
-    of flipray.media's vocabulary, as `flipray check` uses it)."""
+    """{'duration': s, 'channels': 2, 'size': (w, h) as decoded, 'pixel_aspect': a pixel's w / h} of a source; Skip
+    with the reason it cannot be used (the words of flipray.media's vocabulary, as `flipray check` uses it)."""
     try:
         info = media.require_stereo_video(media.probe(path, timeout), "learn from")
     except media.MediaError as e:

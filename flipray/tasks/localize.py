@@ -160,8 +160,8 @@ def face_pseudo_labels(frames: torch.Tensor | np.ndarray, upscale_to: int = 256,
     the frames show (the sidecar's picture_aspect: 1.778 for a 16:9 video squashed square at ingest; None: their own
     W / H); they are stretched back to it first, as the cascade looks for faces in their true proportions.
     `clip_targets` hands it the stored 256-px frames, not the pretext-size copy in RAM. Returns one [x0, y0, x1, y1]
-    (floats) in the input frames' pixels per frame, or None where no face is found. Needs opencv-python-headless (pinned in
-    pyproject.toml); the cascade file ships inside it (`cv2.data.haarcascades`), nothing is downloaded.
+    (floats) in the input frames' pixels per frame, or None where no face is found. Needs opencv-python-headless
+    (pinned in pyproject.toml); the cascade file ships inside it (`cv2.data.haarcascades`), nothing is downloaded.
     """
     try:
         import cv2
