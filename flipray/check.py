@@ -29,7 +29,7 @@ import torch
 
 from flipray.config import Config
 from flipray.atomic import atomic_output
-from flipray.media import FFmpegError, MediaError, ffmpeg, probe as probe_file, require_stereo_video
+from flipray.media import FFmpegError, MediaError, ffmpeg, file_arg, probe as probe_file, require_stereo_video
 from flipray.optional import require
 from flipray.tracking import NoModelError, load_pretrained
 from flipray.pretext.data import (FRAME_FITS, SampleParams, first_line, make_sample, resize_square,
@@ -471,7 +471,7 @@ def fix_command(src: str | Path, dst: str | Path, streams: list[dict]) -> list[s
     rate = streams[0].get("bit_rate")
     if codec in ("aac", "mp3", "opus", "vorbis", "ac3", "eac3"):  # lossy: keep the source's bit rate
         args += ["-b:a", str(rate) if rate and str(rate).isdigit() else "192k"]
-    return args + [str(dst)]
+    return args + [file_arg(dst)]
 
 
 def fix_file(src: str | Path, dst: str | Path) -> None:

@@ -98,6 +98,13 @@ class Probe:
     pixel_aspect: float = 1.0                         # it (rotation applied), and its pixels' width over height
 
 
+def file_arg(path) -> str:
+    """A file name as an ffmpeg/ffprobe positional argument: "-take.mp4" would be read as an option, "./-take.mp4"
+    is the same file."""
+    path = str(path)
+    return "./" + path if path.startswith("-") else path
+
+
 def probe(path, timeout: float = 60) -> Probe:
     """What ffprobe says about a file; MediaError missing / empty / not-a-video when it cannot say."""
     path = str(path)
@@ -109,7 +116,7 @@ def probe(path, timeout: float = 60) -> Probe:
                "sample_aspect_ratio:stream_disposition=attached_pic:stream_side_data=rotation:stream_tags=rotate"
                ":format=duration")
     try:
-        proc = subprocess.run(["ffprobe", "-v", "error", "-show_entries", entries, "-of", "json", path],
+        proc = subprocess.run(["ffprobe", "-v", "error", "-show_entries", entries, "-of", "json", file_arg(path)],
                               capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise MediaError("not-a-video", f"ffprobe found no answer in {timeout:g} s") from None
@@ -184,7 +191,7 @@ def audio_samples(path, channels: int = 2, timeout: float = 120) -> int:
 def video_frames(path, timeout: float = 120) -> int:
     """Frames (packets) of the first video stream, read to the end (0 when none can be read)."""
     proc = subprocess.run(["ffprobe", "-v", "error", "-count_packets", "-select_streams", "v:0", "-show_entries",
-                           "stream=nb_read_packets", "-of", "csv=p=0", str(path)], capture_output=True,
+                           "stream=nb_read_packets", "-of", "csv=p=0", file_arg(path)], capture_output=True,
                           timeout=timeout)
     text = proc.stdout.decode().strip()
     return int(text) if proc.returncode == 0 and text.isdigit() else 0

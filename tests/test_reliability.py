@@ -10,6 +10,7 @@ exit code are known without training a model.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -144,6 +145,24 @@ def test_batch_over_every_bad_input_gives_both_verdicts_one_line_each_and_exit_2
     assert code == check.EXIT_UNCHECKED
 
 
+def test_file_names_that_start_with_a_dash(files, flat_model, tmp_path, monkeypatch, capsys):
+    """`flipray check -- -take.mp4` in the file's folder: ffprobe read "-take.mp4" as an option and the video was
+    "not a video ffmpeg can read"; `flipray fix --out=-fixed.mp4 -- -take.mp4` writes and swaps."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-take.mp4").write_bytes((files / "good.mp4").read_bytes())
+    assert media.probe("-take.mp4").video_size == media.probe(files / "good.mp4").video_size
+    assert cli.main(["check", "--model", str(flat_model), "--json", "--", "-take.mp4"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["error"] is None and result["p_swapped"] == 0.5 and result["windows"] > 0
+    assert cli.main(["fix", "--out=-fixed.mp4", "--", "-take.mp4"]) == 0
+    capsys.readouterr()
+    from torchcodec.decoders import AudioDecoder
+    before, after = (AudioDecoder(name).get_all_samples().data for name in ("-take.mp4", "-fixed.mp4"))
+    n = min(before.shape[1], after.shape[1])
+    corr = torch.corrcoef(torch.cat([before[:, :n], after[:, :n]]))
+    assert corr[2, 1] > 0.98 and corr[3, 0] > 0.98 and corr[2, 1] > corr[2, 0] + 0.01  # left and right traded
+
+
 def test_half_downloaded_faststart_file_is_reported_cut_short(bad, files, flat_model):
     net, cfg = check.load_check_model(str(flat_model))
     r = check.check_file(files / "bad" / "half.mp4", net, cfg)
@@ -164,17 +183,25 @@ def test_exit_code_counts_a_partly_swapped_video_as_swapped():
     assert "swapped in 9.9-19.9 s" in check.describe(edit)
 
 
-@pytest.mark.parametrize("payload", ["list", "tensor", "string-config", "no-weights", "wrong-config"])
+@pytest.mark.parametrize("payload", ["list", "tensor", "string-config", "no-weights", "wrong-config", "sqlite",
+                                     "pickled-object"])
 def test_malformed_checkpoints_exit_4_with_one_line(payload, files, tmp_path, capsys):
-    """Issue 15 #6."""
+    """Issue 15 #6; also a file that is no checkpoint at all (the MLflow database given as --model) and a pickle of an
+    object, which torch.load(weights_only=True) refuses with a many-line message that suggests weights_only=False."""
     bad_ckpt = tmp_path / f"{payload}.pt"
-    torch.save({"list": [1, 2, 3], "tensor": torch.zeros(3), "string-config": {"model": {}, "config": "demo"},
-                "no-weights": {"config": {"data": {}}},
-                "wrong-config": {"model": {}, "config": {"data": {"no_such_field": 1}, "model": {}, "train": {}}},
-                }[payload], bad_ckpt)
+    if payload == "sqlite":
+        bad_ckpt.write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 8)
+    elif payload == "pickled-object":
+        torch.save(argparse.Namespace(config={}, model={}), bad_ckpt)
+    else:
+        torch.save({"list": [1, 2, 3], "tensor": torch.zeros(3), "string-config": {"model": {}, "config": "demo"},
+                    "no-weights": {"config": {"data": {}}},
+                    "wrong-config": {"model": {}, "config": {"data": {"no_such_field": 1}, "model": {}, "train": {}}},
+                    }[payload], bad_ckpt)
     assert cli.main(["check", str(files / "good.mp4"), "--model", str(bad_ckpt)]) == check.EXIT_NO_MODEL
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad_ckpt) in err[0] and "not a" in err[0], err
+    assert "weights_only` set to `False`" not in err[0] and "will likely succeed" not in err[0]
 
 
 def test_plot_into_a_missing_folder_and_same_stem_inputs(files, flat_model, tmp_path, capsys):

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -385,8 +386,12 @@ def load_checkpoint(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no checkpoint there") from None
+    except pickle.UnpicklingError:  # torch's own text is many lines and suggests weights_only=False: not here
+        raise ValueError(f"{path}: not a flipray checkpoint (torch.load with weights_only=True refuses it: not a "
+                         f"torch.save file, or one holding more than tensors and plain values)") from None
     except Exception as e:
-        raise ValueError(f"{path}: not a flipray checkpoint ({type(e).__name__}: {e})") from None
+        first_line = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise ValueError(f"{path}: not a flipray checkpoint ({type(e).__name__}: {first_line})") from None
 
 
 def load_model(path: str | Path) -> tuple[SpatialAlignmentNet, Config]:
