@@ -392,3 +392,102 @@ def test_wide_frames_put_objects_and_their_sound_where_the_wider_camera_sees_the
     assert max(xs) > 128 + 64 or min(xs) < 128 - 64  # objects reach beyond a centre 128 x 128 crop
     with pytest.raises(ValueError, match="width must be 0"):
         synth.SynthConfig(size=128, width=100)
+
+
+def test_image_source_reflections_arrive_when_and_from_where_the_room_sends_them():
+    """Each of the six first-order reflections of an impulse arrives at the extra path's delay, with the amplitude
+    of 1/distance times the wall's coefficient, and from its image's side: the far side wall's reflection of a
+    source on the right reaches a spaced pair's left capsule first."""
+    rng = np.random.default_rng(4)
+    cfg = synth.SynthConfig(source_distance_m=(2.0, 2.0))
+    n, at = 4 * SR, 1000
+    impulse = np.zeros(n)
+    impulse[at] = 1.0
+    capture = {"type": "spaced", "spacing_m": 0.5, "pattern": "omni"}
+    out, room = synth.image_source_reflections(rng, impulse, 40.0, 0.0, SR, capture, 8.0, cfg)
+    dims, mic, beta = np.array(room["room_dims_m"]), np.array(room["mic_m"]), room["wall_reflection"]
+    assert room["source_distance_m"] == 2.0 and 0.5 <= beta <= 0.9 and dims[0] == 8.0
+    src = mic + 2.0 * np.array([np.sin(np.radians(40)), np.cos(np.radians(40)), 0.0])
+    arrivals = []
+    for axis in range(3):
+        for wall in (0.0, dims[axis]):
+            image = src.copy()
+            image[axis] = 2 * wall - src[axis]
+            v = image - mic
+            dist = np.linalg.norm(v)
+            arrivals.append((at + (dist - 2.0) / 343.0 * SR, beta * 2.0 / dist, v[0] / dist))
+    # arrivals within 60 samples of another overlap in the window below; the room drawn here keeps 3 of 6 apart,
+    # the far wall's among them
+    apart = [a for a in arrivals if all(abs(a[0] - b[0]) > 60 for b in arrivals if b is not a)]
+    assert len(apart) >= 3 and arrivals[0] in apart
+    for lag, gain, lateral in apart:
+        span = slice(int(lag) - 30, int(lag) + 31)
+        energy = np.sqrt(np.sum(out[:, span] ** 2, axis=1))  # a fractional delay spreads the impulse, keeps its energy
+        assert np.all(np.abs(energy - gain) < 0.1 * gain), (lag, gain, energy)
+        first_left, first_right = (int(np.argmax(np.abs(out[c, span]))) for c in (0, 1))
+        expected = 0.5 * lateral / 343.0 * SR  # samples by which the left capsule trails
+        assert abs((first_left - first_right) - expected) <= 1.5, (lag, lateral, first_left, first_right)
+    far_wall = arrivals[0]  # x = 0, the left wall: its image is left of the camera although the source is right
+    assert far_wall[2] < -0.3
+
+
+def test_image_source_rooms_change_only_the_reverberant_clips_audio(tmp_path):
+    """--reflections image-source: the same scenes, pictures and dry clips as the diffuse rooms of the same seed;
+    reverberant clips get the room's first-order reflections, and the sidecar says which room."""
+    opts = dict(duration_s=1.0, size=64, max_distractors=0, reverb_prob=0.5)
+    rows = synth.generate(tmp_path / "diffuse", 6, seed=11, workers=1, **opts)
+    synth.main(["--out", str(tmp_path / "image"), "--clips", "6", "--seed", "11", "--duration", "1", "--size", "64",
+                "--max-distractors", "0", "--reverb-prob", "0.5", "--reflections", "image-source", "--workers", "1"])
+    assert read_manifest(tmp_path / "image") == rows
+    kinds = set()
+    for row in rows:
+        a, b = (tmp_path / "diffuse", tmp_path / "image")
+        meta_a, meta_b = (json.loads((root / row["meta"]).read_text()) for root in (a, b))
+        assert (a / row["video"]).read_bytes() == (b / row["video"]).read_bytes()
+        same_audio = (a / row["audio"]).read_bytes() == (b / row["audio"]).read_bytes()
+        reverberant = meta_a["render"]["rt60_s"] is not None
+        kinds.add(reverberant)
+        assert same_audio == (not reverberant), row["clip_id"]
+        assert ("image_source" in meta_b["render"]) == reverberant and "image_source" not in meta_a["render"]
+        assert meta_b["generator"]["config"]["reflections"] == "image-source"
+    assert kinds == {True, False}
+    with pytest.raises(ValueError, match="reflections must be one of diffuse, image-source"):
+        synth.SynthConfig(reflections="shoebox")
+
+
+def test_novel_sounds_change_the_sounding_objects_audio_and_nothing_else(tmp_path):
+    """--novel-sound-prob 1: every sounding object sounds like a family no class has (the sidecar names it), from
+    the same side; pictures, boxes and the rest of the sidecar are those of the same seed with class sounds."""
+    opts = dict(duration_s=2.0, size=64, two_source_prob=0.0, max_distractors=1, noise=False, reverb_prob=0.0,
+                mics=("coincident",))
+    known = synth.generate(tmp_path / "classes", 6, seed=9, workers=1, **opts)
+    synth.main(["--out", str(tmp_path / "novel"), "--clips", "6", "--seed", "9", "--duration", "2", "--size", "64",
+                "--two-source-prob", "0", "--max-distractors", "1", "--no-noise", "--reverb-prob", "0",
+                "--mics", "coincident", "--novel-sound-prob", "1", "--workers", "1"])
+    assert read_manifest(tmp_path / "novel") == known
+    families = set()
+    for row in known:
+        a, b = tmp_path / "classes", tmp_path / "novel"
+        meta_a, meta_b = (json.loads((root / row["meta"]).read_text()) for root in (a, b))
+        assert (a / row["video"]).read_bytes() == (b / row["video"]).read_bytes()
+        for obj_a, obj_b in zip(meta_a["objects"], meta_b["objects"]):
+            assert {**obj_a, "family": None} == {**obj_b, "family": None}
+            if obj_b["sounding"]:
+                assert obj_a["family"] in synth.FAMILIES and obj_b["family"] in synth.NOVEL_FAMILIES
+                families.add(obj_b["family"])
+        audio_a, audio_b = (sf.read(root / row["audio"])[0].T for root in (a, b))
+        assert np.linalg.norm(audio_a - audio_b) > 0.5 * np.linalg.norm(audio_a), row["clip_id"]  # another sound
+        # the same place heard by the same coincident pair: the same level difference frame by frame, whatever sounds
+        gaps = []
+        for i in range(meta_a["num_frames"]):
+            span = slice(max(0, int((i / 6 - 0.25) * SR)), int((i / 6 + 0.25) * SR))
+            windows = audio_a[:, span], audio_b[:, span]
+            if min(np.mean(w ** 2) for w in windows) > 1e-5:
+                gaps.append(abs(ild_db(windows[0], 100, 7000) - ild_db(windows[1], 100, 7000)))
+        # (a static object: equal; a moving one moves within a window, where each sound weighs the frames its own
+        # way: up to 0.6 dB here, against 3 dB or more for the other side)
+        bound = 0.05 if meta_a["objects"][0]["motion"] == "static" else 0.75
+        assert len(gaps) >= 3 and np.median(gaps) < bound, (row["clip_id"], gaps)
+    assert len(families) >= 2
+    with pytest.raises(ValueError, match="novel_sound_prob must be a probability"):
+        synth.SynthConfig(novel_sound_prob=-0.1)

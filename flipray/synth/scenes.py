@@ -6,15 +6,17 @@
 A scene is a procedural background plus a set of objects: one or two sounding objects (6 classes, each with its own
 look and its own sound family) and a few silent distractors (mostly silent-only classes, sometimes look-alikes of
 sounding classes, so that the network has to match the sound to the object; `--novel-look-prob 1` gives every object a
-random look instead, for held-out sets of objects never seen; `--sync-pulse F` makes sounding objects grow with their
-sound; `--width` renders wide frames). Each scene yields --clips-per-scene
+random look instead, for held-out sets of objects never seen; `--novel-sound-prob 1` gives every sounding object a
+sound family no class has, for sounds never heard; `--sync-pulse F` makes sounding objects grow with their sound;
+`--width` renders wide frames). Each scene yields --clips-per-scene
 clips with new motion and sound draws; objects stand still or move left-right, up-down or diagonally, bouncing off
 the frame edges. The audio is what a listener at the camera hears: every sounding object's sound rendered with both
 cues of the clip's capture setup (one per clip, `--mics`: binaural heads of several sizes and ear asymmetries with
 Woodworth ITD and Brown-Duda head shadow, spaced omni pairs, near-coincident cardioid pairs, coincident XY/MS pairs,
 two-mic phones; render_capture) from where the camera sees it, block by block so moving sources move, plus optional
-room reverb, diffuse background noise and a lossy AAC round trip. Room, microphones, spectra, levels, SNR and field
-of view are randomised so that a model trained here has a chance on real recordings.
+room reverb (early reflections as random taps, or with `--reflections image-source` a shoebox room's first-order
+reflections heard from their directions), diffuse background noise and a lossy AAC round trip. Room, microphones,
+spectra, levels, SNR and field of view are randomised so that a model trained here has a chance on real recordings.
 
 Files (docs/clip-format.md): clips/<clip_id>.webm (VP9, keyframe every second), clips/<clip_id>.flac (16 kHz,
 16-bit, channel 0 = left), clips/<clip_id>.json (per-frame ground truth) and manifest.jsonl, written last.
@@ -70,6 +72,9 @@ class SynthConfig:
     novel_look_prob: float = 0.0       # an object gets a random shape, colour and pattern instead of its class's
                                        # look (a bell is a yellow ringed circle); scenes and audio stay the same.
                                        # 1.0: held-out sets of objects never seen
+    novel_sound_prob: float = 0.0      # a sounding object's sound comes from a family no class has (NOVEL_FAMILIES:
+                                       # plucked strings, drums, chirps, applause) instead of its class's; pictures and
+                                       # every other draw stay the same. 1.0: held-out sets of sounds never heard
     sync_pulse: float = 0.0            # a sounding object's picture grows by up to this fraction of its size with its
                                        # sound's loudness per frame (as mouths, strings and cones move with their
                                        # sound), so that which object sounds can be seen, not only guessed from its
@@ -94,6 +99,12 @@ class SynthConfig:
     reverb_prob: float = 0.7
     rt60_s: tuple = (0.1, 0.6)         # low-frequency RT60; at 8 kHz it is 30-80% of this (absorption)
     drr_db: tuple = (3.0, 15.0)        # direct-to-reverberant energy ratio: > 0 keeps the interaural cues audible
+    reflections: str = "diffuse"       # early reflections: "diffuse" (a few random taps per ear, no direction) or
+                                       # "image-source" (the six first-order reflections of a shoebox room, each heard
+                                       # through the clip's microphones from its own direction, as real rooms send
+                                       # them); the late tail is diffuse either way
+    wall_reflection: tuple = (0.5, 0.9)  # image-source: pressure reflection coefficient of the walls, per room
+    source_distance_m: tuple = (1.0, 4.0)  # image-source: distance from the camera to each sounding object
     noise: bool = True                 # diffuse background noise
     snr_db: tuple = (10.0, 35.0)
     lossy_audio_prob: float = 0.0      # AAC round trip, as web video audio has been
@@ -112,7 +123,10 @@ class SynthConfig:
         if self.width and (self.width < self.size or self.width % 2):
             raise ValueError(f"width must be 0 (square) or an even number of pixels >= size ({self.size}), "
                              f"got {self.width}")
-        for name in ("two_source_prob", "lookalike_prob", "novel_look_prob", "reverb_prob", "lossy_audio_prob"):
+        if self.reflections not in REFLECTIONS:
+            raise ValueError(f"reflections must be one of {', '.join(REFLECTIONS)}, got {self.reflections!r}")
+        for name in ("two_source_prob", "lookalike_prob", "novel_look_prob", "novel_sound_prob", "reverb_prob",
+                     "lossy_audio_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be a probability, got {getattr(self, name)}")
         self.mics = tuple(self.mics)
@@ -158,6 +172,11 @@ PATTERNS = {
     "frame":   lambda u, v, rng: np.where((np.maximum(abs(u), abs(v)) > 0.62) | (abs(v) % 0.4 < 0.06), 0.6, 1.0),
 }
 
+REFLECTIONS = ("diffuse", "image-source")
+IMAGE_SOURCE_STREAM = 104_729  # reflections="image-source": the room's draws, default_rng([seed, scene, k, this]), so
+                               # that every other draw of the clip is the same whichever reflections it has
+NOVEL_SOUND_STREAM = 15_485_863  # novel_sound_prob: whether and what object i sounds like, default_rng([seed,
+                                 # scene, k, this, i])
 NOVEL_LOOK_STREAM = 7_919  # novel_look_prob: whether and how object i looks new, default_rng([seed, scene, this, i])
 
 # Block processing for time-varying filters: Hann blocks of 32 ms every 16 ms, zero-padded to twice their length.
@@ -458,10 +477,71 @@ FAMILIES = {"tonal": _tonal, "noise": _noise, "clicks": _clicks, "speech": _spee
             "whistle": _whistle}
 
 
+# Sound families no class uses (novel_sound_prob): held-out sets of sounds a model trained here never heard.
+
+def _pluck(n, sr, rng):
+    """Plucked string (Karplus-Strong): a noise burst circulating in a delay line, averaged and damped, note by note."""
+    out = np.zeros(n)
+    for a, b in _events(rng, n, sr, (0.2, 1.2), (0.0, 0.3)):
+        period = max(2, int(sr / (82 * 2 ** rng.uniform(0, 3.5))))  # 82 Hz - 1 kHz
+        damping = rng.uniform(0.990, 0.999)
+        line = rng.uniform(-1, 1, period) * rng.uniform(0.4, 1.0)
+        cycles = []
+        for _ in range((b - a) // period + 1):  # one period at a time: the line played, then averaged and damped
+            cycles.append(line)
+            line = damping * 0.5 * (line + np.roll(line, -1))
+        out[a:b] = np.concatenate(cycles)[:b - a] * _envelope(b - a, sr, 0.001, 1e9)
+    return out
+
+
+def _drum(n, sr, rng):
+    """Drums: membrane hits whose pitch falls (40-250 Hz), with a noisy stick attack, at a steady tempo with gaps."""
+    out, beat = np.zeros(n), rng.uniform(0.15, 0.6)
+    t = np.arange(int(0.6 * sr)) / sr
+    for a, _ in _events(rng, n, sr, (beat, beat), (0.0, 0.0)):
+        if rng.random() < 0.25:
+            continue
+        f0 = rng.uniform(40, 250)
+        pitch = f0 * (1 + rng.uniform(0.5, 2.0) * np.exp(-t / 0.03))
+        hit = np.sin(2 * np.pi * np.cumsum(pitch) / sr) * np.exp(-t / rng.uniform(0.05, 0.3))
+        hit += rng.uniform(0.1, 0.6) * rng.standard_normal(len(t)) * np.exp(-t / 0.01)
+        m = min(len(t), n - a)
+        out[a:a + m] += rng.uniform(0.5, 1.0) * hit[:m]
+    return out
+
+
+def _chirp(n, sr, rng):
+    """Birdsong / alarms: tone sweeps (0.5-6 kHz, up or down, 30-400 ms) in phrases."""
+    f, env = np.full(n, 1000.0), np.zeros(n)
+    for a, b in _events(rng, n, sr, (0.03, 0.4), (0.02, 0.5)):
+        lo, hi = sorted(500 * 2 ** rng.uniform(0, 3.6, 2))
+        sweep = np.geomspace(lo, hi, b - a)
+        f[a:b] = sweep if rng.random() < 0.5 else sweep[::-1]
+        env[a:b] = np.sin(np.pi * np.arange(b - a) / (b - a))
+    return np.sin(2 * np.pi * np.cumsum(f) / sr) * env
+
+
+def _applause(n, sr, rng):
+    """Applause / rain: dense short noise bursts (5-15 ms, 20-200 per second), each with its own colour."""
+    rate = 20 * 10 ** rng.uniform(0, 1)
+    out = np.zeros(n)
+    starts = (np.cumsum(rng.exponential(1 / rate, int(2 * rate * n / sr) + 10)) * sr).astype(int)
+    for a in starts[starts < n]:
+        m = min(int(rng.uniform(0.005, 0.015) * sr), n - a)
+        burst = np.diff(rng.standard_normal(m + 1)) if rng.random() < 0.5 else rng.standard_normal(m)
+        out[a:a + m] += rng.uniform(0.2, 1.0) * burst * np.exp(-np.arange(m) / (0.3 * m))
+    for a, b in _events(rng, n, sr, (1.0, 4.0), (0.0, 0.8)):  # swells
+        out[a:b] *= rng.uniform(0.4, 1.0)
+    return out
+
+
+NOVEL_FAMILIES = {"pluck": _pluck, "drum": _drum, "chirp": _chirp, "applause": _applause}
+
+
 def source_signal(family, n, sr, rng, tilt_db_per_octave=0.0):
-    """Mono sound of a family (a key of FAMILIES), n samples at sr, unit RMS, with a spectral tilt around 1 kHz and
-    nothing below 50 Hz."""
-    x = FAMILIES[family](n, sr, rng)
+    """Mono sound of a family (a key of FAMILIES or NOVEL_FAMILIES), n samples at sr, unit RMS, with a spectral tilt
+    around 1 kHz and nothing below 50 Hz."""
+    x = {**FAMILIES, **NOVEL_FAMILIES}[family](n, sr, rng)
     f = np.maximum(np.fft.rfftfreq(n, 1 / sr), 1.0)
     x = np.fft.irfft(np.fft.rfft(x) * (f / 1000) ** (tilt_db_per_octave / 6.02) * (f > 50), n)
     return x / (np.sqrt(np.mean(x ** 2)) + 1e-12)
@@ -477,11 +557,12 @@ def frame_loudness(mono, sr, fps, num_frames):
 # ----------------------------------------------------------------------------------------------------------------------
 # Room, noise, codec
 
-def room_tails(rng, sr, rt60, drr_db):
+def room_tails(rng, sr, rt60, drr_db, early_taps=True):
     """Left and right reverberation (2, L) of a random room, to convolve with the dry mono sound: a pre-delay set by
     the room size, a few early reflections, then a late tail of exponentially decaying noise whose high frequencies
     die faster (absorption). Ears get independent noise (a diffuse field carries no interaural cue). Energy per ear is
-    10^(-drr/10) of the direct sound."""
+    10^(-drr/10) of the direct sound. early_taps=False leaves the random early reflections out (image sources
+    replace them)."""
     room_m, hf_rt60_ratio = rng.uniform(3.0, 15.0), rng.uniform(0.3, 0.8)
     predelay = int(room_m / 343.0 * sr)
     tail_len = int(1.2 * rt60 * sr)
@@ -492,9 +573,49 @@ def room_tails(rng, sr, rt60, drr_db):
     for ear in range(2):
         tails[ear, predelay:] = filter_blockwise(rng.standard_normal(tail_len), decay)
         taps = predelay + rng.integers(0, int(0.03 * sr), 6)  # early reflections, standing out from the tail
-        tails[ear, taps] += rng.choice([-1, 1], 6) * rng.uniform(1.0, 4.0, 6)
+        tails[ear, taps] += rng.choice([-1, 1], 6) * rng.uniform(1.0, 4.0, 6) * early_taps  # drawn either way: the
+        # same rng sequence whether or not image sources replace them
     tails *= np.sqrt(10 ** (-drr_db / 10) / np.sum(tails ** 2, axis=1, keepdims=True))
     return tails, room_m
+
+
+def image_source_reflections(rng, mono, azimuth_deg, elevation_deg, sr, capture, room_m, cfg: SynthConfig):
+    """The six first-order reflections (2, n) of a shoebox room, heard by `capture` from their own directions.
+
+    The room is room_m wide (left-right), 0.6-1.2 x that deep and 2.5-4 m high; the camera stands somewhere in its
+    middle half, the source at cfg.source_distance_m along its direction (per block, so moving sources move). Each wall
+    mirrors the source; the image's sound arrives later by the extra path, weaker by 1/distance and the wall's
+    reflection coefficient, and from the image's direction: a side wall's reflection comes from the far side of the
+    camera, so its interaural cue points away from the source (what makes real rooms harder than diffuse tails).
+    Returns (reflections, params for the sidecar)."""
+    n = len(mono)
+    depth, height = room_m * rng.uniform(0.6, 1.2), rng.uniform(2.5, 4.0)
+    dims = np.array([room_m, depth, height])
+    mic = dims * rng.uniform(0.25, 0.75, 3)
+    mic[2] = rng.uniform(1.0, min(2.0, height - 0.5))
+    beta = rng.uniform(*cfg.wall_reflection)
+    distance = rng.uniform(*cfg.source_distance_m)
+    az, el = np.radians(_per_block(azimuth_deg, n)), np.radians(_per_block(elevation_deg, n))
+    rel = distance * np.stack([np.sin(az) * np.cos(el), np.cos(az) * np.cos(el), np.sin(el)], axis=1)  # x right,
+    src = np.clip(mic + rel, 0.05, dims - 0.05)  # y ahead, z up; a source past a wall stands just inside it
+    direct_m = np.linalg.norm(src - mic, axis=1)
+    out = np.zeros((2, n))
+    for axis in range(3):
+        for wall in (0.0, dims[axis]):
+            image = src.copy()
+            image[:, axis] = 2 * wall - src[:, axis]
+            v = image - mic
+            dist = np.linalg.norm(v, axis=1)
+            az_i = np.degrees(np.arctan2(v[:, 0], v[:, 1]))
+            el_i = np.degrees(np.arcsin(np.clip(v[:, 2] / dist, -1, 1)))
+            # one delay per image (its mean extra path): a delay that changed block by block would smear the sound
+            lag = int(round(float(np.mean(dist - direct_m)) / 343.0 * sr))
+            gain = beta * float(np.mean(direct_m / dist))
+            delayed = np.zeros(n)
+            delayed[lag:] = mono[:n - lag] * gain
+            out += render_capture(delayed, az_i, sr, capture, el_i)
+    return out, {"room_dims_m": np.round(dims, 2).tolist(), "mic_m": np.round(mic, 2).tolist(),
+                 "wall_reflection": round(beta, 3), "source_distance_m": round(distance, 2)}
 
 
 def _diffuse_noise(rng, n, sr):
@@ -630,24 +751,35 @@ def make_clip(out_dir, cfg: SynthConfig, seed: int, scene: int, k: int) -> dict:
 
     # Audio: each sounding object rendered along its track by the clip's microphones, then room, noise, level, codec.
     capture = draw_capture(rng, cfg)
-    direct, dry = np.zeros((2, n)), np.zeros(n)
+    direct, dry, sources = np.zeros((2, n)), np.zeros(n), []
     for obj in objects:
         if obj["sounding"]:
             obj["level_db"] = rng.uniform(*cfg.source_level_db)
             mono = source_signal(obj["family"], n, sr, rng, rng.uniform(*cfg.spectral_tilt_db_per_octave))
+            nrng = np.random.default_rng([seed, scene, k, NOVEL_SOUND_STREAM, obj["id"]])
+            if nrng.random() < cfg.novel_sound_prob:  # drawn after the class's sound: the rng above is unchanged
+                obj["family"] = str(nrng.choice(list(NOVEL_FAMILIES)))
+                mono = source_signal(obj["family"], n, sr, nrng, nrng.uniform(*cfg.spectral_tilt_db_per_octave))
             mono *= 10 ** (obj["level_db"] / 20)
             if cfg.sync_pulse:
                 obj["loudness"] = frame_loudness(mono, sr, fps, num_frames)
             az, el = _direction(_track(obj, np.arange(n) / sr), size, focal, width)
             direct += render_capture(mono, az, sr, capture, el)
             dry += mono
+            sources.append((mono, az, el))
     audio, render = direct, {"capture": capture, "head_radius_m": capture.get("head_radius_m"), "rt60_s": None,
                              "snr_db": None, "lossy_audio": None}
     if rng.random() < cfg.reverb_prob:
         rt60, drr = rng.uniform(*cfg.rt60_s), rng.uniform(*cfg.drr_db)
-        tails, room_m = room_tails(rng, sr, rt60, drr)
+        tails, room_m = room_tails(rng, sr, rt60, drr, early_taps=cfg.reflections == "diffuse")
         audio = audio + np.stack([fftconvolve(dry, tail)[:n] for tail in tails])
         render.update(rt60_s=round(rt60, 3), drr_db=round(drr, 2), room_m=round(room_m, 2))
+        if cfg.reflections == "image-source":
+            irng = np.random.default_rng([seed, scene, k, IMAGE_SOURCE_STREAM])
+            for mono, az, el in sources:
+                early, room = image_source_reflections(irng, mono, az, el, sr, capture, room_m, cfg)
+                audio = audio + early
+            render["image_source"] = room
     if cfg.noise:
         snr = rng.uniform(*cfg.snr_db)
         noise, beta = _diffuse_noise(rng, n, sr)
@@ -770,16 +902,22 @@ def main(argv=None):
                    help="probability of two sounding objects in a scene")
     p.add_argument("--novel-look-prob", type=float, default=defaults.novel_look_prob,
                    help="probability that an object gets a random look instead of its class's (1: objects never seen)")
+    p.add_argument("--novel-sound-prob", type=float, default=defaults.novel_sound_prob,
+                   help="probability that a sounding object's sound comes from a family no class has (1: sounds never "
+                        "heard)")
     p.add_argument("--sync-pulse", type=float, default=defaults.sync_pulse,
                    help="sounding objects grow by up to this fraction of their size with their sound's loudness")
+    p.add_argument("--reflections", choices=REFLECTIONS, default=defaults.reflections,
+                   help="early reflections of reverberant rooms: diffuse taps, or first-order image sources heard from "
+                        "their directions")
     p.add_argument("--mics", default=",".join(defaults.mics),
                    help=f"capture setups drawn per clip, comma-separated from {','.join(MIC_TYPES)}")
     overrides.add_arguments(p, "SynthConfig")
     args = p.parse_args(argv)
     flags = dict(fps="fps", size="size", width="width", duration="duration_s", clips_per_scene="clips_per_scene",
                  lossy_audio_prob="lossy_audio_prob", reverb_prob="reverb_prob", noise="noise",
-                 max_distractors="max_distractors", two_source_prob="two_source_prob",
-                 novel_look_prob="novel_look_prob", sync_pulse="sync_pulse")
+                 max_distractors="max_distractors", two_source_prob="two_source_prob", reflections="reflections",
+                 novel_look_prob="novel_look_prob", novel_sound_prob="novel_sound_prob", sync_pulse="sync_pulse")
     try:
         options = asdict(overrides.config_from_args(SynthConfig, args, p, flags))
         if args.mics != p.get_default("mics"):  # a list of any length, so not through the tuple rule of --set
