@@ -176,7 +176,11 @@ def load_pretrained(uri: str, tracking: str | None = None):
         try:
             return load_model(path / "checkpoint.pt" if path.is_dir() else path)
         except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
-            raise NoModelError(f"cannot load the model {uri}: {e}") from None
+            hint = ""
+            if path.is_file() and path.open("rb").read(16) == b"SQLite format 3\x00":  # e.g. .flipray/local/mlflow.db
+                hint = (f"; it is an SQLite file: an MLflow store is --tracking-uri sqlite:///{path.resolve()} "
+                        f"(its newest model) or --model models:/flipray-pretext/VERSION with it")
+            raise NoModelError(f"cannot load the model {uri}: {e}{hint}") from None
     store = tracking_uri(tracking)
     if store.startswith("sqlite:///") and not Path(store[len("sqlite:///"):]).exists():
         # MLflow would create an empty store there; say where we looked instead

@@ -202,6 +202,7 @@ def test_malformed_checkpoints_exit_4_with_one_line(payload, files, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad_ckpt) in err[0] and "not a" in err[0], err
     assert "weights_only` set to `False`" not in err[0] and "will likely succeed" not in err[0]
+    assert ("--tracking-uri sqlite:///" in err[0]) == (payload == "sqlite")  # the MLflow store given as --model
 
 
 def test_plot_into_a_missing_folder_and_same_stem_inputs(files, flat_model, tmp_path, capsys):
