@@ -146,7 +146,7 @@ def scene_kind(meta: dict) -> str:
 
 def check_eval(model, cfg, clips: list[dict], root: Path, groups: dict, cuts: list | None = None,
                opts: check.CheckOptions | None = None) -> dict:
-    """`flipray check` on 3-s cuts of `clips`, tallied per capture group and per scene kind (under "by_scene");
+    """`flipray check` on 3-s cuts of `clips`, tallied per capture group, over "all" and per scene kind ("by_scene");
     each cut's record (group, scene kind, truth, window probabilities, cues) is appended to `cuts` when given, so
     decision rules can be compared offline."""
     table, by_scene = {}, {}
@@ -160,7 +160,8 @@ def check_eval(model, cfg, clips: list[dict], root: Path, groups: dict, cuts: li
                 if cuts is not None:
                     cuts.append({"clip_id": clip["clip_id"], "group": g, "scene": kind, "swapped": swap,
                                  "verdict": r.verdict, "timeline": r.timeline, "cues": r.cues, "error": r.error})
-                _tally_verdict(table, g, r.verdict, truth)
+                for group in (g, "all"):
+                    _tally_verdict(table, group, r.verdict, truth)
                 _tally_verdict(by_scene, kind, r.verdict, truth)
                 if r.cues:
                     _tally(table, g, "capture_guess_right", float(r.cues["capture_guess"] == g))
@@ -169,13 +170,14 @@ def check_eval(model, cfg, clips: list[dict], root: Path, groups: dict, cuts: li
 
 def replay(cuts: list[dict], opts: check.CheckOptions, window_s: float) -> dict:
     """The check table of stored cuts (check_eval's records) under other decision options: right, undecidable and
-    right_decided per capture group, without scoring anything again."""
+    right_decided per capture group and over "all", without scoring anything again."""
     table = {}
     for c in cuts:
         if c["error"] or not c["timeline"]:
             continue
         verdict = check.decide(c["timeline"], opts, window_s, CUT_S)[0]
-        _tally_verdict(table, c["group"], verdict, "swapped" if c["swapped"] else "correct")
+        for group in (c["group"], "all"):
+            _tally_verdict(table, group, verdict, "swapped" if c["swapped"] else "correct")
     return _finish(table)
 
 
@@ -187,7 +189,7 @@ def describe(m: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    groups = ("binaural", "spaced", "coincident", "phone")
+    groups = ("binaural", "spaced", "coincident", "phone", "all")
     lines = [f"Flip accuracy by capture type, `{report['data']}` split `{report['split']}` "
              f"({report['eval_windows']} windows per clip, each as recorded and swapped)", "",
              "| row | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
@@ -198,8 +200,8 @@ def markdown(report: dict) -> str:
         d = d[key] if key else d
         return f"{d['acc']:.3f} ({d['n']})"
     for name, m in report["models"].items():
-        lines.append(f"| model `{name}` ({describe(m)}) | " +
-                     " | ".join(cell(m["acc_by_capture"].get(g)) for g in groups) + " |")
+        by_capture = {**m["acc_by_capture"], "all": {"acc": m["acc"], "n": m["n"]}}
+        lines.append(f"| model `{name}` ({describe(m)}) | " + " | ".join(cell(by_capture.get(g)) for g in groups) + " |")
     for name in ("gcc-phat", "level-difference"):
         lines.append(f"| {name} (oracle picture side) | " +
                      " | ".join(cell(report["baselines"].get(g, {}).get(name)) for g in groups) + " |")

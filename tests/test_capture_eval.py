@@ -93,5 +93,6 @@ def test_replay_recomputes_check_verdicts_under_other_options():
     loose = replay(cuts, check.CheckOptions(margin=0.05), 2.875)
     assert loose["spaced"]["right"] == {"acc": 1.0, "n": 2} and loose["spaced"]["undecidable"]["acc"] == 0.0
     assert loose["phone"]["right"] == {"acc": 0.0, "n": 1} and loose["phone"]["right_decided"]["n"] == 1
+    assert loose["all"]["right"] == {"acc": 0.6667, "n": 3} and loose["all"]["undecidable"]["acc"] == 0.0
     strict = replay(cuts, check.CheckOptions(margin=0.15), 2.875)
     assert strict["spaced"]["undecidable"] == {"acc": 0.5, "n": 2} and strict["spaced"]["right_decided"]["n"] == 1
