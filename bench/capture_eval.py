@@ -201,7 +201,8 @@ def markdown(report: dict) -> str:
         return f"{d['acc']:.3f} ({d['n']})"
     for name, m in report["models"].items():
         by_capture = {**m["acc_by_capture"], "all": {"acc": m["acc"], "n": m["n"]}}
-        lines.append(f"| model `{name}` ({describe(m)}) | " + " | ".join(cell(by_capture.get(g)) for g in groups) + " |")
+        lines.append(f"| model `{name}` ({describe(m)}) | " +
+                     " | ".join(cell(by_capture.get(g)) for g in groups) + " |")
     for name in ("gcc-phat", "level-difference"):
         lines.append(f"| {name} (oracle picture side) | " +
                      " | ".join(cell(report["baselines"].get(g, {}).get(name)) for g in groups) + " |")

@@ -398,15 +398,14 @@ def test_image_source_reflections_arrive_when_and_from_where_the_room_sends_them
     """Each of the six first-order reflections of an impulse arrives at the extra path's delay, with the amplitude
     of 1/distance times the wall's coefficient, and from its image's side: the far side wall's reflection of a
     source on the right reaches a spaced pair's left capsule first."""
-    rng = np.random.default_rng(4)
-    cfg = synth.SynthConfig(source_distance_m=(2.0, 2.0))
+    room = synth.draw_shoebox(np.random.default_rng(4), 8.0, synth.SynthConfig())
     n, at = 4 * SR, 1000
     impulse = np.zeros(n)
     impulse[at] = 1.0
     capture = {"type": "spaced", "spacing_m": 0.5, "pattern": "omni"}
-    out, room = synth.image_source_reflections(rng, impulse, 40.0, 0.0, SR, capture, 8.0, cfg)
+    out = synth.image_source_reflections(impulse, 40.0, 0.0, SR, capture, room, 2.0)
     dims, mic, beta = np.array(room["room_dims_m"]), np.array(room["mic_m"]), room["wall_reflection"]
-    assert room["source_distance_m"] == 2.0 and 0.5 <= beta <= 0.9 and dims[0] == 8.0
+    assert 0.5 <= beta <= 0.9 and dims[0] == 8.0 and np.all((mic > 0) & (mic < dims))
     src = mic + 2.0 * np.array([np.sin(np.radians(40)), np.cos(np.radians(40)), 0.0])
     arrivals = []
     for axis in range(3):
@@ -434,10 +433,11 @@ def test_image_source_reflections_arrive_when_and_from_where_the_room_sends_them
 def test_image_source_rooms_change_only_the_reverberant_clips_audio(tmp_path):
     """--reflections image-source: the same scenes, pictures and dry clips as the diffuse rooms of the same seed;
     reverberant clips get the room's first-order reflections, and the sidecar says which room."""
-    opts = dict(duration_s=1.0, size=64, max_distractors=0, reverb_prob=0.5)
+    opts = dict(duration_s=1.0, size=64, max_distractors=0, reverb_prob=0.5, two_source_prob=0.5)
     rows = synth.generate(tmp_path / "diffuse", 6, seed=11, workers=1, **opts)
     synth.main(["--out", str(tmp_path / "image"), "--clips", "6", "--seed", "11", "--duration", "1", "--size", "64",
-                "--max-distractors", "0", "--reverb-prob", "0.5", "--reflections", "image-source", "--workers", "1"])
+                "--max-distractors", "0", "--reverb-prob", "0.5", "--two-source-prob", "0.5",
+                "--reflections", "image-source", "--workers", "1"])
     assert read_manifest(tmp_path / "image") == rows
     kinds = set()
     for row in rows:
@@ -449,6 +449,9 @@ def test_image_source_rooms_change_only_the_reverberant_clips_audio(tmp_path):
         kinds.add(reverberant)
         assert same_audio == (not reverberant), row["clip_id"]
         assert ("image_source" in meta_b["render"]) == reverberant and "image_source" not in meta_a["render"]
+        if reverberant:  # one room per clip, a distance per sounding object
+            sounding = sum(o["sounding"] for o in meta_b["objects"])
+            assert len(meta_b["render"]["image_source"]["source_distance_m"]) == sounding
         assert meta_b["generator"]["config"]["reflections"] == "image-source"
     assert kinds == {True, False}
     with pytest.raises(ValueError, match="reflections must be one of diffuse, image-source"):

@@ -579,24 +579,29 @@ def room_tails(rng, sr, rt60, drr_db, early_taps=True):
     return tails, room_m
 
 
-def image_source_reflections(rng, mono, azimuth_deg, elevation_deg, sr, capture, room_m, cfg: SynthConfig):
-    """The six first-order reflections (2, n) of a shoebox room, heard by `capture` from their own directions.
-
-    The room is room_m wide (left-right), 0.6-1.2 x that deep and 2.5-4 m high; the camera stands somewhere in its
-    middle half, the source at cfg.source_distance_m along its direction (per block, so moving sources move). Each wall
-    mirrors the source; the image's sound arrives later by the extra path, weaker by 1/distance and the wall's
-    reflection coefficient, and from the image's direction: a side wall's reflection comes from the far side of the
-    camera, so its interaural cue points away from the source (what makes real rooms harder than diffuse tails).
-    Returns (reflections, params for the sidecar)."""
-    n = len(mono)
+def draw_shoebox(rng, room_m: float, cfg: SynthConfig) -> dict:
+    """A shoebox room for image_source_reflections, recorded in the sidecar as drawn: room_m wide (left-right), 0.6-1.2
+    x that deep and 2.5-4 m high, the camera somewhere in its middle half at 1-2 m, walls reflecting
+    cfg.wall_reflection of the pressure."""
     depth, height = room_m * rng.uniform(0.6, 1.2), rng.uniform(2.5, 4.0)
     dims = np.array([room_m, depth, height])
     mic = dims * rng.uniform(0.25, 0.75, 3)
     mic[2] = rng.uniform(1.0, min(2.0, height - 0.5))
-    beta = rng.uniform(*cfg.wall_reflection)
-    distance = rng.uniform(*cfg.source_distance_m)
+    return {"room_dims_m": np.round(dims, 2).tolist(), "mic_m": np.round(mic, 2).tolist(),
+            "wall_reflection": round(float(rng.uniform(*cfg.wall_reflection)), 3)}
+
+
+def image_source_reflections(mono, azimuth_deg, elevation_deg, sr, capture, room: dict, distance_m: float):
+    """The six first-order reflections (2, n) of the shoebox `room` (draw_shoebox) of a source distance_m from the
+    camera in the given direction (per block, so moving sources move), heard by `capture` from their own directions.
+
+    Each wall mirrors the source; the image's sound arrives later by the extra path, weaker by 1/distance and the
+    wall's reflection coefficient, and from the image's direction: a side wall's reflection comes from the far side
+    of the camera, so its interaural cue points away from the source (a cue diffuse tails never carry)."""
+    n = len(mono)
+    dims, mic, beta = np.array(room["room_dims_m"]), np.array(room["mic_m"]), room["wall_reflection"]
     az, el = np.radians(_per_block(azimuth_deg, n)), np.radians(_per_block(elevation_deg, n))
-    rel = distance * np.stack([np.sin(az) * np.cos(el), np.cos(az) * np.cos(el), np.sin(el)], axis=1)  # x right,
+    rel = distance_m * np.stack([np.sin(az) * np.cos(el), np.cos(az) * np.cos(el), np.sin(el)], axis=1)  # x right,
     src = np.clip(mic + rel, 0.05, dims - 0.05)  # y ahead, z up; a source past a wall stands just inside it
     direct_m = np.linalg.norm(src - mic, axis=1)
     out = np.zeros((2, n))
@@ -614,8 +619,7 @@ def image_source_reflections(rng, mono, azimuth_deg, elevation_deg, sr, capture,
             delayed = np.zeros(n)
             delayed[lag:] = mono[:n - lag] * gain
             out += render_capture(delayed, az_i, sr, capture, el_i)
-    return out, {"room_dims_m": np.round(dims, 2).tolist(), "mic_m": np.round(mic, 2).tolist(),
-                 "wall_reflection": round(beta, 3), "source_distance_m": round(distance, 2)}
+    return out
 
 
 def _diffuse_noise(rng, n, sr):
@@ -776,10 +780,11 @@ def make_clip(out_dir, cfg: SynthConfig, seed: int, scene: int, k: int) -> dict:
         render.update(rt60_s=round(rt60, 3), drr_db=round(drr, 2), room_m=round(room_m, 2))
         if cfg.reflections == "image-source":
             irng = np.random.default_rng([seed, scene, k, IMAGE_SOURCE_STREAM])
-            for mono, az, el in sources:
-                early, room = image_source_reflections(irng, mono, az, el, sr, capture, room_m, cfg)
-                audio = audio + early
-            render["image_source"] = room
+            room = draw_shoebox(irng, room_m, cfg)  # one room and camera; each sounding object at its own distance
+            distances = [round(float(irng.uniform(*cfg.source_distance_m)), 2) for _ in sources]
+            for (mono, az, el), distance in zip(sources, distances):
+                audio = audio + image_source_reflections(mono, az, el, sr, capture, room, distance)
+            render["image_source"] = {**room, "source_distance_m": distances}
     if cfg.noise:
         snr = rng.uniform(*cfg.snr_db)
         noise, beta = _diffuse_noise(rng, n, sr)
