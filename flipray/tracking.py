@@ -177,9 +177,12 @@ def load_pretrained(uri: str, tracking: str | None = None):
             return load_model(path / "checkpoint.pt" if path.is_dir() else path)
         except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
             hint = ""
-            if path.is_file() and path.open("rb").read(16) == b"SQLite format 3\x00":  # e.g. .flipray/local/mlflow.db
-                hint = (f"; it is an SQLite file: an MLflow store is --tracking-uri sqlite:///{path.resolve()} "
-                        f"(its newest model) or --model models:/flipray-pretext/VERSION with it")
+            try:  # the MLflow store given as --model (.flipray/local/mlflow.db after make demo)
+                check_store(f"sqlite:///{path.resolve()}")
+                hint = (f"; it is an MLflow store: pass it as --tracking-uri sqlite:///{path.resolve()} (its newest "
+                        f"model) or with --model models:/flipray-pretext/VERSION")
+            except StoreError:
+                pass
             raise NoModelError(f"cannot load the model {uri}: {e}{hint}") from None
     store = tracking_uri(tracking)
     if store.startswith("sqlite:///") and not Path(store[len("sqlite:///"):]).exists():

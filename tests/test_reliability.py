@@ -11,6 +11,7 @@ exit code are known without training a model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -189,8 +190,11 @@ def test_malformed_checkpoints_exit_4_with_one_line(payload, files, tmp_path, ca
     """Issue 15 #6; also a file that is no checkpoint at all (the MLflow database given as --model) and a pickle of an
     object, which torch.load(weights_only=True) refuses with a many-line message that suggests weights_only=False."""
     bad_ckpt = tmp_path / f"{payload}.pt"
-    if payload == "sqlite":
-        bad_ckpt.write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 8)
+    if payload == "sqlite":  # a database with MLflow's experiments table, as flipray.tracking.check_store knows one
+        import sqlite3
+        with contextlib.closing(sqlite3.connect(bad_ckpt)) as db:
+            db.execute("CREATE TABLE experiments (experiment_id INTEGER PRIMARY KEY, name TEXT)")
+            db.commit()
     elif payload == "pickled-object":
         torch.save(argparse.Namespace(config={}, model={}), bad_ckpt)
     else:
