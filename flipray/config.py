@@ -116,7 +116,7 @@ class ClusterConfig:
     cpus_per_worker: float = 1.0
     storage_path: str = "runs/ray"    # Ray RunConfig storage: a folder or s3://bucket/prefix (honours AWS_ENDPOINT_URL)
     max_failures: int = 2             # worker-group restarts from the last checkpoint before the run fails
-    worker_start_timeout_s: float = 60.0  # how long Ray Train waits for a worker group to start before trying again
+    worker_start_timeout_s: float = 60.0  # how long Ray Train waits to reserve a worker group's resources, then retries
                                       # (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S). After a node dies with no
                                       # replacement the first restart can ask for the old size while the dead node
                                       # still counts, and waits this long before it settles for fewer workers

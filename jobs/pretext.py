@@ -18,7 +18,7 @@ with fewer workers after a node loss and grows when nodes return, with the same 
 (docs/cluster.md, "Failures and scaling"). Every rank evaluates its shard of val/test.
 
 Test-only drills: FLIPRAY_FAULT_AT_STEP=K FLIPRAY_FAULT_RANK=1 makes rank 1 exit at step K once per
-run (also when K precedes the first checkpoint, so every restart passes step K again);
+run (also when K precedes the first checkpoint, so every restart passes step K again; K1,K2 for one fault at each);
 FLIPRAY_FAULT_SAMPLER=skip|repeat makes a resumed attempt start one sample late or early; FLIPRAY_HOLD_DIR (and
 FLIPRAY_HOLD_S) makes every attempt note its start and wait after its first checkpoint until DIR/release exists.
 """
@@ -56,11 +56,11 @@ FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "FLIPRAY_
 # ---------------------------------------------------------------------------------------------------------------------
 # On each Ray Train worker
 
-def fault_fires_once(run_id: str) -> bool:
-    """True the first time a run's fault drill asks, False after: the mark lives in the cluster's GCS key-value store,
-    which outlives the worker groups Ray Train restarts (a restart from no checkpoint replays step K)."""
+def fault_fires_once(run_id: str, step: int = 0) -> bool:
+    """True the first time a run's fault drill asks at this step, False after: the mark lives in the cluster's GCS
+    key-value store, which outlives the worker groups Ray Train restarts (a restart from no checkpoint replays step K)."""
     from ray.experimental.internal_kv import _internal_kv_put
-    return not _internal_kv_put(f"fault-drill:{run_id}", b"fired", overwrite=False, namespace="flipray")
+    return not _internal_kv_put(f"fault-drill:{run_id}:{step}", b"fired", overwrite=False, namespace="flipray")
 
 
 def train_worker(config: dict):
@@ -113,12 +113,12 @@ def train_worker(config: dict):
     mlflow = MlflowClient(config["tracking_uri"]) if rank == 0 else None
     if mlflow is not None and restored is not None:  # restarts stay visible in the MLflow run
         _log(mlflow, config["run_id"], state["step"], resumed_from_step=state["step"])
-    fault_step = int(os.environ.get("FLIPRAY_FAULT_AT_STEP", "0"))
+    fault_steps = {int(k) for k in os.environ.get("FLIPRAY_FAULT_AT_STEP", "").split(",") if k.strip()}
     fault_rank = int(os.environ.get("FLIPRAY_FAULT_RANK", "1"))
 
     def on_metrics(kind, state, m):
-        if (kind == "train" and fault_step and rank == fault_rank and state["step"] == fault_step
-                and fault_fires_once(config["run_id"])):
+        if (kind == "train" and rank == fault_rank and state["step"] in fault_steps
+                and fault_fires_once(config["run_id"], state["step"])):
             log.error("fault drill: rank %d exits at step %d", rank, state["step"])
             os._exit(1)
         if mlflow is None:

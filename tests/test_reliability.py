@@ -513,6 +513,7 @@ def test_ingest_own_ray_instance_listens_on_loopback_only(tmp_path):
 def test_fault_drill_fires_once_per_run(ray_local):
     """The drill's mark outlives worker-group restarts (a restart before the first checkpoint replays step K)."""
     from jobs.pretext import fault_fires_once
-    assert fault_fires_once("run-a") is True
-    assert fault_fires_once("run-a") is False
-    assert fault_fires_once("run-b") is True
+    assert fault_fires_once("run-a", 1) is True
+    assert fault_fires_once("run-a", 1) is False
+    assert fault_fires_once("run-a", 5) is True  # each step of FLIPRAY_FAULT_AT_STEP=1,5 fires once
+    assert fault_fires_once("run-b", 1) is True
