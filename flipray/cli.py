@@ -12,6 +12,8 @@ import importlib
 import os
 import sys
 
+from flipray.overrides import user_errors
+
 COMMANDS = {
     "synth": ("flipray.synth.scenes", "generate synthetic spatial audio-visual clips"),
     "synth360": ("flipray.synth.scenes360", "generate synthetic 360-degree clips with FOA audio (and DOA sets)"),
@@ -37,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     # 2-thread training process fell from ~38 to 2 samples/s next to other work). An explicit setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     module_name, _, func = COMMANDS[argv[0]][0].partition(":")
-    result = getattr(importlib.import_module(module_name), func or "main")(argv[1:])
+    with user_errors(f"flipray {argv[0]}"):  # a bad --set, preset or config file: one line, exit 2
+        result = getattr(importlib.import_module(module_name), func or "main")(argv[1:])
     return result if isinstance(result, int) else 0
 
 

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flipray.overrides import apply, read_yaml
+from flipray.overrides import UsageError, apply, read_yaml
 
 
 @dataclass
@@ -154,69 +154,69 @@ class Config:
     def validate(self) -> "Config":
         d, m, t = self.data, self.model, self.train
         if d.loader not in ("torchcodec", "dali"):
-            raise ValueError(f"data.loader must be 'torchcodec' or 'dali', got {d.loader!r}")
+            raise UsageError(f"data.loader must be 'torchcodec' or 'dali', got {d.loader!r}")
         if d.n_mels % 16:
-            raise ValueError(f"data.n_mels must be divisible by 16 (four stride-2 audio blocks), got {d.n_mels}")
+            raise UsageError(f"data.n_mels must be divisible by 16 (four stride-2 audio blocks), got {d.n_mels}")
         if not 1 <= d.num_frames <= self.window_frames:
-            raise ValueError(f"data.num_frames must be in 1..{self.window_frames} (frames in a {d.window_s}-s window "
+            raise UsageError(f"data.num_frames must be in 1..{self.window_frames} (frames in a {d.window_s}-s window "
                              f"at {d.fps} fps), got {d.num_frames}")
         if d.eval_windows < 1:
-            raise ValueError(f"data.eval_windows must be >= 1, got {d.eval_windows}")
+            raise UsageError(f"data.eval_windows must be >= 1, got {d.eval_windows}")
         if d.fetch_threads < 1:
-            raise ValueError(f"data.fetch_threads must be >= 1 (1 = one request at a time), got {d.fetch_threads}")
+            raise UsageError(f"data.fetch_threads must be >= 1 (1 = one request at a time), got {d.fetch_threads}")
         if d.cache_dir and d.cache_gb <= 0:
-            raise ValueError(f"data.cache_gb must be > 0 when data.cache_dir is set, got {d.cache_gb}")
+            raise UsageError(f"data.cache_gb must be > 0 when data.cache_dir is set, got {d.cache_gb}")
         if d.crop > d.resize:
-            raise ValueError(f"data.crop ({d.crop}) must not exceed data.resize ({d.resize})")
+            raise UsageError(f"data.crop ({d.crop}) must not exceed data.resize ({d.resize})")
         if m.variant not in VARIANTS:
-            raise ValueError(f"model.variant must be one of {VARIANTS}, got {m.variant!r}")
+            raise UsageError(f"model.variant must be one of {VARIANTS}, got {m.variant!r}")
         if m.front_end not in FRONT_ENDS:
-            raise ValueError(f"model.front_end must be one of {tuple(FRONT_ENDS)}, got {m.front_end!r}")
+            raise UsageError(f"model.front_end must be one of {tuple(FRONT_ENDS)}, got {m.front_end!r}")
         if m.variant == "gcc-phat" and m.front_end != "logmel":
-            raise ValueError("model.variant=gcc-phat is the paper's log-mel + GCC-PHAT ablation; it needs "
+            raise UsageError("model.variant=gcc-phat is the paper's log-mel + GCC-PHAT ablation; it needs "
                              f"model.front_end=logmel, got {m.front_end!r}")
         if m.norm not in NORMS:
-            raise ValueError(f"model.norm must be one of {NORMS}, got {m.norm!r}")
+            raise UsageError(f"model.norm must be one of {NORMS}, got {m.norm!r}")
         if m.audio_head not in AUDIO_HEADS:
-            raise ValueError(f"model.audio_head must be one of {AUDIO_HEADS}, got {m.audio_head!r}")
+            raise UsageError(f"model.audio_head must be one of {AUDIO_HEADS}, got {m.audio_head!r}")
         if not (m.visual_init == "scratch" or m.visual_init.startswith("imagenet:")):
-            raise ValueError(f"model.visual_init must be 'scratch' or 'imagenet:PATH', got {m.visual_init!r}")
+            raise UsageError(f"model.visual_init must be 'scratch' or 'imagenet:PATH', got {m.visual_init!r}")
         if m.visual_init != "scratch" and m.visual_width != 64:
-            raise ValueError("model.visual_init=imagenet:PATH needs model.visual_width=64 (torchvision's resnet18)")
+            raise UsageError("model.visual_init=imagenet:PATH needs model.visual_width=64 (torchvision's resnet18)")
         if t.task not in TASKS:
-            raise ValueError(f"train.task must be one of {TASKS}, got {t.task!r}")
+            raise UsageError(f"train.task must be one of {TASKS}, got {t.task!r}")
         if d.audio_channels == 0:
             d.audio_channels = 4 if t.task == "rotate" else 2
         if d.audio_channels not in (2, 4):
-            raise ValueError(f"data.audio_channels must be 2 (stereo) or 4 (FOA, 360 video), got {d.audio_channels}")
+            raise UsageError(f"data.audio_channels must be 2 (stereo) or 4 (FOA, 360 video), got {d.audio_channels}")
         if (t.task == "rotate") != (d.audio_channels == 4) and t.task in ("flip", "rotate"):
-            raise ValueError(f"train.task={t.task} needs data.audio_channels={4 if t.task == 'rotate' else 2} "
+            raise UsageError(f"train.task={t.task} needs data.audio_channels={4 if t.task == 'rotate' else 2} "
                              f"({'FOA 360 clips' if t.task == 'rotate' else 'stereo clips'}), got {d.audio_channels}")
         if d.audio_channels == 4 and m.variant not in ("base", "pooled-visual"):
-            raise ValueError(f"model.variant={m.variant} is for stereo clips; FOA (data.audio_channels=4) takes base "
+            raise UsageError(f"model.variant={m.variant} is for stereo clips; FOA (data.audio_channels=4) takes base "
                              f"or pooled-visual")
         if not d.rotations_deg or any(not isinstance(r, (int, float)) or r % 360 == 0 for r in d.rotations_deg):
-            raise ValueError(f"data.rotations_deg must be a non-empty list of angles that are not multiples of 360, "
+            raise UsageError(f"data.rotations_deg must be a non-empty list of angles that are not multiples of 360, "
                              f"got {d.rotations_deg!r}")
         if not 0 < d.shift_min_s <= d.shift_max_s:
-            raise ValueError(f"data.shift_min_s/shift_max_s must satisfy 0 < min <= max, got {d.shift_min_s}, "
+            raise UsageError(f"data.shift_min_s/shift_max_s must satisfy 0 < min <= max, got {d.shift_min_s}, "
                              f"{d.shift_max_s}")
         if t.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {t.optimizer!r}")
+            raise UsageError(f"train.optimizer must be 'sgd' or 'adamw', got {t.optimizer!r}")
         if t.schedule not in ("constant", "cosine"):
-            raise ValueError(f"train.schedule must be 'constant' or 'cosine', got {t.schedule!r}")
+            raise UsageError(f"train.schedule must be 'constant' or 'cosine', got {t.schedule!r}")
         if t.batch_size < 1 or t.total_samples < 1:
-            raise ValueError("train.batch_size and train.total_samples must be positive")
+            raise UsageError("train.batch_size and train.total_samples must be positive")
         if t.pair_negatives and t.batch_size % 2:
-            raise ValueError(f"train.pair_negatives trains each window as a pair in one step: train.batch_size must "
+            raise UsageError(f"train.pair_negatives trains each window as a pair in one step: train.batch_size must "
                              f"be even, got {t.batch_size}")
         c = self.cluster
         if c.workers < 1 or c.max_failures < -1 or c.keep_checkpoints < 1:
-            raise ValueError("cluster.workers and cluster.keep_checkpoints must be >= 1, cluster.max_failures >= -1")
+            raise UsageError("cluster.workers and cluster.keep_checkpoints must be >= 1, cluster.max_failures >= -1")
         if not 0 <= c.min_workers <= c.workers:
-            raise ValueError(f"cluster.min_workers must be in 0..cluster.workers ({c.workers}), got {c.min_workers}")
+            raise UsageError(f"cluster.min_workers must be in 0..cluster.workers ({c.workers}), got {c.min_workers}")
         if c.worker_start_timeout_s <= 0:
-            raise ValueError(f"cluster.worker_start_timeout_s must be > 0, got {c.worker_start_timeout_s}")
+            raise UsageError(f"cluster.worker_start_timeout_s must be > 0, got {c.worker_start_timeout_s}")
         lo, hi = self.worker_range
         # Only an elastic run is checked here: it may shrink mid-run to a size the batch does not split over. A
         # fixed-size Ray run fails at its start (split_batch), and the local trainer and bench's plain runs ignore
@@ -224,7 +224,7 @@ class Config:
         for world in range(lo, hi + 1) if lo < hi else ():  # every size an elastic run may take keeps the batch
             per_worker = t.batch_size // world
             if t.batch_size % world or (t.micro_batch_size and per_worker % t.micro_batch_size):
-                raise ValueError(f"train.batch_size {t.batch_size} must split evenly over every worker count in "
+                raise UsageError(f"train.batch_size {t.batch_size} must split evenly over every worker count in "
                                  f"cluster.min_workers..workers ({lo}..{hi}) into micro-batches "
                                  f"of train.micro_batch_size {t.micro_batch_size or 'batch/workers'}; {world} "
                                  f"workers do not")
@@ -299,7 +299,7 @@ def _preset(name: str) -> Config:
                                         weight_decay=0.01,
                                         total_samples=12_000, schedule="cosine", warmup_samples=500,
                                         eval_every_samples=2_400, log_every=50))
-    raise ValueError(f"unknown preset {name!r}; presets are demo, small, paper (or pass a YAML file)")
+    raise UsageError(f"unknown preset {name!r}; presets are demo, small, paper (or pass a YAML file)")
 
 
 def load_config(spec: str = "demo", overrides: list[str] | None = None) -> Config:
@@ -310,8 +310,8 @@ def load_config(spec: str = "demo", overrides: list[str] | None = None) -> Confi
         cfg = _preset(raw.pop("preset", "paper"))
         try:
             apply(cfg, raw)
-        except ValueError as e:
-            raise ValueError(f"{spec}: {e}") from None
+        except UsageError as e:
+            raise UsageError(f"{spec}: {e}") from None
     else:
         cfg = _preset(spec)
     return apply_overrides(cfg, overrides)

@@ -11,11 +11,29 @@ dataclass) takes a mapping. A wrong key names itself and the closest real one.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import sys
 from pathlib import Path
 
 import yaml
+
+
+class UsageError(ValueError):
+    """What the user asked for cannot be done as asked: a config key, value, preset or file, a data root, a run name.
+    The user gets its message as one line and exit 2 (`user_errors`), not a traceback."""
+
+
+@contextlib.contextmanager
+def user_errors(prog: str):
+    """Around a command's main: a UsageError becomes `PROG: message` on stderr and exit 2 (a usage error, as
+    argparse's); anything else keeps its traceback."""
+    try:
+        yield
+    except UsageError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def keys(cfg, prefix: str = "") -> list[str]:
@@ -30,18 +48,21 @@ def keys(cfg, prefix: str = "") -> list[str]:
     return out
 
 
-def unknown_key(cfg, key: str) -> ValueError:
+def unknown_key(cfg, key: str) -> UsageError:
     close = difflib.get_close_matches(key, keys(cfg), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]}?" if close else f"; keys are {', '.join(keys(cfg))}"
-    return ValueError(f"unknown key {key}{hint}")
+    return UsageError(f"unknown key {key}{hint}")
 
 
 def coerce(key: str, current, value):
     """`value` converted to the type of `current` (the field's present value) by the rules above."""
     def bad(expected: str):
-        return ValueError(f"{key} must be {expected}, got {value!r}")
+        return UsageError(f"{key} must be {expected}, got {value!r}")
     if isinstance(value, str) and not isinstance(current, str) and current is not None:
-        parsed = yaml.safe_load(value) if value.strip() else value
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError:
+            parsed = value  # not YAML ("[1"): the type check below names what was expected
         if isinstance(parsed, str) and isinstance(current, (int, float)) and not isinstance(current, bool):
             try:
                 parsed = float(parsed)  # YAML 1.1 reads 7e6 as a string
@@ -95,7 +116,7 @@ def set_key(cfg, key: str, value) -> None:
     current = getattr(obj, parts[-1])
     if dataclasses.is_dataclass(current):
         if not isinstance(value, dict):
-            raise ValueError(f"{key} is a section: give a mapping of its keys, got {value!r}")
+            raise UsageError(f"{key} is a section: give a mapping of its keys, got {value!r}")
         for k, v in value.items():
             set_key(cfg, f"{key}.{k}", v)
         return
@@ -113,7 +134,7 @@ def apply(cfg, overrides: dict | list[str] | None):
         for item in overrides:
             key, sep, value = item.partition("=")
             if not sep or not key.strip():
-                raise ValueError(f"override {item!r} must look like key=value (e.g. train.lr=0.01)")
+                raise UsageError(f"override {item!r} must look like key=value (e.g. train.lr=0.01)")
             items.append((key.strip(), value))
     for key, value in items:
         set_key(cfg, key, value)
@@ -124,10 +145,13 @@ def read_yaml(path: str | Path) -> dict:
     """A YAML file of config keys (nested sections or dotted keys): a mapping, or an error naming the file."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+        raise UsageError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+        raise UsageError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
     return raw
 
 

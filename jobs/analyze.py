@@ -11,9 +11,11 @@ every method (flip, mismatch, shift pretext weights; random weights) as a Ray ta
 Writes <out>/analyze/analyze.{md,json} and per method scatter.png, tracking.png, gradcam.png, result.json.
 Metrics and their definitions: flipray/tasks/analyze.py. Options: jobs/downstream.py.
 """
+from flipray.overrides import user_errors
 from jobs.downstream import entrypoint
 
 main = entrypoint(__file__)  # the task named like this file
 
 if __name__ == "__main__":
-    main()
+    with user_errors("python -m jobs.analyze"):
+        main()

@@ -9,9 +9,11 @@
 Rows: scratch, rotate (the rotate pretext network, `flipray train-pretext --set train.task=rotate` on 360 clips),
 svm-random, svm-rotate (one-shot linear SVMs on frozen embeddings) and intensity (active intensity vector).
 """
+from flipray.overrides import user_errors
 from jobs.downstream import entrypoint
 
 main = entrypoint(__file__)  # the task named like this file
 
 if __name__ == "__main__":
-    main()
+    with user_errors("python -m jobs.doa"):
+        main()

@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 
 from flipray import overrides, tasks, tracking
-from flipray.overrides import apply, read_yaml
+from flipray.dataset.store import dataset_rows
+from flipray.overrides import UsageError, apply, read_yaml
 from flipray.tasks.base import write_json
 from flipray.tasks.tables import paper_tables, write_table
 from flipray.tracking import resolve_pretext
@@ -92,7 +93,7 @@ def method_configs(task_module, args, pretext: dict[str, str]) -> dict[str, obje
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] or list(task_module.METHODS)
     bad = [m for m in methods if m not in task_module.METHODS]
     if bad:
-        raise ValueError(f"unknown method(s) {bad} for {task_module.TABLE['task']}; methods are "
+        raise UsageError(f"unknown method(s) {bad} for {task_module.TABLE['task']}; methods are "
                          f"{list(task_module.METHODS)}")
     # the network shape of "no pretraining" rows: the flip network's, or the task's SHAPE_FROM (doa: rotate, FOA)
     shape_from = pretext.get(getattr(task_module, "SHAPE_FROM", "flip")) or next(iter(pretext.values()), "")
@@ -110,7 +111,7 @@ def method_configs(task_module, args, pretext: dict[str, str]) -> dict[str, obje
         apply(cfg, args.set)
         configs[m] = cfg
     if not configs:
-        raise ValueError("no method can run: train a pretext model first (`make demo`) or pass --pretext")
+        raise UsageError("no method can run: train a pretext model first (`make demo`) or pass --pretext")
     return configs
 
 
@@ -200,6 +201,7 @@ def table_main(task_module):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         args = parse_args(task_module, argv)
+        dataset_rows(args.data, "--data")  # a wrong --data is one line now, not a traceback from every method
         task = task_module.TABLE["task"]
         out = Path(args.out) / task
         uri = None if args.no_mlflow else tracking.tracking_uri(args.tracking_uri)
@@ -235,15 +237,12 @@ def main(argv: list[str] | None = None) -> dict:
     """`python -m jobs.downstream --task NAME [the task's options]`: any registered task."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--task" not in argv or argv.index("--task") + 1 >= len(argv):
-        sys.exit(f"usage: python -m jobs.downstream --task {{{','.join(tasks.registry())}}} [options] "
-                 f"(--task NAME --help for a task's options)")
+        raise UsageError(f"usage: python -m jobs.downstream --task {{{','.join(tasks.registry())}}} [options] "
+                         f"(--task NAME --help for a task's options)")
     i = argv.index("--task")
-    try:
-        task = tasks.get(argv[i + 1])
-    except ValueError as e:
-        sys.exit(f"python -m jobs.downstream: {e}")
-    return table_main(task)(argv[:i] + argv[i + 2:])
+    return table_main(tasks.get(argv[i + 1]))(argv[:i] + argv[i + 2:])
 
 
 if __name__ == "__main__":
-    main()
+    with overrides.user_errors("python -m jobs.downstream"):
+        main()

@@ -7,9 +7,11 @@
 
 Methods, metrics and ground truth: flipray/tasks/localize.py. Options: jobs/downstream.py.
 """
+from flipray.overrides import user_errors
 from jobs.downstream import entrypoint
 
 main = entrypoint(__file__)  # the task named like this file
 
 if __name__ == "__main__":
-    main()
+    with user_errors("python -m jobs.localize"):
+        main()

@@ -36,7 +36,8 @@ import torch
 import yaml
 
 from flipray.config import config_from_dict, load_config
-from flipray.pretext.data import ClipDataset, EpochSampler, num_items, train_sampler
+from flipray.overrides import user_errors
+from flipray.pretext.data import ClipDataset, EpochSampler, check_data_root, num_items, train_sampler
 from flipray.pretext.models import SpatialAlignmentNet, count_parameters
 from flipray.pretext.train import (calibrate, evaluate, evaluate_splits, fit, load_checkpoint, make_loader,
                                   make_optimizer, new_state, plot_curves, prepare_model, save_checkpoint, split_batch,
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ray.train.torch import TorchTrainer
 
     cfg = load_config(args.config, args.set)
+    check_data_root(cfg)  # a wrong data.root is one line here, not a traceback from every worker
     c = cfg.cluster
     if c.register_as == tracking.PRETEXT_MODEL:  # baselines register beside the flip model, not over it
         c.register_as = tracking.pretext_model_name(cfg.train.task)
@@ -348,4 +350,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    with user_errors("python -m jobs.pretext"):
+        sys.exit(0 if main() else 1)

@@ -9,9 +9,11 @@
 Writes <out>/separate/separate.{md,json} (the table, with Wilcoxon tests on per-clip SDR), per-method result.json,
 curves and FLAC examples (mixture, estimate, truth) under <out>/separate/<method>/. Options: jobs/downstream.py.
 """
+from flipray.overrides import user_errors
 from jobs.downstream import entrypoint
 
 main = entrypoint(__file__)  # the task named like this file
 
 if __name__ == "__main__":
-    main()
+    with user_errors("python -m jobs.separate"):
+        main()

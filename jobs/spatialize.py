@@ -8,9 +8,11 @@
 Writes <out>/spatialize/spatialize.{md,json} (the table, with Wilcoxon tests on per-clip STFT distance), per-method
 result.json, curves and stereo FLAC examples under <out>/spatialize/<method>/. Options: jobs/downstream.py.
 """
+from flipray.overrides import user_errors
 from jobs.downstream import entrypoint
 
 main = entrypoint(__file__)  # the task named like this file
 
 if __name__ == "__main__":
-    main()
+    with user_errors("python -m jobs.spatialize"):
+        main()

@@ -79,3 +79,69 @@ def test_synth_command_line_takes_set_and_config_files(tmp_path, capsys):
     with pytest.raises(SystemExit):
         scenes.main(["--out", str(tmp_path / "x"), "--clips", "1", "--seed", "0", "--set", "reverb=0"])
     assert "unknown key reverb; did you mean reverb_prob?" in capsys.readouterr().err
+
+
+def test_commands_say_what_is_wrong_in_one_line_and_exit_2(synth_root, tmp_path, capsys, monkeypatch):
+    """A bad --set, preset, config file, data root or --resume: `PROG: what is wrong` on stderr, exit 2, nothing
+    written (before: a traceback and exit 1)."""
+    import json
+
+    from flipray import cli
+    monkeypatch.chdir(tmp_path)  # train.out_dir is runs/, relative
+    no_test = tmp_path / "no-test"
+    no_test.mkdir()
+    rows = [json.loads(line) for line in (synth_root / "manifest.jsonl").read_text().splitlines()]
+    kept = [r for r in rows if r["split"] != "test"]
+    (no_test / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [audio_width: 8\n")
+    cases = [(["--set", "data.crop=abc"], "data.crop must be an integer, got 'abc'"),
+             (["--set", "data.crop=[1"], "data.crop must be an integer, got '[1'"),  # not YAML at all
+             (["--set", "model.front_end=foo"], "model.front_end must be one of ("),
+             (["--config", "nosuch"], "unknown preset 'nosuch'; presets are demo, small, paper"),
+             (["--config", str(broken)], f"{broken}: not valid YAML ("),
+             (["--config", "absent.yaml"], "config file absent.yaml does not exist"),
+             (["--set", f"data.root={tmp_path / 'absent'}"], f"data.root: {tmp_path / 'absent' / 'manifest.jsonl'}: "
+                                                             "no manifest"),
+             (["--set", f"data.root={no_test}"], f"data.root: {no_test} has no test clips ({len(kept)} in all)"),
+             (["--set", f"data.root={synth_root}", "--resume", "--run-name", "r"],
+              "--resume: runs/r holds no checkpoint.pt to continue")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["train-pretext", *argv])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and err.startswith(f"flipray train-pretext: {message}"), (argv, err)
+        assert err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
+    # any other error keeps its traceback: user_errors turns only UsageError into a line
+    with pytest.raises(KeyError):
+        with overrides.user_errors("prog"):
+            raise KeyError("a bug")
+
+
+@pytest.mark.slow  # a subprocess that imports Ray, MLflow and torch
+def test_jobs_refuse_a_wrong_data_root_before_starting_anything(tmp_path):
+    """`python -m jobs.pretext` with a data.root that holds no dataset: one line, exit 2, before the MLflow store or
+    Ray is touched; the downstream jobs the same for --data and an unknown method."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from flipray.tasks import localize
+    from jobs import downstream
+    repo = Path(__file__).resolve().parents[1]
+    db = tmp_path / "mlflow.db"
+    proc = subprocess.run([sys.executable, "-m", "jobs.pretext", "--tracking-uri", f"sqlite:///{db}",
+                           "--set", f"data.root={tmp_path / 'absent'}"], cwd=repo, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [f"python -m jobs.pretext: data.root: {tmp_path / 'absent' / 'manifest.jsonl'}"
+                                        ": no manifest; a dataset is complete only once `flipray ingest` (or `flipray "
+                                        "synth`) has written it last"]
+    assert not db.exists()
+    with pytest.raises(overrides.UsageError, match=f"^--data: {tmp_path / 'absent'}"):
+        downstream.main(["--task", "localize", "--data", str(tmp_path / "absent"), "--local", "--no-mlflow"])
+    with pytest.raises(overrides.UsageError, match=r"unknown method\(s\) \['nope'\] for localize"):
+        downstream.method_configs(localize, downstream.parse_args(localize, ["--data", "d", "--methods", "nope"]),
+                                  {"flip": "x.pt"})

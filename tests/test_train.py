@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from flipray.config import load_config
+from flipray.overrides import UsageError
 from flipray.pretext.data import ClipDataset, EpochSampler, collate
 from flipray.pretext.models import SpatialAlignmentNet
 from flipray.pretext.train import (evaluate, evaluate_splits, fit_temperature, load_checkpoint, load_model, lr_at, main,
@@ -82,7 +83,7 @@ def test_train_checkpoint_resume_is_exact_and_reports(synth_root, tmp_path, caps
           *sum((["--set", s] for s in common), [])])
     half = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
     assert half["state"]["samples_seen"] == 16 and half["state"]["step"] == 4
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(UsageError, match="--resume"):
         main(["--config", "demo", "--run-name", "split", *sum((["--set", s] for s in common), [])])
     resumed = main(["--config", "demo", "--run-name", "split", "--resume", "--set", "train.total_samples=32",
                     "--set", f"train.out_dir={tmp_path}"])

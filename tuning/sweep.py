@@ -34,9 +34,9 @@ from pathlib import Path
 
 import yaml
 
-from flipray.overrides import apply
+from flipray.overrides import apply, user_errors
 from flipray import tasks, tracking
-from flipray.dataset.store import storage_location
+from flipray.dataset.store import dataset_rows, storage_location
 from flipray.tracking import resolve_pretext
 from jobs.downstream import task_resources
 
@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    dataset_rows(args.data, "--data")  # a wrong --data is one line, not an error in every trial
     d = load_definition(args.task, args.definition)
     task = tasks.get(args.task)
     name = args.name or f"sweep-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -337,4 +338,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    with user_errors("python -m tuning.sweep"):
+        sys.exit(0 if main() else 1)

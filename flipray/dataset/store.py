@@ -220,6 +220,16 @@ def read_manifest(root: str | os.PathLike, split: str | None = None) -> list[dic
     return Store(root).read_manifest(split)
 
 
+def dataset_rows(root: str | os.PathLike, option: str) -> list[dict]:
+    """Manifest rows of the dataset root a command's option names (`--data`, `data.root`), or a UsageError
+    `OPTION: why` (no manifest there, or one that does not parse): one line before a job starts anything."""
+    from flipray.overrides import UsageError
+    try:
+        return read_manifest(root)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"{option}: {e}") from None
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Uploading clips
 

@@ -32,7 +32,8 @@ from torch.utils.data import Dataset, Sampler, default_collate
 from flipray.config import Config
 from flipray.dataset.cache import open_store
 from flipray.dataset.manifest import read_manifest
-from flipray.dataset.store import is_s3
+from flipray.dataset.store import dataset_rows, is_s3
+from flipray.overrides import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -508,6 +509,19 @@ def train_sampler(cfg: Config, n_items: int, epoch: int, start: int = 0, rank: i
     halves of a pair (train.pair_negatives) kept together."""
     return EpochSampler(n_items, cfg.train.seed, epoch, rank=rank, world=world, start=start,
                         step_size=cfg.train.batch_size, group=pair_size(cfg, train=True))
+
+
+def check_data_root(cfg: Config) -> dict[str, int]:
+    """Clips per split of data.root, or a UsageError naming it: no manifest there, or a split a trainer reads
+    (train, val, test) empty. The trainers call it first, so a wrong root is one line before any worker starts, not a
+    traceback after training."""
+    rows = dataset_rows(cfg.data.root, "data.root")
+    counts = {split: sum(r["split"] == split for r in rows) for split in ("train", "val", "test")}
+    empty = [split for split, n in counts.items() if not n]
+    if empty:
+        raise UsageError(f"data.root: {cfg.data.root} has no {' or '.join(empty)} clips ({len(rows)} in all); "
+                         f"training needs clips in train, val and test")
+    return counts
 
 
 class ClipDataset(Dataset):

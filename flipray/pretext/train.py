@@ -28,7 +28,8 @@ import yaml
 from torch.utils.data import DataLoader
 
 from flipray.config import Config, apply_overrides, config_from_dict, load_config
-from flipray.pretext.data import ClipDataset, EpochSampler, collate, sample_seed, train_sampler
+from flipray.overrides import UsageError, user_errors
+from flipray.pretext.data import ClipDataset, EpochSampler, check_data_root, collate, sample_seed, train_sampler
 from flipray.pretext.models import SpatialAlignmentNet, count_parameters
 
 log = logging.getLogger(__name__)
@@ -457,16 +458,21 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     cfg = load_config(args.config, args.set)
+    if not args.resume:
+        check_data_root(cfg)
     run_name = args.run_name or f"{cfg.preset}-{cfg.model.variant}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.train.out_dir) / run_name
     ckpt_path = run_dir / "checkpoint.pt"
     if args.resume:
+        if not ckpt_path.exists():
+            raise UsageError(f"--resume: {run_dir} holds no checkpoint.pt to continue (--run-name names the run)")
         ckpt = load_checkpoint(ckpt_path)
         # The run's own config wins over the preset; --set still applies (e.g. a larger train.total_samples).
         cfg = apply_overrides(config_from_dict(ckpt["config"]), args.set)
+        check_data_root(cfg)
     elif ckpt_path.exists():
-        raise FileExistsError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or another "
-                              f"--run-name")
+        raise UsageError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or another "
+                         f"--run-name")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return run(cfg, run_dir, ckpt if args.resume else None)
@@ -633,4 +639,5 @@ def print_summary(report: dict):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    with user_errors("flipray train-pretext"):
+        sys.exit(0 if main() else 1)

@@ -50,6 +50,7 @@ from scipy.signal import fftconvolve, lfilter
 from tqdm import tqdm
 
 from flipray import media, overrides
+from flipray.overrides import UsageError
 from flipray.dataset.manifest import assign_splits, write_manifest
 
 
@@ -113,26 +114,26 @@ class SynthConfig:
 
     def __post_init__(self):
         if self.duration_s < 1 or self.fps <= 0 or self.clips_per_scene < 1 or self.max_distractors < 0:
-            raise ValueError("duration_s must be >= 1 (sounds need room for a few events), fps positive, "
+            raise UsageError("duration_s must be >= 1 (sounds need room for a few events), fps positive, "
                              "clips_per_scene >= 1, max_distractors >= 0")
         if not 0 <= self.sync_pulse <= 1:
-            raise ValueError(f"sync_pulse must be a fraction of the object's size in [0, 1], got {self.sync_pulse}")
+            raise UsageError(f"sync_pulse must be a fraction of the object's size in [0, 1], got {self.sync_pulse}")
         if self.size < 64 or self.size % 2:
-            raise ValueError(f"size must be an even number of pixels >= 64 (yuv420p, objects of 30-70 px at 256), "
+            raise UsageError(f"size must be an even number of pixels >= 64 (yuv420p, objects of 30-70 px at 256), "
                              f"got {self.size}")
         if self.width and (self.width < self.size or self.width % 2):
-            raise ValueError(f"width must be 0 (square) or an even number of pixels >= size ({self.size}), "
+            raise UsageError(f"width must be 0 (square) or an even number of pixels >= size ({self.size}), "
                              f"got {self.width}")
         if self.reflections not in REFLECTIONS:
-            raise ValueError(f"reflections must be one of {', '.join(REFLECTIONS)}, got {self.reflections!r}")
+            raise UsageError(f"reflections must be one of {', '.join(REFLECTIONS)}, got {self.reflections!r}")
         for name in ("two_source_prob", "lookalike_prob", "novel_look_prob", "novel_sound_prob", "reverb_prob",
                      "lossy_audio_prob"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be a probability, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be a probability, got {getattr(self, name)}")
         self.mics = tuple(self.mics)
         bad = [m for m in self.mics if m not in MIC_TYPES]
         if not self.mics or bad:
-            raise ValueError(f"mics must be a non-empty subset of {', '.join(MIC_TYPES)}; got {', '.join(bad) or 'none'}")
+            raise UsageError(f"mics must be a non-empty subset of {', '.join(MIC_TYPES)}; got {', '.join(bad) or 'none'}")
 
 
 # Sounding classes: class -> (sound family, look = (shape, RGB colour, pattern)). Silent classes have no family.
@@ -872,7 +873,7 @@ def generate(out_dir, clips: int, seed: int = 0, workers: int | None = None, pro
     the manifest rows in clip_id order. options are SynthConfig fields; workers defaults to os.cpu_count()."""
     cfg = SynthConfig(**options)
     if clips < 1:
-        raise ValueError(f"clips must be >= 1, got {clips}")
+        raise UsageError(f"clips must be >= 1, got {clips}")
     (Path(out_dir) / "clips").mkdir(parents=True, exist_ok=True)
     tasks = [(str(out_dir), cfg, seed, i // cfg.clips_per_scene, i % cfg.clips_per_scene) for i in range(clips)]
     rows = render_clips(_make_clip_task, tasks, workers, progress, "synth")
@@ -941,4 +942,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with overrides.user_errors("flipray synth"):
+        main()

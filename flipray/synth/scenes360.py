@@ -39,6 +39,7 @@ from scipy.ndimage import zoom
 from scipy.signal import fftconvolve
 
 from flipray import foa, media, overrides
+from flipray.overrides import UsageError
 from flipray.dataset.manifest import SPLITS, assign_splits, write_manifest
 from flipray.synth.scenes import (SILENT_CLASSES, SOUNDING_CLASSES, render_clips, room_tails, source_signal,
                                   sprite)
@@ -78,14 +79,14 @@ class Synth360Config:
 
     def __post_init__(self):
         if self.duration_s < 1 or self.fps <= 0 or self.clips_per_scene < 1 or self.max_distractors < 0:
-            raise ValueError("duration_s must be >= 1, fps positive, clips_per_scene >= 1, max_distractors >= 0")
+            raise UsageError("duration_s must be >= 1, fps positive, clips_per_scene >= 1, max_distractors >= 0")
         if self.height < 32 or self.height % 2:
-            raise ValueError(f"height must be an even number of pixels >= 32 (yuv420p), got {self.height}")
+            raise UsageError(f"height must be an even number of pixels >= 32 (yuv420p), got {self.height}")
         if not 0 < self.doa_step_deg <= 180 or abs(360 / self.doa_step_deg - round(360 / self.doa_step_deg)) > 1e-9:
-            raise ValueError(f"doa_step_deg must divide 360, got {self.doa_step_deg}")
+            raise UsageError(f"doa_step_deg must divide 360, got {self.doa_step_deg}")
         for name in ("two_source_prob", "lookalike_prob", "reverb_prob"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be a probability, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be a probability, got {getattr(self, name)}")
 
     @property
     def width(self) -> int:
@@ -310,7 +311,7 @@ def generate(out_dir, clips: int, seed: int = 0, workers: int | None = None, pro
     options are Synth360Config fields (doa=True: one clip per scene, direction = scene mod directions)."""
     cfg = Synth360Config(**options)
     if clips < 1:
-        raise ValueError(f"clips must be >= 1, got {clips}")
+        raise UsageError(f"clips must be >= 1, got {clips}")
     (Path(out_dir) / "clips").mkdir(parents=True, exist_ok=True)
     per_scene = 1 if cfg.doa else cfg.clips_per_scene
     tasks = [(str(out_dir), cfg, seed, i // per_scene, i % per_scene) for i in range(clips)]
@@ -367,4 +368,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with overrides.user_errors("flipray synth360"):
+        main()

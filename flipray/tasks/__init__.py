@@ -15,6 +15,8 @@ import functools
 import importlib
 import pkgutil
 
+from flipray.overrides import UsageError
+
 CONTRACT = ("ORDER", "TABLE", "METHODS", "PAPER", "Config", "PRESETS", "run_trial")
 
 
@@ -34,8 +36,8 @@ def get(name: str):
     tasks = registry()
     if name not in tasks:
         close = difflib.get_close_matches(name, tasks, n=1)
-        raise ValueError(f"unknown task {name!r}" + (f"; did you mean {close[0]}?" if close else "")
-                         + f" Tasks are {list(tasks)}")
+        hint = f"did you mean {close[0]}?" if close else f"tasks are {list(tasks)}"
+        raise UsageError(f"unknown task {name!r}; {hint}")
     return tasks[name]
 
 

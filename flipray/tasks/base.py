@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from flipray.config import Config, load_config
-from flipray.overrides import apply  # noqa: F401  (tasks' configs take overrides like every config)
+from flipray.overrides import UsageError, apply  # noqa: F401  (tasks' configs take overrides like every config)
 from flipray.pretext.data import (AudioFeatures, ClipDecodeError, SampleParams, augment_frames, decode_audio,
                                   decode_video, peak_normalise, take_frames, window_frame_indices)
 from flipray.pretext.models import SpatialAlignmentNet
@@ -68,7 +68,7 @@ class DownstreamConfig:
 def method_spec(cfg: DownstreamConfig, methods: dict) -> dict:
     """The task's METHODS entry of cfg.method (the table row this trial is); an unknown one raises, naming them all."""
     if cfg.method not in methods:
-        raise ValueError(f"unknown method {cfg.method!r} for {type(cfg).__module__.rsplit('.', 1)[-1]}; methods are "
+        raise UsageError(f"unknown method {cfg.method!r} for {type(cfg).__module__.rsplit('.', 1)[-1]}; methods are "
                          f"{list(methods)}")
     return methods[cfg.method]
 
@@ -97,7 +97,7 @@ def pretext_network(cfg: DownstreamConfig) -> tuple[SpatialAlignmentNet, Config]
     torch.manual_seed(cfg.seed)
     if not cfg.pretext:
         if cfg.pretrained:
-            raise ValueError(f"method {cfg.method!r} needs pretext weights: set `pretext` to a checkpoint.pt")
+            raise UsageError(f"method {cfg.method!r} needs pretext weights: set `pretext` to a checkpoint.pt")
         pcfg = load_config(cfg.arch)
         return SpatialAlignmentNet(pcfg), pcfg
     ckpt = load_checkpoint(cfg.pretext)
