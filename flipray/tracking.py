@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from flipray.optional import require
+from flipray.overrides import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,9 @@ def register_checkpoint(run_id: str, checkpoint_dir: str | Path, name: str, tags
     return int(version.version)
 
 
-class NoModelError(ValueError):
-    """No trained model where a models:/ URI, run folder or checkpoint path points; the message says what to do."""
+class NoModelError(UsageError):
+    """No trained model where a models:/ URI, run folder or checkpoint path points; the message says what to do.
+    (`flipray check` exits 4 on it; the jobs, as on every UsageError, print it as one line and exit 2.)"""
 
 
 HINT = "Run `make demo` (it trains the demo model and registers it as flipray-pretext), or pass --model PATH"
@@ -209,10 +211,11 @@ def resolve_pretext(specs: list[str], needed: set[str], out: Path, tracking_uri:
     import torch
 
     from flipray.config import TASKS
-    given = dict(s.split("=", 1) for s in specs)
-    unknown = set(given) - set(TASKS)
+    malformed = [s for s in specs if "=" not in s]
+    given = dict(s.split("=", 1) for s in specs if "=" in s)
+    unknown = sorted(set(given) - set(TASKS)) + malformed
     if unknown:
-        raise ValueError(f"--pretext takes {', '.join(f'{t}=URI' for t in TASKS)}, got {sorted(unknown)}")
+        raise UsageError(f"--pretext takes {', '.join(f'{t}=URI' for t in TASKS)}, got {unknown}")
     paths = {}
     for task in sorted(needed):
         uri = given.get(task, f"models:/{pretext_model_name(task)}/latest")

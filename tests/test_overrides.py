@@ -145,3 +145,21 @@ def test_jobs_refuse_a_wrong_data_root_before_starting_anything(tmp_path):
     with pytest.raises(overrides.UsageError, match=r"unknown method\(s\) \['nope'\] for localize"):
         downstream.method_configs(localize, downstream.parse_args(localize, ["--data", "d", "--methods", "nope"]),
                                   {"flip": "x.pt"})
+
+
+def test_a_pretext_that_is_no_model_is_one_line_for_the_jobs(tmp_path, capsys):
+    """--pretext with no `=`, an unknown task, or a file that is no checkpoint: a UsageError, which the jobs and the
+    sweep print as one line with exit 2 (NoModelError is one; `flipray check` exits 4 on it instead)."""
+    from flipray.tracking import NoModelError, resolve_pretext
+    junk = tmp_path / "junk.pt"
+    junk.write_text("junk\n")
+    with pytest.raises(overrides.UsageError, match=r"--pretext takes flip=URI, .* got \['flip2', 'bogus'\]$"):
+        resolve_pretext(["bogus", "flip2=x"], {"flip"}, tmp_path, None)
+    with pytest.raises(NoModelError, match=f"cannot load the model {junk}: .*not a flipray checkpoint"):
+        resolve_pretext([f"flip={junk}"], {"flip"}, tmp_path, None)
+    with pytest.raises(SystemExit) as exited:
+        with overrides.user_errors("python -m jobs.localize"):
+            resolve_pretext([f"flip={junk}"], {"flip"}, tmp_path, None)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith(f"python -m jobs.localize: cannot load the model {junk}")
+    assert err.count("\n") == 1
