@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from flipray.overrides import UsageError, user_errors
 from flipray.tasks.tables import (best_method, build_report, load_tables, markdown, paired_tests,  # noqa: F401
                                   paper_info, paper_tables, report_order, validate, write_table, finite)
 from flipray.tracking import init_tracking
@@ -85,13 +86,14 @@ def main(argv: list[str] | None = None) -> dict:
         fetched = fetch_tables(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), Path(args.runs))
         logging.info("fetched %d tables from MLflow into %s", len(fetched), args.runs)
     if not args.runs:
-        raise SystemExit("give --runs DIR (tables written by the downstream jobs) or --from-mlflow")
+        raise UsageError("give --runs DIR (tables written by the downstream jobs) or --from-mlflow")
     if not Path(args.runs).is_dir():
-        raise SystemExit(f"--runs {args.runs}: no such folder")
+        raise UsageError(f"--runs {args.runs}: " + ("not a folder" if Path(args.runs).exists() else "no such folder"))
     tables = load_tables(args.runs)
     if not tables:
-        raise SystemExit(f"no table JSONs under {args.runs} (files with 'task' and 'rows', as "
-                         "flipray.tasks.tables.write_table writes them); run a downstream job first, e.g. python -m jobs.localize")
+        raise UsageError(f"no table JSONs under {args.runs} (files with 'task' and 'rows', as "
+                         "flipray.tasks.tables.write_table writes them); run a downstream job first, e.g. python -m "
+                         "jobs.localize")
     out = Path(args.out or args.runs)
     out.mkdir(parents=True, exist_ok=True)
     report = out / "report.md"
@@ -107,4 +109,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with user_errors("python -m jobs.report"):
+        main(sys.argv[1:])

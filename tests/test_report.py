@@ -165,3 +165,20 @@ def test_report_logs_to_mlflow(tmp_path, monkeypatch):
     assert run.data.metrics["doa/no-visual/stft"] == pytest.approx(2.0)
     local = client.download_artifacts(run.info.run_id, "report.md", str(tmp_path / "dl"))
     assert "### Table 3: localize" in Path(local).read_text()
+
+
+def test_report_without_tables_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from flipray.overrides import user_errors
+    a_file = tmp_path / "f.json"
+    a_file.write_text("{}")
+    (tmp_path / "empty").mkdir()
+    for argv, message in [([], "give --runs DIR"), (["--runs", str(tmp_path / "nope")], "no such folder"),
+                          (["--runs", str(a_file)], "not a folder"),
+                          (["--runs", str(tmp_path / "empty")], f"no table JSONs under {tmp_path / 'empty'}")]:
+        with pytest.raises(SystemExit) as exited:
+            with user_errors("python -m jobs.report"):  # as its __main__ runs it
+                report.main(argv)
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and err.startswith("python -m jobs.report: ") and message in err, err
+        assert err.count("\n") == 1
