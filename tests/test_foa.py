@@ -230,3 +230,18 @@ def test_config_checks_and_dali_refuses_360_clips():
     from dali_pipelines.pretext import build_pipeline
     with pytest.raises(ValueError, match="torchcodec"):
         build_pipeline(load_config("demo", ["train.task=rotate"]), source=None)
+
+
+def test_synth360_keeps_a_dataset_there_and_refuses_another(clean360):
+    """The same plan as `flipray synth` (flipray.synth.scenes.plan_clips): the same command again makes nothing;
+    another seed is refused before anything is written."""
+    from flipray.dataset.manifest import read_manifest
+    from flipray.overrides import UsageError
+    rows = read_manifest(clean360)
+    stamps = {p: p.stat().st_mtime_ns for p in (clean360 / "clips").iterdir()}
+    options = dict(workers=1, height=64, duration_s=3.0, reverb_prob=0.0, noise=False, two_source_prob=0.0,
+                   max_distractors=1, motion_probs=(0.5, 0.3, 0.2))
+    assert synth360.generate(clean360, clips=6, seed=4, **options) == rows
+    with pytest.raises(UsageError, match="made otherwise .*seed 4, not 5"):
+        synth360.generate(clean360, clips=6, seed=5, **options)
+    assert read_manifest(clean360) == rows and {p: p.stat().st_mtime_ns for p in stamps} == stamps

@@ -494,3 +494,36 @@ def test_novel_sounds_change_the_sounding_objects_audio_and_nothing_else(tmp_pat
     assert len(families) >= 2
     with pytest.raises(ValueError, match="novel_sound_prob must be a probability"):
         synth.SynthConfig(novel_sound_prob=-0.1)
+
+
+def test_a_dataset_there_is_kept_and_one_made_otherwise_is_refused(tmp_path):
+    """`flipray synth --out` into a folder that holds a dataset: the same seed and config keep every listed clip
+    untouched (again: nothing made; more --clips: added; fewer: all still listed; a listed clip whose file is gone:
+    made again); another seed or config, or clips no generator made, are refused before anything is written."""
+    from flipray.overrides import UsageError
+    tiny = dict(duration_s=1.0, size=64, workers=1)
+    root = tmp_path / "ds"
+    rows = synth.generate(root, 4, seed=1, **tiny)
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (root / "clips").iterdir()}
+    manifest = (root / "manifest.jsonl").read_bytes()
+    for seed, options, reason in [(2, {}, "s000000_c0: seed 1, not 2"),
+                                  (1, {"two_source_prob": 0.5}, "s000000_c0: another config (two_source_prob)")]:
+        with pytest.raises(UsageError) as refused:
+            synth.generate(root, 2, seed=seed, **tiny, **options)
+        assert f"holds a dataset of 4 clips made otherwise ({reason}); writing here would" in str(refused.value)
+    assert (root / "manifest.jsonl").read_bytes() == manifest
+    assert synth.generate(root, 4, seed=1, **tiny) == rows  # the same command: nothing made
+    assert synth.generate(root, 2, seed=1, **tiny) == rows  # fewer: every listed clip stays listed
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (root / "clips").iterdir()} == files
+    more = synth.generate(root, 6, seed=1, **tiny)
+    assert [r["clip_id"] for r in more] == [f"s{s:06d}_c{k}" for s in range(3) for k in range(2)]
+    assert all(files[p] == (p.read_bytes(), p.stat().st_mtime_ns) for p in files)  # the first four untouched
+    assert more == synth.generate(tmp_path / "fresh", 6, seed=1, **tiny)  # as a fresh run of 6 (splits included)
+    (root / rows[1]["audio"]).unlink()
+    assert synth.generate(root, 2, seed=1, **tiny) == more and (root / rows[1]["audio"]).is_file()
+    # a dataset of user clips (ingest's sidecars have no generator record) is refused the same way
+    sidecar = json.loads((root / rows[0]["meta"]).read_text())
+    del sidecar["generator"]
+    (root / rows[0]["meta"]).write_text(json.dumps(sidecar))
+    with pytest.raises(UsageError, match="s000000_c0: its sidecar has no generator record"):
+        synth.generate(root, 6, seed=1, **tiny)

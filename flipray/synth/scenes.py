@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from flipray import media, overrides
 from flipray.overrides import UsageError
-from flipray.dataset.manifest import assign_splits, write_manifest
+from flipray.dataset.manifest import MANIFEST_NAME, assign_splits, read_manifest, write_manifest
 
 
 @dataclass
@@ -854,6 +854,8 @@ def _make_clip_task(task):
 def render_clips(task_fn, tasks: list, workers: int | None, progress: bool, desc: str) -> list[dict]:
     """task_fn(task) -> manifest row for every task, in `workers` processes (default: all cores); rows in clip_id
     order. task_fn must be a module-level function (the pool pickles it)."""
+    if not tasks:
+        return []
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
     bar = dict(total=len(tasks), unit="clip", disable=not progress, desc=desc)
     if workers == 1:
@@ -867,16 +869,65 @@ def render_clips(task_fn, tasks: list, workers: int | None, progress: bool, desc
 # ----------------------------------------------------------------------------------------------------------------------
 # Dataset
 
+def plan_clips(out_dir, seed: int, cfg, wanted: list[tuple[int, int]]) -> tuple[list[dict], list[tuple[int, int]]]:
+    """(manifest rows to keep, (scene, clip) pairs to make) for a generator run into out_dir that asks for `wanted`.
+
+    A dataset never loses clips: the clips out_dir's manifest lists are kept when this run would make them the same
+    way (their sidecars' `generator` has this seed and config), and the new manifest lists them too, beyond `wanted`
+    if need be; so the same command again makes nothing, and a larger --clips adds clips. A listed clip made
+    otherwise (another seed or config, or not by this generator) is a UsageError: this run would replace its files.
+    A listed clip of this generator whose files are gone is made again; files no manifest lists (an interrupted run)
+    are overwritten."""
+    root = Path(out_dir)
+    if not (root / MANIFEST_NAME).exists():
+        return [], list(wanted)
+    try:
+        listed = read_manifest(root)
+    except ValueError as e:
+        raise UsageError(f"--out {root}: {e}; not writing over it") from None
+    want = json.loads(json.dumps({"seed": seed, "config": asdict(cfg)}))  # tuples as the sidecars hold them: lists
+    kept, made_again = [], set()
+    for row in listed:
+        try:
+            generator = json.loads((root / row["meta"]).read_text())["generator"]
+        except (OSError, ValueError, KeyError, TypeError):
+            generator = None
+        same = generator is not None and {"seed": generator.get("seed"), "config": generator.get("config")} == want
+        if not same:
+            if generator is None:
+                how = "its sidecar has no generator record: not made by this generator"
+            elif generator.get("seed") != seed:
+                how = f"seed {generator.get('seed')}, not {seed}"
+            else:
+                differ = sorted(k for k, v in want["config"].items() if (generator.get("config") or {}).get(k) != v)
+                how = "another config (" + ", ".join(differ[:4]) + (", ..." if len(differ) > 4 else "") + ")"
+            raise UsageError(f"--out {root} holds a dataset of {len(listed)} clips made otherwise ({row['clip_id']}: "
+                             f"{how}); writing here would replace its clips: give another --out")
+        if all((root / row[k]).is_file() for k in ("video", "audio", "meta")):
+            kept.append(row)
+        else:
+            made_again.add((generator["scene"], generator["clip"]))
+    have = {(r["scene"], r["clip"]) for r in (json.loads((root / row["meta"]).read_text())["generator"]
+                                              for row in kept)}
+    todo = sorted((set(wanted) | made_again) - have)
+    return kept, todo
+
+
 def generate(out_dir, clips: int, seed: int = 0, workers: int | None = None, progress: bool = False,
              **options) -> list[dict]:
     """Write `clips` clips (scenes of cfg.clips_per_scene clips each) and then manifest.jsonl under out_dir; return
-    the manifest rows in clip_id order. options are SynthConfig fields; workers defaults to os.cpu_count()."""
+    the manifest rows in clip_id order (with the clips out_dir already listed: `plan_clips`). options are
+    SynthConfig fields; workers defaults to os.cpu_count()."""
     cfg = SynthConfig(**options)
     if clips < 1:
         raise UsageError(f"clips must be >= 1, got {clips}")
+    kept, todo = plan_clips(out_dir, seed, cfg, [(i // cfg.clips_per_scene, i % cfg.clips_per_scene)
+                                                 for i in range(clips)])
+    if kept and progress:
+        print(f"{out_dir}: {len(kept)} clips of this seed and config already there, kept; {len(todo)} to make")
     (Path(out_dir) / "clips").mkdir(parents=True, exist_ok=True)
-    tasks = [(str(out_dir), cfg, seed, i // cfg.clips_per_scene, i % cfg.clips_per_scene) for i in range(clips)]
-    rows = render_clips(_make_clip_task, tasks, workers, progress, "synth")
+    tasks = [(str(out_dir), cfg, seed, scene, k) for scene, k in todo]
+    rows = sorted(kept + render_clips(_make_clip_task, tasks, workers, progress, "synth"), key=lambda r: r["clip_id"])
     splits = assign_splits([row["scene_id"] for row in rows], seed=seed)
     for row in rows:
         row["split"] = splits[row["scene_id"]]
