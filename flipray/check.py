@@ -487,6 +487,9 @@ def fix_file(src: str | Path, dst: str | Path) -> None:
                                   f"copy to a new file")
     if not dst.parent.is_dir():
         raise CheckError("usage", f"--out {dst}: no such folder {dst.parent}")
+    if dst.is_dir():
+        raise CheckError("usage", f"--out {dst} is a folder; give the fixed copy's file name, e.g. "
+                                  f"{dst / (src.stem + '-fixed' + src.suffix)}")
     streams = probe_file(src).audio
     if not streams:
         raise CheckError("no-audio", "no audio stream: nothing to swap")
@@ -500,7 +503,12 @@ def fix_file(src: str | Path, dst: str | Path) -> None:
         with atomic_output(dst) as tmp:
             ffmpeg(fix_command(src, tmp, streams))
     except FFmpegError as e:
-        raise RuntimeError(f"ffmpeg failed on {src} (nothing written): {e.stderr[-800:]}") from None
+        if "Unable to find a suitable output format" in e.stderr:  # the extension names no container ffmpeg writes
+            raise CheckError("usage", f"--out {dst}: ffmpeg writes no container with the extension "
+                                      f"'{dst.suffix or '(none)'}'; name the copy like the input, e.g. "
+                                      f"{dst.with_suffix(src.suffix)}") from None
+        why = "; ".join(line.strip() for line in e.stderr.strip().splitlines()[-2:])[-400:]
+        raise RuntimeError(f"ffmpeg failed on {src} (nothing written): {why}") from None
 
 
 def fix_main(argv: list[str] | None = None) -> int:

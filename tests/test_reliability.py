@@ -289,7 +289,8 @@ def test_fix_force_with_a_failing_conversion_keeps_the_old_out(files, tmp_path, 
     out.write_bytes(b"the user's earlier result")
     src_before = (files / "good.mp4").read_bytes()
     assert cli.main(["fix", str(files / "good.mp4"), "--out", str(out), "--force"]) == check.EXIT_FFMPEG
-    assert "nothing written" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "nothing written" in err and err.count("\n") == 1, err  # ffmpeg's last lines, on the one line
     assert out.read_bytes() == b"the user's earlier result" and (files / "good.mp4").read_bytes() == src_before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.webm"]  # no temporary file left
     fresh = tmp_path / "fresh.webm"
@@ -298,6 +299,23 @@ def test_fix_force_with_a_failing_conversion_keeps_the_old_out(files, tmp_path, 
     good = tmp_path / "fresh.mp4"
     assert cli.main(["fix", str(files / "good.mp4"), "--out", str(good)]) == 0
     assert good.stat().st_mode & 0o777 == _umask_mode()  # as a plain open() would make it, not mkstemp's 0600
+
+
+def test_fix_out_that_is_a_folder_or_names_no_container_is_a_usage_error(files, tmp_path, capsys):
+    """--out a folder (with --force: was ffmpeg's "Invalid argument", exit 5) or a name whose extension no ffmpeg
+    muxer takes (x.txt, no extension: was exit 5, two lines of ffmpeg): one line saying what to give, exit 2."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    cases = [([str(folder), "--force"], f"--out {folder} is a folder; give the fixed copy's file name, e.g. "
+                                        f"{folder / 'good-fixed.mp4'}"),
+             ([str(tmp_path / "x.txt")], f"--out {tmp_path / 'x.txt'}: ffmpeg writes no container with the extension "
+                                         f"'.txt'; name the copy like the input, e.g. {tmp_path / 'x.mp4'}"),
+             ([str(tmp_path / "noext")], "with the extension '(none)'")]
+    for out, message in cases:
+        assert cli.main(["fix", str(files / "good.mp4"), "--out", *out]) == check.EXIT_UNCHECKED
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not list(folder.iterdir())
 
 
 def test_fix_over_every_bad_input_leaves_input_and_out_untouched(files, bad, tmp_path, capsys):
