@@ -372,11 +372,17 @@ def test_csv_with_inf_bom_bad_header_and_missing_folders(tmp_path, capsys):
     for args, words in [(["--csv", str(bad_header), "--videos", str(folder)], f"{bad_header}:2: header lacks"),
                         (["--csv", str(good), "--videos", str(tmp_path / "nope")], "nope: no such folder"),
                         (["--csv", str(tmp_path / "none.csv"), "--videos", str(folder)], "none.csv: no such file"),
-                        (["--videos", str(tmp_path / "nope")], "nope: no such folder")]:
-        assert ingest.main([*args, "--out", str(tmp_path / "out")]) == ingest.EXIT_BAD_INPUT
+                        (["--videos", str(tmp_path / "nope")], "nope: no such folder"),
+                        (["--videos", str(good)], "list.csv: not a folder, nor a video by its extension"),
+                        (["--videos", str(folder), "--out", str(good)], f"--out {good}: a file, not a folder or an "
+                                                                        f"s3:// prefix")]:
+        assert ingest.main(["--out", str(tmp_path / "out"), *args]) == ingest.EXIT_BAD_INPUT
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("flipray ingest: ") and words in err[0], err
     assert not (tmp_path / "out").exists()
+    # one video named directly is a source of its own (the folder form's scene id)
+    [source] = ingest.folder_sources(folder / "abcdefghijk_0_12000.mp4")
+    assert source == ingest.folder_sources(folder)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

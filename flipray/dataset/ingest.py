@@ -53,7 +53,7 @@ from pathlib import Path
 from flipray import media, raylocal
 from flipray.dataset.manifest import assign_splits
 from flipray.optional import require
-from flipray.dataset.store import Store, upload_clip, upload_dataset
+from flipray.dataset.store import Store, is_s3, upload_clip, upload_dataset
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +121,16 @@ def folder_sources(folder: str | os.PathLike) -> list[Source]:
         paths, names = [p for p, _ in found], [n for _, n in found]
     else:
         folder = Path(folder)
-        if not folder.is_dir():
+        if folder.is_file():  # one video named directly
+            if folder.suffix.lower() not in VIDEO_EXTS:
+                raise ValueError(f"{folder}: not a folder, nor a video by its extension "
+                                 f"({', '.join(sorted(VIDEO_EXTS))})")
+            paths, names = [folder], [folder.name]
+        elif not folder.is_dir():
             raise FileNotFoundError(f"{folder}: no such folder")
-        paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTS)
-        names = [p.relative_to(folder).as_posix() for p in paths]
+        else:
+            paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTS)
+            names = [p.relative_to(folder).as_posix() for p in paths]
     stems = collections.Counter(_clean(Path(n).with_suffix("").as_posix()) for n in names)
     sources = []
     for path, name in zip(paths, names):
@@ -448,8 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="flipray ingest", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="dataset root: s3://bucket/prefix (AWS_* environment) or a folder")
-    p.add_argument("--videos", help="folder of videos or an s3:// prefix (with --csv: the local folder where the "
-                                    "list's videos were downloaded)")
+    p.add_argument("--videos", help="folder of videos, one video file, or an s3:// prefix (with --csv: the local "
+                                    "folder where the list's videos were downloaded)")
     p.add_argument("--csv", help="YouTube-ASMR list: header, # comments, ytid, ts_start, ts_end")
     p.add_argument("--dataset", help="upload an existing clip-format dataset (e.g. `flipray synth` output) instead")
     p.add_argument("--size", type=int, default=defaults.size, help="square frame side")
@@ -474,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     try:  # bad sources and stores are reported in one line before any Ray instance starts
         if args.videos:
             (csv_sources(args.csv, args.videos) if args.csv else folder_sources(args.videos))
+        if not is_s3(args.out) and Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out}: a file, not a folder or an s3:// prefix")
         Store(args.out)
         if not args.dataset:
             ray = require("ray")
