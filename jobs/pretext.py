@@ -40,8 +40,8 @@ from flipray.overrides import user_errors
 from flipray.pretext.data import ClipDataset, EpochSampler, check_data_root, num_items, train_sampler
 from flipray.pretext.models import SpatialAlignmentNet, count_parameters
 from flipray.pretext.train import (calibrate, evaluate, evaluate_splits, fit, load_checkpoint, make_loader,
-                                  make_optimizer, new_state, plot_curves, prepare_model, save_checkpoint, split_batch,
-                                  upgrade_state)
+                                  make_optimizer, new_state, plot_curves, prepare_model, resume_conflict,
+                                  save_checkpoint, split_batch, upgrade_state)
 from flipray import tracking
 from flipray.dataset.store import storage_location
 
@@ -59,7 +59,8 @@ FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "FLIPRAY_
 
 def fault_fires_once(run_id: str, step: int = 0) -> bool:
     """True the first time a run's fault drill asks at this step, False after: the mark lives in the cluster's GCS
-    key-value store, which outlives the worker groups Ray Train restarts (a restart from no checkpoint replays step K)."""
+    key-value store, which outlives the worker groups Ray Train restarts (a restart from no checkpoint replays step
+    K)."""
     from ray.experimental.internal_kv import _internal_kv_put
     return not _internal_kv_put(f"fault-drill:{run_id}:{step}", b"fired", overwrite=False, namespace="flipray")
 
@@ -292,7 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"MLflow run: {run_url(uri, experiment_id, previous.info.run_id)}")
         return {"run_name": run_name, "run_id": previous.info.run_id, "experiment_id": experiment_id,
                 "tracking_uri": uri, "already_finished": True, "samples_seen": done}
-    if previous is not None:
+    if previous is not None:  # its checkpoints are restored: the network they hold must be the one configured
+        resume_conflict(previous.data.params, cfg, f"--run-name {run_name} continues MLflow run {previous.info.run_id}")
         run_id = previous.info.run_id
         log.info("continuing MLflow run %s (%s)", run_id, run_name)
     else:

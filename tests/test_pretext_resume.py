@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from flipray.overrides import UsageError
 from flipray.pretext.train import load_checkpoint
 from jobs import pretext
 
@@ -51,8 +52,13 @@ def test_resubmitting_with_the_same_run_name_continues_from_the_checkpoint(synth
     cut_off.parent.mkdir()
     cut_off.write_bytes(written[-1].read_bytes()[:4096])
 
-    # attempt 2: the same command
+    # the same run name with another network: refused before Ray restores a checkpoint it cannot load
     monkeypatch.delenv("FLIPRAY_FAULT_AT_STEP")
+    with pytest.raises(UsageError, match=r"continues MLflow run .*: the run's network cannot change "
+                                         r"\(model.front_end ild-ipd-gcc -> logmel\)"):
+        pretext.main([*argv, "--set", "model.front_end=logmel"])
+
+    # attempt 2: the same command
     summary = pretext.main(argv)
     # removed (with attempt 1's step-4 copy when that one never reached the controller), the registered ones kept
     assert str(cut_off.parent) in summary["removed_checkpoints"] and not cut_off.parent.exists()

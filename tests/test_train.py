@@ -85,6 +85,12 @@ def test_train_checkpoint_resume_is_exact_and_reports(synth_root, tmp_path, caps
     assert half["state"]["samples_seen"] == 16 and half["state"]["step"] == 4
     with pytest.raises(UsageError, match="--resume"):
         main(["--config", "demo", "--run-name", "split", *sum((["--set", s] for s in common), [])])
+    stored = (tmp_path / "split" / "checkpoint.pt").read_bytes()
+    with pytest.raises(UsageError, match=r"^--resume: the run's network cannot change \(data.n_mels 32 -> 64; "
+                                         r"model.audio_width 8 -> 16\)"):  # was: torch's size-mismatch traceback
+        main(["--config", "demo", "--run-name", "split", "--resume", "--set", "train.total_samples=32", "--set",
+              f"train.out_dir={tmp_path}", "--set", "model.audio_width=16", "--set", "data.n_mels=64"])
+    assert (tmp_path / "split" / "checkpoint.pt").read_bytes() == stored
     resumed = main(["--config", "demo", "--run-name", "split", "--resume", "--set", "train.total_samples=32",
                     "--set", f"train.out_dir={tmp_path}"])
 

@@ -395,6 +395,22 @@ def load_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"{path}: not a flipray checkpoint ({type(e).__name__}: {first_line})") from None
 
 
+# Settings that make the network or what its first layer reads: a resumed run keeps them (its weights fit no other).
+FIXED_ON_RESUME = ("model.", "train.task", "data.audio_channels", "data.sample_rate", "data.window_s", "data.n_fft",
+                   "data.win_length", "data.hop_length", "data.n_mels")
+
+
+def resume_conflict(saved: dict, cfg: Config, how: str) -> None:
+    """A UsageError when `cfg` changes a FIXED_ON_RESUME setting of the run it continues (`saved`: that run's flat
+    config, values as they are or as the strings MLflow params hold; a key it lacks, from an older version, is not
+    compared). `how` says how the run is being continued, for the message."""
+    changed = [f"{k} {saved[k]} -> {v}" for k, v in cfg.flat().items()
+               if k.startswith(FIXED_ON_RESUME) and k in saved and str(saved[k]) != str(v)]
+    if changed:
+        raise UsageError(f"{how}: the run's network cannot change ({'; '.join(changed)}): drop those --set, or "
+                         f"start a new run (another --run-name)")
+
+
 def load_model(path: str | Path) -> tuple[SpatialAlignmentNet, Config]:
     """A trained SpatialAlignmentNet (eval mode) and its config from a checkpoint file."""
     ckpt = load_checkpoint(path)
@@ -468,7 +484,9 @@ def main(argv: list[str] | None = None) -> dict:
             raise UsageError(f"--resume: {run_dir} holds no checkpoint.pt to continue (--run-name names the run)")
         ckpt = load_checkpoint(ckpt_path)
         # The run's own config wins over the preset; --set still applies (e.g. a larger train.total_samples).
+        saved = config_from_dict(ckpt["config"])
         cfg = apply_overrides(config_from_dict(ckpt["config"]), args.set)
+        resume_conflict(saved.flat(), cfg, "--resume")
         check_data_root(cfg)
     elif ckpt_path.exists():
         raise UsageError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or another "
