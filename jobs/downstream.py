@@ -25,6 +25,7 @@ gets a parent run for the table and one nested run per method (params, per-epoch
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import logging
 import os
@@ -201,13 +202,19 @@ def table_main(task_module):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         args = parse_args(task_module, argv)
-        dataset_rows(args.data, "--data")  # a wrong --data is one line now, not a traceback from every method
+        listed = dataset_rows(args.data, "--data")  # a wrong --data is one line, not a traceback from every method
         task = task_module.TABLE["task"]
         out = Path(args.out) / task
         uri = None if args.no_mlflow else tracking.tracking_uri(args.tracking_uri)
         needed = {m.get("pretext") for m in task_module.METHODS.values()} - {None}
         pretext = resolve_pretext(args.pretext, needed | {getattr(task_module, "SHAPE_FROM", "flip")}, out, uri)
         configs = method_configs(task_module, args, pretext)
+        counts = collections.Counter(row["split"] for row in listed)
+        for split in sorted({s for cfg in configs.values() for s in (cfg.train_split, cfg.eval_split)}):
+            if not counts[split]:
+                raise UsageError(f"--data: {args.data} has no clips in split {split!r} ({dict(counts) or 'none'}); "
+                                 f"the {task} table trains on {next(iter(configs.values())).train_split!r} and "
+                                 f"scores {next(iter(configs.values())).eval_split!r}")
         for m, cfg in configs.items():
             cfg.out_dir = cfg.out_dir or str((out / m).resolve())
         print(f"{task}: {len(configs)} methods ({', '.join(configs)}) on {args.data}, preset {args.preset}",

@@ -163,3 +163,27 @@ def test_a_pretext_that_is_no_model_is_one_line_for_the_jobs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.startswith(f"python -m jobs.localize: cannot load the model {junk}")
     assert err.count("\n") == 1
+
+
+def test_a_table_job_on_data_without_its_splits_says_so_before_training(synth_root, tmp_path, monkeypatch):
+    """A downstream table on a dataset with no clips in the split it scores (one ingested video: all train) stops
+    with one line naming the split, before any method trains (was: a traceback from each method's task)."""
+    import json
+
+    import torch
+
+    from flipray.pretext.models import SpatialAlignmentNet
+    from jobs import downstream
+    monkeypatch.chdir(tmp_path)  # the default MLflow store (.flipray/local) is not there: no model is found
+    pcfg = load_config("demo")
+    torch.save({"model": SpatialAlignmentNet(pcfg).state_dict(), "config": pcfg.to_dict()}, tmp_path / "flip.pt")
+    root = tmp_path / "train-only"
+    root.mkdir()
+    rows = [json.loads(line) for line in (synth_root / "manifest.jsonl").read_text().splitlines()]
+    (root / "manifest.jsonl").write_text("".join(json.dumps({**r, "split": "train"}) + "\n" for r in rows))
+    with pytest.raises(overrides.UsageError, match=f"^--data: {root} has no clips in split 'test' \\({{'train': "
+                                                   f"{len(rows)}}}\\); the localize table trains on 'train' and "
+                                                   f"scores 'test'$"):
+        downstream.main(["--task", "localize", "--data", str(root), "--methods", "flip", "--local", "--no-mlflow",
+                         "--pretext", f"flip={tmp_path / 'flip.pt'}", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "localize" / "flip").exists()
