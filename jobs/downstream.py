@@ -25,7 +25,6 @@ gets a parent run for the table and one nested run per method (params, per-epoch
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import logging
 import os
@@ -34,7 +33,7 @@ import time
 from pathlib import Path
 
 from flipray import overrides, tasks, tracking
-from flipray.dataset.store import dataset_rows
+from flipray.dataset.store import dataset_rows, require_splits
 from flipray.overrides import UsageError, apply, read_yaml
 from flipray.tasks.base import write_json
 from flipray.tasks.tables import paper_tables, write_table
@@ -209,12 +208,9 @@ def table_main(task_module):
         needed = {m.get("pretext") for m in task_module.METHODS.values()} - {None}
         pretext = resolve_pretext(args.pretext, needed | {getattr(task_module, "SHAPE_FROM", "flip")}, out, uri)
         configs = method_configs(task_module, args, pretext)
-        counts = collections.Counter(row["split"] for row in listed)
-        for split in sorted({s for cfg in configs.values() for s in (cfg.train_split, cfg.eval_split)}):
-            if not counts[split]:
-                raise UsageError(f"--data: {args.data} has no clips in split {split!r} ({dict(counts) or 'none'}); "
-                                 f"the {task} table trains on {next(iter(configs.values())).train_split!r} and "
-                                 f"scores {next(iter(configs.values())).eval_split!r}")
+        first = next(iter(configs.values()))
+        require_splits(listed, {s for cfg in configs.values() for s in (cfg.train_split, cfg.eval_split)}, "--data",
+                       args.data, f"the {task} table trains on {first.train_split!r} and scores {first.eval_split!r}")
         for m, cfg in configs.items():
             cfg.out_dir = cfg.out_dir or str((out / m).resolve())
         print(f"{task}: {len(configs)} methods ({', '.join(configs)}) on {args.data}, preset {args.preset}",

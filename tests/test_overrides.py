@@ -187,3 +187,9 @@ def test_a_table_job_on_data_without_its_splits_says_so_before_training(synth_ro
         downstream.main(["--task", "localize", "--data", str(root), "--methods", "flip", "--local", "--no-mlflow",
                          "--pretext", f"flip={tmp_path / 'flip.pt'}", "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out" / "localize" / "flip").exists()
+    from tuning import sweep  # the sweep the same, before its MLflow store or Ray
+    with pytest.raises(overrides.UsageError, match=f"^--data: {root} has no clips in split 'val' .*; the sweep "
+                                                   f"trains on 'train' and scores 'val'$"):
+        sweep.main(["--task", "localize", "--data", str(root), "--pretext", f"flip={tmp_path / 'flip.pt'}",
+                    "--storage", str(tmp_path / "tune"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert not (tmp_path / "mlflow.db").exists()

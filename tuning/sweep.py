@@ -34,9 +34,9 @@ from pathlib import Path
 
 import yaml
 
-from flipray.overrides import apply, user_errors
+from flipray.overrides import UsageError, apply, user_errors
 from flipray import tasks, tracking
-from flipray.dataset.store import dataset_rows, storage_location
+from flipray.dataset.store import dataset_rows, require_splits, storage_location
 from flipray.tracking import resolve_pretext
 from jobs.downstream import task_resources
 
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    dataset_rows(args.data, "--data")  # a wrong --data is one line, not an error in every trial
+    listed = dataset_rows(args.data, "--data")  # a wrong --data is one line, not an error in every trial
     d = load_definition(args.task, args.definition)
     task = tasks.get(args.task)
     name = args.name or f"sweep-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     restoring = tune.Tuner.can_restore(exp_dir, storage_filesystem=filesystem)
     if args.restore and not restoring:
-        raise FileNotFoundError(f"--restore: no Tune experiment at {exp_dir}")
+        raise UsageError(f"--restore: no Tune experiment at {exp_dir}")
 
     # The base task config every trial starts from: preset, method, data, pretext weights (downloaded once here).
     method = task.METHODS[d["method"]]
@@ -258,9 +258,11 @@ def main(argv: list[str] | None = None) -> dict:
     base.pretext = pretext.get(needs or "flip", "")
     base.pretrained = needs is not None
     if needs and not base.pretext:
-        raise ValueError(f"method {d['method']} needs a {needs} pretext model: pass --pretext {needs}=URI")
+        raise UsageError(f"method {d['method']} needs a {needs} pretext model: pass --pretext {needs}=URI")
     apply(base, d.get("fixed", {}))
     apply(base, args.set)
+    require_splits(listed, (base.train_split, base.eval_split), "--data", args.data,
+                   f"the sweep trains on {base.train_split!r} and scores {base.eval_split!r}")
     base.out_dir = str(out / "trials")
 
     # MLflow: the driver creates the store and the parent run before any trial starts.

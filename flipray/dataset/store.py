@@ -21,6 +21,7 @@ dataset (S3 PUTs are atomic: an object is either whole or absent).
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -228,6 +229,16 @@ def dataset_rows(root: str | os.PathLike, option: str) -> list[dict]:
         return read_manifest(root)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"{option}: {e}") from None
+
+
+def require_splits(rows: list[dict], splits, option: str, root, purpose: str) -> None:
+    """A UsageError `OPTION: ROOT has no clips in split 'test' ({'train': 7}); PURPOSE` unless every split in
+    `splits` has rows (dataset_rows' rows)."""
+    from flipray.overrides import UsageError
+    counts = collections.Counter(row["split"] for row in rows)
+    for split in sorted(set(splits)):
+        if not counts[split]:
+            raise UsageError(f"{option}: {root} has no clips in split {split!r} ({dict(counts) or 'none'}); {purpose}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
