@@ -84,6 +84,7 @@ def test_synth_command_line_takes_set_and_config_files(tmp_path, capsys):
 def test_commands_say_what_is_wrong_in_one_line_and_exit_2(synth_root, tmp_path, capsys, monkeypatch):
     """A bad --set, preset, config file, data root or --resume: `PROG: what is wrong` on stderr, exit 2, nothing
     written (before: a traceback and exit 1)."""
+    import collections
     import json
 
     from flipray import cli
@@ -103,7 +104,9 @@ def test_commands_say_what_is_wrong_in_one_line_and_exit_2(synth_root, tmp_path,
              (["--config", "absent.yaml"], "config file absent.yaml does not exist"),
              (["--set", f"data.root={tmp_path / 'absent'}"], f"data.root: {tmp_path / 'absent' / 'manifest.jsonl'}: "
                                                              "no manifest"),
-             (["--set", f"data.root={no_test}"], f"data.root: {no_test} has no test clips ({len(kept)} in all)"),
+             (["--set", f"data.root={no_test}"], f"data.root: {no_test} has no clips in split 'test' "
+                                                 f"({dict(collections.Counter(r['split'] for r in kept))}); training "
+                                                 f"needs clips in train, val and test"),
              (["--set", f"data.root={synth_root}", "--resume", "--run-name", "r"],
               "--resume: runs/r holds no checkpoint.pt to continue")]
     for argv, message in cases:

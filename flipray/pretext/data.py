@@ -32,8 +32,7 @@ from torch.utils.data import Dataset, Sampler, default_collate
 from flipray.config import Config
 from flipray.dataset.cache import open_store
 from flipray.dataset.manifest import read_manifest
-from flipray.dataset.store import dataset_rows, is_s3
-from flipray.overrides import UsageError
+from flipray.dataset.store import dataset_rows, is_s3, require_splits
 
 log = logging.getLogger(__name__)
 
@@ -516,12 +515,9 @@ def check_data_root(cfg: Config) -> dict[str, int]:
     (train, val, test) empty. The trainers call it first, so a wrong root is one line before any worker starts, not a
     traceback after training."""
     rows = dataset_rows(cfg.data.root, "data.root")
-    counts = {split: sum(r["split"] == split for r in rows) for split in ("train", "val", "test")}
-    empty = [split for split, n in counts.items() if not n]
-    if empty:
-        raise UsageError(f"data.root: {cfg.data.root} has no {' or '.join(empty)} clips ({len(rows)} in all); "
-                         f"training needs clips in train, val and test")
-    return counts
+    require_splits(rows, ("train", "val", "test"), "data.root", cfg.data.root,
+                   "training needs clips in train, val and test")
+    return {split: sum(r["split"] == split for r in rows) for split in ("train", "val", "test")}
 
 
 class ClipDataset(Dataset):
