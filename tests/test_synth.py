@@ -520,7 +520,9 @@ def test_a_dataset_there_is_kept_and_one_made_otherwise_is_refused(tmp_path):
     assert all(files[p] == (p.read_bytes(), p.stat().st_mtime_ns) for p in files)  # the first four untouched
     assert more == synth.generate(tmp_path / "fresh", 6, seed=1, **tiny)  # as a fresh run of 6 (splits included)
     (root / rows[1]["audio"]).unlink()
-    assert synth.generate(root, 2, seed=1, **tiny) == more and (root / rows[1]["audio"]).is_file()
+    (root / rows[2]["meta"]).unlink()
+    assert synth.generate(root, 2, seed=1, **tiny) == more  # both made again
+    assert (root / rows[1]["audio"]).is_file() and (root / rows[2]["meta"]).is_file()
     # a dataset of user clips (ingest's sidecars have no generator record) is refused the same way
     sidecar = json.loads((root / rows[0]["meta"]).read_text())
     del sidecar["generator"]

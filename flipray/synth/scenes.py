@@ -39,6 +39,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -876,8 +877,8 @@ def plan_clips(out_dir, seed: int, cfg, wanted: list[tuple[int, int]]) -> tuple[
     way (their sidecars' `generator` has this seed and config), and the new manifest lists them too, beyond `wanted`
     if need be; so the same command again makes nothing, and a larger --clips adds clips. A listed clip made
     otherwise (another seed or config, or not by this generator) is a UsageError: this run would replace its files.
-    A listed clip of this generator whose files are gone is made again; files no manifest lists (an interrupted run)
-    are overwritten."""
+    A listed clip of this generator whose files are gone (its sidecar too, by its clip id) is made again; files no
+    manifest lists (an interrupted run) are overwritten."""
     root = Path(out_dir)
     if not (root / MANIFEST_NAME).exists():
         return [], list(wanted)
@@ -886,8 +887,12 @@ def plan_clips(out_dir, seed: int, cfg, wanted: list[tuple[int, int]]) -> tuple[
     except ValueError as e:
         raise UsageError(f"--out {root}: {e}; not writing over it") from None
     want = json.loads(json.dumps({"seed": seed, "config": asdict(cfg)}))  # tuples as the sidecars hold them: lists
-    kept, made_again = [], set()
+    kept, have, made_again = [], set(), set()
     for row in listed:
+        named = re.fullmatch(r"s(\d{6})_c(\d+)", row["clip_id"])
+        if named and not (root / row["meta"]).exists():  # a clip of this naming that lost its sidecar: unverified,
+            made_again.add((int(named[1]), int(named[2])))  # made again (a sidecar of another run would refuse)
+            continue
         try:
             generator = json.loads((root / row["meta"]).read_text())["generator"]
         except (OSError, ValueError, KeyError, TypeError):
@@ -903,12 +908,12 @@ def plan_clips(out_dir, seed: int, cfg, wanted: list[tuple[int, int]]) -> tuple[
                 how = "another config (" + ", ".join(differ[:4]) + (", ..." if len(differ) > 4 else "") + ")"
             raise UsageError(f"--out {root} holds a dataset of {len(listed)} clips made otherwise ({row['clip_id']}: "
                              f"{how}); writing here would replace its clips: give another --out")
+        where = (generator["scene"], generator["clip"])
         if all((root / row[k]).is_file() for k in ("video", "audio", "meta")):
             kept.append(row)
+            have.add(where)
         else:
-            made_again.add((generator["scene"], generator["clip"]))
-    have = {(r["scene"], r["clip"]) for r in (json.loads((root / row["meta"]).read_text())["generator"]
-                                              for row in kept)}
+            made_again.add(where)
     todo = sorted((set(wanted) | made_again) - have)
     return kept, todo
 
