@@ -889,7 +889,7 @@ def plan_clips(out_dir, seed: int, cfg, wanted: list[tuple[int, int]]) -> tuple[
     want = json.loads(json.dumps({"seed": seed, "config": asdict(cfg)}))  # tuples as the sidecars hold them: lists
     kept, have, made_again = [], set(), set()
     for row in listed:
-        named = re.fullmatch(r"s(\d{6})_c(\d+)", row["clip_id"])
+        named = re.fullmatch(r"[sp](\d{6})_c(\d+)", row["clip_id"])  # synth: s000012_c0, synth360: p000012_c0
         if named and not (root / row["meta"]).exists():  # a clip of this naming that lost its sidecar: unverified,
             made_again.add((int(named[1]), int(named[2])))  # made again (a sidecar of another run would refuse)
             continue
