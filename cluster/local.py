@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from flipray.overrides import UsageError, user_errors
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,9 +162,13 @@ def load(state_dir: Path | str = DEFAULT_STATE_DIR) -> LocalServices:
     path = _state_path(state_dir)
     if not path.exists():
         return LocalServices(state_dir)
-    data = json.loads(path.read_text())
-    services = {name: Service(**rec) for name, rec in data.get("services", {}).items() if name in NAMES}
-    return LocalServices(state_dir, credentials=data.get("credentials", {}), **services)
+    try:
+        data = json.loads(path.read_text())
+        services = {name: Service(**rec) for name, rec in data.get("services", {}).items() if name in NAMES}
+        return LocalServices(state_dir, credentials=data.get("credentials", {}), **services)
+    except (ValueError, TypeError, AttributeError) as e:  # written by atomic rename: only a hand edit gets here
+        raise UsageError(f"{path}: not a record of cluster.local's services ({str(e).splitlines()[0]}); move it "
+                         f"aside and stop what it listed by PID (`ps`), then run `up` again") from None
 
 
 def _save(local: LocalServices) -> None:
@@ -845,4 +851,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with user_errors("python -m cluster.local"):
+        sys.exit(main())

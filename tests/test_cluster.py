@@ -250,6 +250,21 @@ def test_env_without_state_fails(tmp_path):
     assert result.returncode == 1 and not result.stdout and "up" in result.stderr
 
 
+def test_a_state_file_that_is_no_record_is_one_line_and_left_alone(tmp_path):
+    """services.json is written by atomic rename; a hand-edited or foreign one is refused by every command (was: a
+    JSON traceback), and `up` does not write over it."""
+    state = tmp_path / "services.json"
+    for text in ("garbage{", '{"services": {"s3": {"nonsense": 1}}}'):
+        state.write_text(text)
+        for command in ("status", "down", "env", "up"):
+            result = subprocess.run([sys.executable, "-m", "cluster.local", command, "--state-dir", str(tmp_path)],
+                                    cwd=REPO, capture_output=True, text=True, timeout=60)
+            assert result.returncode == 2, (command, result.stderr[-2000:])
+            assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith(
+                f"python -m cluster.local: {state}: not a record of cluster.local's services ("), result.stderr
+        assert state.read_text() == text
+
+
 def test_ray_temp_dir_stays_short_enough_for_sockets(tmp_path):
     assert local.ray_temp_dir(Path("/tmp/s")) == Path("/tmp/s/ray")
     deep = tmp_path / ("x" * 60)
