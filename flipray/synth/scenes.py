@@ -918,6 +918,18 @@ def plan_clips(out_dir, seed: int, cfg, wanted: list[tuple[int, int]]) -> tuple[
     return kept, todo
 
 
+def make_clips(task_fn, out_dir, seed: int, cfg, clips: int, per_scene: int, workers: int | None, progress: bool,
+               desc: str) -> list[dict]:
+    """The first `clips` clips (scenes of per_scene clips) in out_dir, with the ones it already lists kept
+    (plan_clips): rows in clip_id order, without splits; only the missing clips are rendered (render_clips)."""
+    kept, todo = plan_clips(out_dir, seed, cfg, [(i // per_scene, i % per_scene) for i in range(clips)])
+    if kept and progress:
+        print(f"{out_dir}: {len(kept)} clips of this seed and config already there, kept; {len(todo)} to make")
+    (Path(out_dir) / "clips").mkdir(parents=True, exist_ok=True)
+    tasks = [(str(out_dir), cfg, seed, scene, k) for scene, k in todo]
+    return sorted(kept + render_clips(task_fn, tasks, workers, progress, desc), key=lambda r: r["clip_id"])
+
+
 def generate(out_dir, clips: int, seed: int = 0, workers: int | None = None, progress: bool = False,
              **options) -> list[dict]:
     """Write `clips` clips (scenes of cfg.clips_per_scene clips each) and then manifest.jsonl under out_dir; return
@@ -926,13 +938,7 @@ def generate(out_dir, clips: int, seed: int = 0, workers: int | None = None, pro
     cfg = SynthConfig(**options)
     if clips < 1:
         raise UsageError(f"clips must be >= 1, got {clips}")
-    kept, todo = plan_clips(out_dir, seed, cfg, [(i // cfg.clips_per_scene, i % cfg.clips_per_scene)
-                                                 for i in range(clips)])
-    if kept and progress:
-        print(f"{out_dir}: {len(kept)} clips of this seed and config already there, kept; {len(todo)} to make")
-    (Path(out_dir) / "clips").mkdir(parents=True, exist_ok=True)
-    tasks = [(str(out_dir), cfg, seed, scene, k) for scene, k in todo]
-    rows = sorted(kept + render_clips(_make_clip_task, tasks, workers, progress, "synth"), key=lambda r: r["clip_id"])
+    rows = make_clips(_make_clip_task, out_dir, seed, cfg, clips, cfg.clips_per_scene, workers, progress, "synth")
     splits = assign_splits([row["scene_id"] for row in rows], seed=seed)
     for row in rows:
         row["split"] = splits[row["scene_id"]]

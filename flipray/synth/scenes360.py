@@ -41,7 +41,7 @@ from scipy.signal import fftconvolve
 from flipray import foa, media, overrides
 from flipray.overrides import UsageError
 from flipray.dataset.manifest import SPLITS, assign_splits, write_manifest
-from flipray.synth.scenes import (SILENT_CLASSES, SOUNDING_CLASSES, plan_clips, render_clips, room_tails,
+from flipray.synth.scenes import (SILENT_CLASSES, SOUNDING_CLASSES, make_clips, room_tails,
                                   source_signal, sprite)
 
 MOTIONS = ("static", "orbit", "wander")
@@ -313,13 +313,7 @@ def generate(out_dir, clips: int, seed: int = 0, workers: int | None = None, pro
     if clips < 1:
         raise UsageError(f"clips must be >= 1, got {clips}")
     per_scene = 1 if cfg.doa else cfg.clips_per_scene
-    kept, todo = plan_clips(out_dir, seed, cfg, [(i // per_scene, i % per_scene) for i in range(clips)])
-    if kept and progress:
-        print(f"{out_dir}: {len(kept)} clips of this seed and config already there, kept; {len(todo)} to make")
-    (Path(out_dir) / "clips").mkdir(parents=True, exist_ok=True)
-    tasks = [(str(out_dir), cfg, seed, scene, k) for scene, k in todo]
-    rows = sorted(kept + render_clips(_make_clip_task, tasks, workers, progress, "synth360"),
-                  key=lambda r: r["clip_id"])
+    rows = make_clips(_make_clip_task, out_dir, seed, cfg, clips, per_scene, workers, progress, "synth360")
     if cfg.doa:
         splits = doa_splits(rows, seed)
         for row in rows:
