@@ -121,6 +121,8 @@ class ClusterConfig:
                                       # replacement the first restart can ask for the old size while the dead node
                                       # still counts, and waits this long before it settles for fewer workers
     keep_checkpoints: int = 2         # newest checkpoints kept in storage
+    mlflow_wait_s: float = 600.0      # at the end of a run, how long to wait for an MLflow server that stopped
+                                      # answering (training never waits: its metrics are held and sent later)
     experiment: str = "flipray-pretext"   # MLflow experiment
     register_as: str = "flipray-pretext"  # registered model name; "" = do not register
 
@@ -217,6 +219,8 @@ class Config:
             raise UsageError(f"cluster.min_workers must be in 0..cluster.workers ({c.workers}), got {c.min_workers}")
         if c.worker_start_timeout_s <= 0:
             raise UsageError(f"cluster.worker_start_timeout_s must be > 0, got {c.worker_start_timeout_s}")
+        if c.mlflow_wait_s < 0:
+            raise UsageError(f"cluster.mlflow_wait_s must be >= 0 (seconds), got {c.mlflow_wait_s}")
         lo, hi = self.worker_range
         # Only an elastic run is checked here: it may shrink mid-run to a size the batch does not split over. A
         # fixed-size Ray run fails at its start (split_batch), and the local trainer and bench's plain runs ignore

@@ -17,6 +17,9 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
+import time
+from collections import deque
 from pathlib import Path
 
 from flipray.optional import require
@@ -81,6 +84,125 @@ def check_store(uri: str, create: bool = False) -> None:
         raise StoreError(f"{path}: not a readable SQLite database ({e})") from None
     if "experiments" not in tables:
         raise StoreError(f"{path} is a SQLite database without MLflow's tables, not an MLflow store; left as it is")
+
+
+class MetricLog:
+    """The metrics of one MLflow run, sent by a background thread so that training never waits on the tracking
+    server (jobs/pretext.py's rank 0):
+
+        metrics = MetricLog(uri, run_id, held=state.get("mlflow_held", ()))
+        metrics.log(step, loss=0.69, flip_acc=0.5)
+        unsent = metrics.close(wait_s=600)
+
+    While the server does not answer, metrics are held, each with the time it was measured, and sent when it answers
+    again: one warning line when it stops, one line when it is back. `held()` goes into every checkpoint, so a worker
+    group restarted from it sends what the lost one could not; sending a metric twice is harmless (MLflow drops a
+    repeat of the same key, value, time and step)."""
+
+    BATCH = 1000  # MLflow's log_batch takes at most 1000 metrics
+
+    def __init__(self, uri: str, run_id: str, held=(), retry_s: float = 2.0, max_retry_s: float = 30.0,
+                 max_held: int = 200_000):
+        # one request gives up after a few seconds; this class does the retrying, for as long as it takes
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        self.uri, self.run_id = uri, run_id
+        self.retry_s, self.max_retry_s, self.max_held = retry_s, max_retry_s, max_held
+        self._client = require("mlflow").MlflowClient(uri)
+        self._metric = require("mlflow.entities").Metric
+        self._lock, self._wake = threading.Lock(), threading.Event()
+        self._closing, self._given_up = threading.Event(), threading.Event()
+        self._pending: deque = deque()  # (seq, key, value, timestamp_ms, step)
+        self._seq = self._dropped = 0
+        for key, value, timestamp, step in held:
+            self._hold(key, value, timestamp, step)
+        self._thread = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
+        self._thread.start()
+        if self._pending:
+            self._wake.set()
+
+    def _hold(self, key: str, value: float, timestamp: int, step: int) -> None:
+        if len(self._pending) >= self.max_held:  # a long outage: the oldest go first
+            self._pending.popleft()
+            self._dropped += 1
+        self._seq += 1
+        self._pending.append((self._seq, str(key), float(value), int(timestamp), int(step)))
+
+    def log(self, step: int, **metrics: float) -> None:
+        now = int(time.time() * 1000)
+        with self._lock:
+            for key, value in metrics.items():
+                self._hold(key, value, now, step)
+        self._wake.set()
+
+    def held(self) -> list[list]:
+        """[key, value, timestamp_ms, step] of every metric not sent yet (plain values: checkpoint-safe)."""
+        with self._lock:
+            return [list(m[1:]) for m in self._pending]
+
+    def _send_all(self) -> int:
+        """Send what is pending, oldest first, in batches; returns how many were sent. Raises what MLflow raises."""
+        sent = 0
+        while True:
+            with self._lock:
+                batch = [self._pending[i] for i in range(min(self.BATCH, len(self._pending)))]
+            if not batch:
+                return sent
+            self._client.log_batch(self.run_id, metrics=[self._metric(*m[1:]) for m in batch])
+            with self._lock:  # held ones may have been dropped meanwhile: remove by sequence number
+                while self._pending and self._pending[0][0] <= batch[-1][0]:
+                    self._pending.popleft()
+            sent += len(batch)
+
+    def _send_loop(self) -> None:
+        down_since, delay, sent_while_down = None, self.retry_s, 0
+        while True:
+            if down_since is None:
+                self._wake.wait()
+            elif self._closing.is_set():  # close() is waiting: retry at the shortest interval
+                time.sleep(self.retry_s)
+            else:
+                self._closing.wait(delay)  # a retry on a timer, cut short by close()
+            self._wake.clear()
+            try:
+                sent = self._send_all()
+            except Exception as e:  # noqa: BLE001 - whatever stops the request, training goes on
+                if self._given_up.is_set():  # close() has handed back what is held
+                    return
+                if down_since is None:
+                    down_since = time.time()
+                    log.warning("MLflow at %s is not answering (%s); training goes on, its metrics are held and "
+                                "sent when the server answers again", self.uri, _why(e))
+                delay = min(delay * 2, self.max_retry_s)
+                continue
+            if down_since is not None:
+                log.warning("MLflow at %s answers again after %.0f s: %d held metrics sent", self.uri,
+                            time.time() - down_since, sent_while_down + sent)
+                down_since, delay, sent_while_down = None, self.retry_s, 0
+            if self._closing.is_set() and not self._pending:
+                return
+
+    def artifact(self, path: str | Path) -> bool:
+        """Log a file now; one warning line instead of an error if the server does not take it."""
+        try:
+            self._client.log_artifact(self.run_id, str(path))
+            return True
+        except Exception as e:  # noqa: BLE001 - a figure is not worth a run
+            log.warning("MLflow at %s did not take %s: %s", self.uri, Path(path).name, _why(e))
+            return False
+
+    def close(self, wait_s: float) -> list[list]:
+        """Wait up to `wait_s` for everything to be sent; returns what was not (as `held()`), in one line if any."""
+        self._closing.set()
+        self._wake.set()
+        self._thread.join(wait_s)
+        self._given_up.set()
+        unsent = self.held()
+        if unsent or self._dropped:
+            log.warning("MLflow at %s did not answer within %.0f s: %d metrics not logged (kept in the checkpoint, "
+                        "sent when the run is continued)%s", self.uri, wait_s, len(unsent),
+                        f"; {self._dropped} older ones dropped while it was away" if self._dropped else "")
+        return unsent
 
 
 def pretext_model_name(task: str) -> str:

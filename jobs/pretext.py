@@ -68,7 +68,6 @@ def fault_fires_once(run_id: str, step: int = 0) -> bool:
 def train_worker(config: dict):
     import ray.train
     import ray.train.torch
-    from mlflow import MlflowClient
 
     os.environ.update(config["env"])
     cfg = config_from_dict(config["cfg"])
@@ -112,9 +111,11 @@ def train_worker(config: dict):
     if hold_dir and rank == 0:
         _hold_note(hold_dir, "start", world=world, restored_step=state["step"] if restored is not None else None)
 
-    mlflow = MlflowClient(config["tracking_uri"]) if rank == 0 else None
-    if mlflow is not None and restored is not None:  # restarts stay visible in the MLflow run
-        _log(mlflow, config["run_id"], state["step"], resumed_from_step=state["step"])
+    # rank 0 logs; an MLflow server that stops answering holds nothing up (tracking.MetricLog)
+    held = state.pop("mlflow_held", ())  # what the server had not taken when the checkpoint was written
+    mlflow_log = tracking.MetricLog(config["tracking_uri"], config["run_id"], held) if rank == 0 else None
+    if mlflow_log is not None and restored is not None:  # restarts stay visible in the MLflow run
+        mlflow_log.log(state["step"], resumed_from_step=state["step"])
     fault_steps = {int(k) for k in os.environ.get("FLIPRAY_FAULT_AT_STEP", "").split(",") if k.strip()}
     fault_rank = int(os.environ.get("FLIPRAY_FAULT_RANK", "1"))
 
@@ -122,19 +123,21 @@ def train_worker(config: dict):
         if (kind == "train" and rank == fault_rank and state["step"] in fault_steps
                 and fault_fires_once(config["run_id"], state["step"])):
             log.error("fault drill: rank %d exits at step %d", rank, state["step"])
+            if mlflow_log is not None:  # what it logged reaches MLflow first, so a test knows what to expect
+                mlflow_log.close(30)
             os._exit(1)
-        if mlflow is None:
+        if mlflow_log is None:
             return
         step = state["step"]
         if kind == "train" and step % cfg.train.log_every == 0:
-            _log(mlflow, config["run_id"], step, loss=m["loss"], flip_acc=m["acc"], lr=m["lr"],
-                 samples_per_s=m["samples_per_s"], samples_seen=state["samples_seen"])
+            mlflow_log.log(step, loss=m["loss"], flip_acc=m["acc"], lr=m["lr"], samples_per_s=m["samples_per_s"],
+                           samples_seen=state["samples_seen"])
         elif kind == "val":
-            _log(mlflow, config["run_id"], step, val_loss=m["loss"], val_flip_acc=m["acc"])
+            mlflow_log.log(step, val_loss=m["loss"], val_flip_acc=m["acc"])
         elif kind == "epoch":
-            _log(mlflow, config["run_id"], step, epoch_loss=m["loss"], epoch_flip_acc=m["acc"],
-                 epoch_samples_per_s=m["samples_per_s"], data_wait_fraction=m["data_wait_fraction"],
-                 epoch=state["epoch"], clips_skipped=m["skipped"])
+            mlflow_log.log(step, epoch_loss=m["loss"], epoch_flip_acc=m["acc"],
+                           epoch_samples_per_s=m["samples_per_s"], data_wait_fraction=m["data_wait_fraction"],
+                           epoch=state["epoch"], clips_skipped=m["skipped"])
 
     def save(state, final_metrics: dict | None = None):
         """Every rank reports (Ray Train's barrier); rank 0 attaches the checkpoint."""
@@ -146,6 +149,7 @@ def train_worker(config: dict):
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
+                state["mlflow_held"] = mlflow_log.held()  # a restart from this checkpoint sends them
                 save_checkpoint(Path(tmp) / "checkpoint.pt", module, optimizer, state, cfg)
                 (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -166,11 +170,12 @@ def train_worker(config: dict):
         final.update({f"{split}_flip_acc": r["acc"] for split, r in accuracy.items()})
         final.update({f"{split}_flip_acc_{group}": g["acc"] for split, r in accuracy.items()
                       for group, g in r.get("acc_by_capture", {}).items()})
-        _log(mlflow, config["run_id"], state["step"], **{f"final_{k}": v for k, v in final.items()})
-        with tempfile.TemporaryDirectory() as tmp:
-            plot_curves(state["history"], Path(tmp) / "curves.png",
-                        f"flip pretext on {world} Ray workers, {cfg.preset} preset")
-            mlflow.log_artifact(config["run_id"], str(Path(tmp) / "curves.png"))
+        mlflow_log.log(state["step"], **{f"final_{k}": v for k, v in final.items()})
+        if not mlflow_log.close(cfg.cluster.mlflow_wait_s):  # the unsent stay held: the final checkpoint has them
+            with tempfile.TemporaryDirectory() as tmp:
+                plot_curves(state["history"], Path(tmp) / "curves.png",
+                            f"flip pretext on {world} Ray workers, {cfg.preset} preset")
+                mlflow_log.artifact(Path(tmp) / "curves.png")
     save(state, final)
 
 
@@ -212,12 +217,6 @@ def _hold(folder: str, seconds: float, rank: int, world: int, step: int):
     deadline = time.time() + seconds
     while time.time() < deadline and not (Path(folder) / "release").exists():
         time.sleep(0.2)
-
-
-def _log(client, run_id: str, step: int, **metrics):
-    from mlflow.entities import Metric
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -328,6 +327,12 @@ def main(argv: list[str] | None = None) -> dict:
     removed = [scheme + path for path in remove_unregistered_checkpoints(result)]
     for path in removed:
         print(f"removed {path}: a checkpoint copy Ray Train never registered (cut off by a lost node)")
+    try:  # the workers waited cluster.mlflow_wait_s for a server that stopped answering; so much for waiting
+        tracking.check_store(uri)
+    except tracking.StoreError as e:
+        raise SystemExit(f"python -m jobs.pretext: run {run_name} is trained (checkpoint "
+                         f"{scheme}{result.checkpoint.path}) but {e}; run the same command again once it answers: it "
+                         f"logs what is missing and registers the model") from None
     version = None
     if c.register_as:
         with result.checkpoint.as_directory() as d:

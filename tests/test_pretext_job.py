@@ -1,12 +1,15 @@
 """jobs.pretext on a real local Ray cluster (ray start --head, token auth), a moto S3 endpoint and an MLflow server:
 `ray job submit` -> 2 DDP workers reading their shards through DALI (CPU) -> rank 1 killed before the first checkpoint
-(the run restarts from nothing) and again mid-run (it resumes from its last checkpoint in S3) -> the run finishes ->
-MLflow holds params, metrics and the registered model, which loads.
+(the run restarts from nothing) and again mid-run (it resumes from its last checkpoint in S3), while the MLflow server
+is away for part of the run -> the run finishes -> MLflow holds params, every step's metrics and the registered model,
+which loads.
 """
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import boto3
@@ -32,17 +35,22 @@ def cluster_services(tmp_path_factory):
     local.down(state)
 
 
-def _submit(services, args: list[str], env_vars: dict[str, str]) -> subprocess.CompletedProcess:
+def _submit_command(args: list[str], env_vars: dict[str, str]) -> list[str]:
     runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
     runtime_env["env_vars"] = env_vars
-    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "jobs.pretext", *args]
-    return subprocess.run(cmd, cwd=REPO, env={**os.environ, **services.env}, capture_output=True, text=True,
-                          timeout=900)
+    return [str(Path(sys.executable).parent / "ray"), "job", "submit", "--working-dir", str(REPO),
+            "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "jobs.pretext", *args]
 
 
-def test_ray_job_trains_survives_a_lost_worker_and_registers_the_model(cluster_services, synth_root, monkeypatch,
-                                                                     tmp_path):
+def _eventually(check, seconds: float, what: str, log: Path):
+    deadline = time.time() + seconds
+    while not check():
+        assert time.time() < deadline, f"{what}: not within {seconds} s\n{log.read_text()[-6000:]}"
+        time.sleep(0.5)
+
+
+def test_ray_job_survives_lost_workers_and_an_mlflow_outage_and_registers_the_model(cluster_services, synth_root,
+                                                                                    monkeypatch, tmp_path):
     services = cluster_services
     for k, v in services.env.items():
         monkeypatch.setenv(k, v)
@@ -55,18 +63,41 @@ def test_ray_job_trains_survives_a_lost_worker_and_registers_the_model(cluster_s
                    "train.total_samples=40", "train.checkpoint_every_samples=8", "train.eval_every_samples=12",
                    "cluster.workers=2", "cluster.storage_path=s3://flipray/ray-results", "cluster.max_failures=3",
                    "cluster.keep_checkpoints=2"]  # two drilled failures and one to spare
-    result = _submit(services, ["--config", "demo", "--run-name", run, *sum((["--set", s] for s in sets), [])],
-                     # RAY_DEDUP_LOGS=0: the two ranks' near-identical "resumed at" lines must both reach the log
-                     {"FLIPRAY_FAULT_AT_STEP": "1,5", "FLIPRAY_FAULT_RANK": "1", "RAY_DEDUP_LOGS": "0"})
-    out = result.stdout + result.stderr
-    assert result.returncode == 0, out[-6000:]
+    cmd = _submit_command(["--config", "demo", "--run-name", run, *sum((["--set", s] for s in sets), [])],
+                          # RAY_DEDUP_LOGS=0: the two ranks' near-identical "resumed at" lines must both reach the log
+                          {"FLIPRAY_FAULT_AT_STEP": "1,5", "FLIPRAY_FAULT_RANK": "1", "RAY_DEDUP_LOGS": "0"})
+    log = tmp_path / "job.log"
+    from mlflow import MlflowClient
+    client = MlflowClient(services.mlflow.url)
+
+    def logged_steps():
+        runs = client.search_runs([client.get_experiment_by_name("flipray-pretext").experiment_id],
+                                  filter_string=f"tags.`flipray.run_name` = '{run}'")
+        return runs and client.get_metric_history(runs[0].info.run_id, "samples_seen")
+
+    with open(log, "w") as out_file:
+        job = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **services.env, "PYTHONUNBUFFERED": "1"},
+                               stdout=out_file, stderr=subprocess.STDOUT, text=True)
+        try:
+            # The MLflow server goes away once the run has logged a step, and comes back (same port and store) once
+            # rank 0 has said it is not answering: training goes on meanwhile, its metrics held, in checkpoints too
+            _eventually(lambda: client.get_experiment_by_name("flipray-pretext") and logged_steps(), 300,
+                        "a first step in MLflow", log)
+            local.down(services.state_dir, names=["mlflow"])
+            _eventually(lambda: "is not answering" in log.read_text(), 300, "rank 0 noticing the outage", log)
+            local.up(services.state_dir, s3=False, ray=False, mlflow_port=services.mlflow.port)
+            job.wait(timeout=900)
+        finally:
+            job.kill()
+    out = log.read_text()
+    assert job.returncode == 0, out[-6000:]
     for step in (1, 5):
         assert out.count(f"fault drill: rank 1 exits at step {step}") == 1, out[-6000:]
     assert "flip accuracy: test" in out and "registered model: models:/flipray-pretext/" in out, out[-6000:]
+    back = re.search(r"answers again after \d+ s: (\d+) held metrics sent", out)
+    assert back and int(back.group(1)) > 0, out[-6000:]
 
-    # MLflow: one run with the config as params and a continuous step axis across the restart
-    from mlflow import MlflowClient
-    client = MlflowClient(services.mlflow.url)
+    # MLflow: one run with the config as params and a continuous step axis across the restarts and the outage
     exp = client.get_experiment_by_name("flipray-pretext")
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`flipray.run_name` = '{run}'")
     assert len(runs) == 1

@@ -1,11 +1,14 @@
 """The Kubernetes retry path, exercised locally: the pretext RayJob's driver fails mid-run, the job is submitted again
 with the same --run-name (what `backoffLimit`, a re-apply or a lost head pod does), and the run continues from its
-last checkpoint in the same Ray Train run and the same MLflow run; applied once more after it finished, it trains
-and registers nothing.
+last checkpoint in the same Ray Train run and the same MLflow run; when the MLflow server is away at its end, the job
+says so and the same command again, once it answers, logs what was held and registers the model; applied once more
+after it finished, it trains and registers nothing.
 
     .venv/bin/python -m pytest tests/test_pretext_resume.py -x -q
 """
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -20,10 +23,26 @@ FAST = ["data.num_frames=3", "data.eval_windows=1", "data.resize=40", "data.crop
 @pytest.mark.slow
 def test_resubmitting_with_the_same_run_name_continues_from_the_checkpoint(synth_root, ray_local, tmp_path,
                                                                            monkeypatch):
+    from cluster import local
+
+    # 127.0.0.1, its own process group; stopped mid-run and started again below
+    servers = [local.start_mlflow(tmp_path / "mlflow")]
+    try:
+        _resubmit(synth_root, tmp_path, monkeypatch, servers)
+    finally:
+        for server in servers:
+            local.stop(server)
+
+
+def _resubmit(synth_root, tmp_path, monkeypatch, servers):
+    import threading
+
     from mlflow import MlflowClient
 
-    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root (./mlruns)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from cluster import local
+
+    server = servers[0]
+    uri = server.url
     # 12 train clips, batch 4: a checkpoint every 2 steps (8 samples); the first attempt dies at step 5, after the
     # checkpoints of steps 2 and 4 (the step-4 one may not have reached Ray Train's controller yet: its reports are
     # collected asynchronously). max_failures=0: the failure ends the job, as a lost head pod would.
@@ -58,23 +77,43 @@ def test_resubmitting_with_the_same_run_name_continues_from_the_checkpoint(synth
                                          r"\(model.front_end ild-ipd-gcc -> logmel\)"):
         pretext.main([*argv, "--set", "model.front_end=logmel"])
 
-    # attempt 2: the same command
+    # attempt 2: the same command; the MLflow server goes away once the attempt has logged its restart, so the run
+    # trains to its end with its metrics held, waits cluster.mlflow_wait_s for the server, and says what to do
+    def stop_server_once_resumed():
+        while not client.get_metric_history(first[0].info.run_id, "resumed_from_step"):
+            time.sleep(0.1)
+        local.stop(server)
+
+    watcher = threading.Thread(target=stop_server_once_resumed, daemon=True)
+    watcher.start()
+    with pytest.raises(SystemExit) as away:
+        pretext.main([*argv, "--set", "cluster.mlflow_wait_s=2"])
+    watcher.join()
+    assert "run flipray-pretext is trained (checkpoint " in str(away.value) and \
+        f"no MLflow server answers at {uri}" in str(away.value) and "run the same command again" in str(away.value)
+    assert not cut_off.parent.exists()  # removed (with attempt 1's step-4 copy when it never reached the controller)
+
+    # attempt 3: the same command, the server back on its port and store: the final checkpoint's held metrics are
+    # sent, and the model registered
+    servers.append(local.start_mlflow(tmp_path / "mlflow", port=server.port))
+    assert client.get_run(first[0].info.run_id).info.status == "RUNNING"  # attempt 2 finished nothing
+    assert not client.search_registered_models()
     summary = pretext.main(argv)
-    # removed (with attempt 1's step-4 copy when that one never reached the controller), the registered ones kept
-    assert str(cut_off.parent) in summary["removed_checkpoints"] and not cut_off.parent.exists()
     kept = sorted(run_dir.glob("checkpoint_*/checkpoint.pt"))
     assert len(kept) == 2 and str(summary["checkpoint"]) in {str(p.parent) for p in kept}  # keep_checkpoints=2
     assert [load_checkpoint(p)["state"]["samples_seen"] for p in kept] == [24, 24]  # step 6, then the final one
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1 and summary["run_id"] == first[0].info.run_id  # the same MLflow run
     run_id = summary["run_id"]
-    resumed = client.get_metric_history(run_id, "resumed_from_step")
-    assert len(resumed) == 1 and resumed[0].value in (2.0, 4.0), resumed  # from a checkpoint, not from sample 0
+    resumed = sorted(m.value for m in client.get_metric_history(run_id, "resumed_from_step"))
+    assert len(resumed) == 2 and resumed[0] in (2.0, 4.0), resumed  # from a checkpoint, not from sample 0
+    assert resumed[1] == 6.0  # attempt 3 restored the final checkpoint: nothing to train, only to log and register
     by_step = {}
     for m in client.get_metric_history(run_id, "samples_seen"):
         by_step.setdefault(m.step, set()).add(m.value)
     assert sorted(by_step) == list(range(1, 7)) and all(len(v) == 1 for v in by_step.values())
-    assert by_step[6] == {24.0} and summary["metrics"]["samples_seen"] == 24
+    assert by_step[6] == {24.0} and summary["metrics"]["samples_seen"] == 24  # those logged while it was away too
+    assert "final_test_flip_acc" in client.get_run(run_id).data.metrics
     assert summary["model_version"] == 1 and str(tmp_path / "ray-results" / "flipray-pretext") in \
         str(summary["checkpoint"])
     assert client.get_run(run_id).info.status == "FINISHED"

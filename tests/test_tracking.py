@@ -43,3 +43,24 @@ def test_a_run_folder_and_its_checkpoint_load_the_same_weights(tmp_path):
     save_checkpoint(tmp_path / "r" / "checkpoint.pt", rnet, make_optimizer(rnet, rotate), new_state(), rotate)
     with pytest.raises(tracking.NoModelError, match="'rotate' pretext task"):
         check.load_check_model(str(tmp_path / "r"))
+
+
+def test_metric_log_keeps_what_a_dead_server_did_not_take_checkpoint_safe(tmp_path, caplog, monkeypatch):
+    """Nothing answers: log() returns at once, close() hands back every metric (those carried in from a checkpoint
+    first), as plain values a weights_only checkpoint load accepts, and says so in one line."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MetricLog retries; MLflow's own backoff only waits
+    from cluster.local import free_port
+    from flipray.pretext.train import load_checkpoint, make_optimizer, new_state, save_checkpoint
+    uri = f"http://127.0.0.1:{free_port()}"
+    metrics = tracking.MetricLog(uri, "run", held=[["loss", 0.7, 1000, 1]], retry_s=0.1)
+    metrics.log(2, loss=0.5, flip_acc=0.75)
+    unsent = metrics.close(wait_s=0.5)
+    assert [(k, v, s) for k, v, _, s in unsent] == [("loss", 0.7, 1), ("loss", 0.5, 2), ("flip_acc", 0.75, 2)]
+    assert unsent[0][2] == 1000 and unsent[1][2] > 1000  # the time each was measured, not sent
+    warnings = [r.getMessage() for r in caplog.records if "did not answer within" in r.getMessage()]
+    assert len(warnings) == 1 and "3 metrics not logged" in warnings[0] and uri in warnings[0]
+    cfg = load_config("demo")
+    net = SpatialAlignmentNet(cfg)
+    state = new_state() | {"mlflow_held": unsent}
+    save_checkpoint(tmp_path / "checkpoint.pt", net, make_optimizer(net, cfg), state, cfg)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["state"]["mlflow_held"] == unsent
