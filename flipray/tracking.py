@@ -113,7 +113,7 @@ class MetricLog:
         self._lock, self._wake = threading.Lock(), threading.Event()
         self._closing, self._given_up = threading.Event(), threading.Event()
         self._pending: deque = deque()  # (seq, key, value, timestamp_ms, step)
-        self._seq = self._dropped = 0
+        self._seq = self._dropped = self._sent = 0
         for key, value, timestamp, step in held:
             self._hold(key, value, timestamp, step)
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
@@ -140,22 +140,21 @@ class MetricLog:
         with self._lock:
             return [list(m[1:]) for m in self._pending]
 
-    def _send_all(self) -> int:
-        """Send what is pending, oldest first, in batches; returns how many were sent. Raises what MLflow raises."""
-        sent = 0
+    def _send_all(self) -> None:
+        """Send what is pending, oldest first, in batches (counted in _sent). Raises what MLflow raises."""
         while True:
             with self._lock:
                 batch = [self._pending[i] for i in range(min(self.BATCH, len(self._pending)))]
             if not batch:
-                return sent
+                return
             self._client.log_batch(self.run_id, metrics=[self._metric(*m[1:]) for m in batch])
             with self._lock:  # held ones may have been dropped meanwhile: remove by sequence number
                 while self._pending and self._pending[0][0] <= batch[-1][0]:
                     self._pending.popleft()
-            sent += len(batch)
+            self._sent += len(batch)
 
     def _send_loop(self) -> None:
-        down_since, delay, sent_while_down = None, self.retry_s, 0
+        down_since, delay, sent_before = None, self.retry_s, 0
         while True:
             if down_since is None:
                 self._wake.wait()
@@ -165,20 +164,20 @@ class MetricLog:
                 self._closing.wait(delay)  # a retry on a timer, cut short by close()
             self._wake.clear()
             try:
-                sent = self._send_all()
+                self._send_all()
             except Exception as e:  # noqa: BLE001 - whatever stops the request, training goes on
                 if self._given_up.is_set():  # close() has handed back what is held
                     return
                 if down_since is None:
-                    down_since = time.time()
+                    down_since, sent_before = time.time(), self._sent
                     log.warning("MLflow at %s is not answering (%s); training goes on, its metrics are held and "
                                 "sent when the server answers again", self.uri, _why(e))
                 delay = min(delay * 2, self.max_retry_s)
                 continue
             if down_since is not None:
                 log.warning("MLflow at %s answers again after %.0f s: %d held metrics sent", self.uri,
-                            time.time() - down_since, sent_while_down + sent)
-                down_since, delay, sent_while_down = None, self.retry_s, 0
+                            time.time() - down_since, self._sent - sent_before)
+                down_since, delay = None, self.retry_s
             if self._closing.is_set() and not self._pending:
                 return
 
