@@ -36,9 +36,9 @@ def tracking_uri(explicit: str | None = None) -> str:
     return uri or f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
 
 
-class StoreError(ValueError):
+class StoreError(UsageError):
     """A tracking URI that is not an MLflow store flipray may use: a server that does not answer, a file that is not
-    an MLflow database."""
+    an MLflow database (a command says so in one line, exit 2, before it starts any work)."""
 
 
 SERVER_TIMEOUT_S = 5.0

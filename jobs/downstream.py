@@ -205,6 +205,8 @@ def table_main(task_module):
         task = task_module.TABLE["task"]
         out = Path(args.out) / task
         uri = None if args.no_mlflow else tracking.tracking_uri(args.tracking_uri)
+        if uri:  # the table is logged at the end: a store that cannot take it is said now, not after the training
+            tracking.check_store(uri, create=True)
         needed = {m.get("pretext") for m in task_module.METHODS.values()} - {None}
         pretext = resolve_pretext(args.pretext, needed | {getattr(task_module, "SHAPE_FROM", "flip")}, out, uri)
         configs = method_configs(task_module, args, pretext)

@@ -196,3 +196,29 @@ def test_a_table_job_on_data_without_its_splits_says_so_before_training(synth_ro
         sweep.main(["--task", "localize", "--data", str(root), "--pretext", f"flip={tmp_path / 'flip.pt'}",
                     "--storage", str(tmp_path / "tune"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_tracking_store_that_cannot_take_the_run_is_one_line_before_any_work(synth_root, tmp_path, capsys):
+    """A tracking server that does not answer: the pretext job and a downstream table say so in one line, exit 2,
+    before Ray starts or any method trains (was: a traceback; the table only after every method had trained)."""
+    import torch
+
+    from cluster.local import free_port
+    from flipray.pretext.models import SpatialAlignmentNet
+    from flipray.tracking import StoreError
+    from jobs import downstream, pretext
+    dead = f"http://127.0.0.1:{free_port()}"
+    pcfg = load_config("demo")
+    torch.save({"model": SpatialAlignmentNet(pcfg).state_dict(), "config": pcfg.to_dict()}, tmp_path / "flip.pt")
+    with pytest.raises(StoreError, match=f"^no MLflow server answers at {dead} "):
+        downstream.main(["--task", "localize", "--data", str(synth_root), "--methods", "flip", "--local",
+                         "--pretext", f"flip={tmp_path / 'flip.pt'}", "--out", str(tmp_path / "out"),
+                         "--tracking-uri", dead])
+    assert not (tmp_path / "out" / "localize" / "flip").exists()
+    with pytest.raises(SystemExit) as exited:
+        with overrides.user_errors("python -m jobs.pretext"):
+            pretext.main(["--set", f"data.root={synth_root}", "--tracking-uri", dead,
+                          "--set", f"cluster.storage_path={tmp_path / 'ray'}"])
+    assert exited.value.code == 2 and not (tmp_path / "ray").exists()
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"python -m jobs.pretext: no MLflow server answers at {dead} "), err
