@@ -119,6 +119,7 @@ class MetricLog:
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
         self._thread.start()
         if self._pending:
+            log.info("%d metrics a checkpoint held for MLflow at %s are sent first", len(self._pending), uri)
             self._wake.set()
 
     def _hold(self, key: str, value: float, timestamp: int, step: int) -> None:
