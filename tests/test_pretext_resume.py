@@ -80,7 +80,8 @@ def _resubmit(synth_root, tmp_path, monkeypatch, servers):
     # attempt 2: the same command; the MLflow server goes away once the attempt has logged its restart, so the run
     # trains to its end with its metrics held, waits cluster.mlflow_wait_s for the server, and says what to do
     def stop_server_once_resumed():
-        while not client.get_metric_history(first[0].info.run_id, "resumed_from_step"):
+        deadline = time.time() + 300
+        while not client.get_metric_history(first[0].info.run_id, "resumed_from_step") and time.time() < deadline:
             time.sleep(0.1)
         local.stop(server)
 
@@ -88,7 +89,7 @@ def _resubmit(synth_root, tmp_path, monkeypatch, servers):
     watcher.start()
     with pytest.raises(SystemExit) as away:
         pretext.main([*argv, "--set", "cluster.mlflow_wait_s=2"])
-    watcher.join()
+    watcher.join(60)
     assert "run flipray-pretext is trained (checkpoint " in str(away.value) and \
         f"no MLflow server answers at {uri}" in str(away.value) and "run the same command again" in str(away.value)
     assert not cut_off.parent.exists()  # removed (with attempt 1's step-4 copy when it never reached the controller)
