@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
     removed = [scheme + path for path in remove_unregistered_checkpoints(result)]
     for path in removed:
         print(f"removed {path}: a checkpoint copy Ray Train never registered (cut off by a lost node)")
-    try:  # the workers waited cluster.mlflow_wait_s for a server that stopped answering; so much for waiting
+    try:  # the workers have waited cluster.mlflow_wait_s for a server that stopped answering: no second wait
         tracking.check_store(uri)
     except tracking.StoreError as e:
         raise SystemExit(f"python -m jobs.pretext: run {run_name} is trained (checkpoint "

@@ -20,28 +20,27 @@ FAST = ["data.num_frames=3", "data.eval_windows=1", "data.resize=40", "data.crop
         "model.visual_width=8", "model.audio_width=8", "model.audio_dim=32", "model.fusion_dim=32", "train.log_every=1"]
 
 
-@pytest.mark.slow
-def test_resubmitting_with_the_same_run_name_continues_from_the_checkpoint(synth_root, ray_local, tmp_path,
-                                                                           monkeypatch):
+@pytest.fixture
+def mlflow_servers(tmp_path):
+    """An MLflow server (127.0.0.1, its own process group, store in tmp_path/mlflow); a test that stops it and starts
+    another on the same port and store appends that one, and every one is stopped at the end."""
     from cluster import local
-
-    # 127.0.0.1, its own process group; stopped mid-run and started again below
     servers = [local.start_mlflow(tmp_path / "mlflow")]
-    try:
-        _resubmit(synth_root, tmp_path, monkeypatch, servers)
-    finally:
-        for server in servers:
-            local.stop(server)
+    yield servers
+    for server in servers:
+        local.stop(server)
 
 
-def _resubmit(synth_root, tmp_path, monkeypatch, servers):
+@pytest.mark.slow
+def test_resubmitting_with_the_same_run_name_continues_from_the_checkpoint(synth_root, ray_local, mlflow_servers,
+                                                                           tmp_path, monkeypatch):
     import threading
 
     from mlflow import MlflowClient
 
     from cluster import local
 
-    server = servers[0]
+    server = mlflow_servers[0]
     uri = server.url
     # 12 train clips, batch 4: a checkpoint every 2 steps (8 samples); the first attempt dies at step 5, after the
     # checkpoints of steps 2 and 4 (the step-4 one may not have reached Ray Train's controller yet: its reports are
@@ -96,7 +95,7 @@ def _resubmit(synth_root, tmp_path, monkeypatch, servers):
 
     # attempt 3: the same command, the server back on its port and store: the final checkpoint's held metrics are
     # sent, and the model registered
-    servers.append(local.start_mlflow(tmp_path / "mlflow", port=server.port))
+    mlflow_servers.append(local.start_mlflow(tmp_path / "mlflow", port=server.port))
     assert client.get_run(first[0].info.run_id).info.status == "RUNNING"  # attempt 2 finished nothing
     assert not client.search_registered_models()
     summary = pretext.main(argv)
