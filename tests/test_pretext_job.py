@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import boto3
@@ -42,13 +41,6 @@ def _submit_command(args: list[str], env_vars: dict[str, str]) -> list[str]:
             "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "jobs.pretext", *args]
 
 
-def _eventually(check, seconds: float, what: str, log: Path):
-    deadline = time.time() + seconds
-    while not check():
-        assert time.time() < deadline, f"{what}: not within {seconds} s\n{log.read_text()[-6000:]}"
-        time.sleep(0.5)
-
-
 def test_ray_job_survives_lost_workers_and_an_mlflow_outage_and_registers_the_model(cluster_services, synth_root,
                                                                                     monkeypatch, tmp_path):
     services = cluster_services
@@ -77,9 +69,11 @@ def test_ray_job_survives_lost_workers_and_an_mlflow_outage_and_registers_the_mo
             # The MLflow server goes away once the last attempt (after the fault at step 5) has resumed, and comes back
             # (same port and store) once its rank 0 has said it is not answering: training goes on meanwhile, its
             # metrics held (a held metric going through a checkpoint: tests/test_pretext_resume.py)
-            _eventually(lambda: "rank 0 resumed at step" in log.read_text(), 300, "the resume after step 5", log)
+            assert local._eventually(lambda: "rank 0 resumed at step" in log.read_text(), 300), \
+                f"no resume after step 5 within 300 s\n{log.read_text()[-6000:]}"
             local.down(services.state_dir, names=["mlflow"])
-            _eventually(lambda: "is not answering" in log.read_text(), 300, "rank 0 noticing the outage", log)
+            assert local._eventually(lambda: "is not answering" in log.read_text(), 300), \
+                f"rank 0 did not notice the outage within 300 s\n{log.read_text()[-6000:]}"
             local.up(services.state_dir, s3=False, ray=False, mlflow_port=services.mlflow.port)
             job.wait(timeout=900)
         finally:
