@@ -58,9 +58,7 @@ def check_store(uri: str, create: bool = False) -> None:
         except OSError as e:
             raise StoreError(f"no MLflow server answers at {uri} (tried GET {url}, {SERVER_TIMEOUT_S:g}-s time-out: "
                              f"{getattr(e, 'reason', e)})") from None
-        # later calls fail after a few retries rather than MLflow's default of minutes of backoff
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        _quick_requests()
         return
     if not uri.startswith("sqlite:///"):
         return
@@ -86,6 +84,72 @@ def check_store(uri: str, create: bool = False) -> None:
         raise StoreError(f"{path} is a SQLite database without MLflow's tables, not an MLflow store; left as it is")
 
 
+def _quick_requests() -> None:
+    """One MLflow request gives up after a few retries (MLflow's default backs off for minutes), so a server that
+    does not answer is noticed, and waited out by the caller (MetricLog, PatientClient), which says so."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def server_away(e: BaseException) -> bool:
+    """Whether an MLflow call failed because the tracking server did not answer (no connection, a time-out, a 5xx),
+    not because of what was asked (a 4xx: a bad value, a missing run), which no retry mends."""
+    if isinstance(e, OSError):  # requests' connection errors and time-outs are OSErrors
+        return True
+    exceptions = require("mlflow.exceptions")
+    return isinstance(e, exceptions.MlflowException) and e.get_http_status_code() >= 500
+
+
+class PatientClient:
+    """An MlflowClient that waits out a tracking server that does not answer (a pod restart, a network cut): a call
+    that fails for that reason is retried (2 s, doubling to 30 s) for up to `wait_s`, with one warning line when the
+    server stops answering and one when it answers again; after `wait_s` the call raises what MLflow raised. Calls
+    that fail for what they ask raise at once. For code that may wait (a sweep trial, a table job's end); a training
+    step never waits (MetricLog):
+
+        client = PatientClient(uri, wait_s=600)
+        run_id = client.create_run(experiment_id, run_name="trial").info.run_id
+    """
+
+    def __init__(self, uri: str, wait_s: float = 600.0, retry_s: float = 2.0, max_retry_s: float = 30.0):
+        _quick_requests()
+        self.uri, self.wait_s, self.retry_s, self.max_retry_s = uri, wait_s, retry_s, max_retry_s
+        self._client = require("mlflow").MlflowClient(uri)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # not a client method (and no recursion before __init__ has set _client)
+            raise AttributeError(name)
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            return self.call(attr, *args, **kwargs)
+        return call
+
+    def call(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs), retried while the server is away, for up to wait_s."""
+        deadline, delay, down_since = time.monotonic() + self.wait_s, self.retry_s, None
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as e:
+                if not server_away(e) or time.monotonic() + delay > deadline:
+                    if down_since is not None:
+                        log.warning("MLflow at %s did not answer within %.0f s", self.uri, self.wait_s)
+                    raise
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning("MLflow at %s is not answering (%s); waiting up to %.0f s for it", self.uri, _why(e),
+                                self.wait_s)
+                time.sleep(delay)
+                delay = min(delay * 2, self.max_retry_s)
+                continue
+            if down_since is not None:
+                log.warning("MLflow at %s answers again after %.0f s", self.uri, time.monotonic() - down_since)
+            return result
+
+
 class MetricLog:
     """The metrics of one MLflow run, sent by a background thread so that training never waits on the tracking
     server (jobs/pretext.py's rank 0):
@@ -103,9 +167,7 @@ class MetricLog:
 
     def __init__(self, uri: str, run_id: str, held=(), retry_s: float = 2.0, max_retry_s: float = 30.0,
                  max_held: int = 200_000):
-        # one request gives up after a few seconds; this class does the retrying, for as long as it takes
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        _quick_requests()  # this class does the retrying, for as long as it takes
         self.uri, self.run_id = uri, run_id
         self.retry_s, self.max_retry_s, self.max_held = retry_s, max_retry_s, max_held
         self._client = require("mlflow").MlflowClient(uri)
@@ -210,8 +272,12 @@ def pretext_model_name(task: str) -> str:
     return PRETEXT_MODEL if task == "flip" else f"{PRETEXT_MODEL}-{task}"
 
 
+# The tag that makes MLflow 3's UI open an experiment as model training (runs, metrics, models), not as a GenAI app
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def init_tracking(uri: str, experiment: str) -> str:
-    """Point MLflow at `uri` and make sure the experiment exists; returns its id.
+    """Point MLflow at `uri` and make sure the experiment exists, tagged as model training; returns its id.
 
     Run once by the driver before any worker or trial touches the store: a fresh sqlite store creates its tables
     here, not in several processes at once.
@@ -219,7 +285,10 @@ def init_tracking(uri: str, experiment: str) -> str:
     check_store(uri, create=True)
     mlflow = require("mlflow")
     mlflow.set_tracking_uri(uri)
-    return mlflow.set_experiment(experiment).experiment_id
+    found = mlflow.set_experiment(experiment)
+    if EXPERIMENT_KIND[0] not in found.tags:  # MLflow 3's UI opens an untagged experiment in its GenAI view
+        mlflow.MlflowClient(uri).set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
+    return found.experiment_id
 
 
 def find_run(experiment_id: str, run_name: str):

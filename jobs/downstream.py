@@ -60,7 +60,12 @@ def parse_args(task_module, argv):
     p.add_argument("--local", action="store_true", help="run the methods in this process, without Ray")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--no-mlflow", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--mlflow-wait-s", type=float, default=600.0,
+                   help="seconds the job's end waits for an MLflow server that stopped answering (default %(default)s)")
+    args = p.parse_args(argv)
+    if args.mlflow_wait_s < 0:
+        raise UsageError(f"--mlflow-wait-s {args.mlflow_wait_s:g}: expected seconds >= 0")
+    return args
 
 
 def task_resources(env=None) -> tuple[float, float]:
@@ -165,11 +170,11 @@ def build_table(task_module, args, configs: dict, results: dict) -> dict:
             "config": {m: dataclasses.asdict(c) for m, c in configs.items()}}
 
 
-def log_mlflow(task_module, args, configs, results, table_files, uri: str) -> str:
-    from mlflow import MlflowClient
+def log_mlflow(task_module, args, configs, results, table_files, uri: str, experiment_id: str) -> str:
+    """The table's parent run and one nested run per method; waits up to --mlflow-wait-s for a server that stopped
+    answering (tracking.PatientClient)."""
     task = task_module.TABLE["task"]
-    experiment_id = tracking.init_tracking(uri, EXPERIMENT)
-    client = MlflowClient(uri)
+    client = tracking.PatientClient(uri, wait_s=args.mlflow_wait_s)
     parent = client.create_run(experiment_id, run_name=f"{task}-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}",
                                tags={"flipray.task": task, "flipray.table": task_module.TABLE["table"]}).info.run_id
     client.log_param(parent, "data", args.data)
@@ -205,8 +210,8 @@ def table_main(task_module):
         task = task_module.TABLE["task"]
         out = Path(args.out) / task
         uri = None if args.no_mlflow else tracking.tracking_uri(args.tracking_uri)
-        if uri:  # the table is logged at the end: a store that cannot take it is said now, not after the training
-            tracking.check_store(uri, create=True)
+        # the table is logged at the end: a store that cannot take it is said now, not after the training
+        experiment_id = tracking.init_tracking(uri, EXPERIMENT) if uri else None
         needed = {m.get("pretext") for m in task_module.METHODS.values()} - {None}
         pretext = resolve_pretext(args.pretext, needed | {getattr(task_module, "SHAPE_FROM", "flip")}, out, uri)
         configs = method_configs(task_module, args, pretext)
@@ -225,10 +230,18 @@ def table_main(task_module):
         files = write_table(table, out)
         summary = {"task": task, "table": str(files[1]), "results": {m: r["metrics"] for m, r in results.items()},
                    "wall_seconds": round(time.time() - t0, 1)}
-        if uri:
-            summary["mlflow_run_id"] = log_mlflow(task_module, args, configs, results, files, uri)
         print(Path(files[1]).read_text())
-        print(f"table: {files[1]} ({summary['wall_seconds']:.0f} s)")
+        print(f"table: {files[1]} ({summary['wall_seconds']:.0f} s)", flush=True)
+        if uri:
+            try:
+                summary["mlflow_run_id"] = log_mlflow(task_module, args, configs, results, files, uri, experiment_id)
+            except Exception as e:
+                if not tracking.server_away(e):
+                    raise
+                raise SystemExit(f"{task} table written ({files[1]}, results in {out}) but "
+                                 f"MLflow at {uri} did not answer within {args.mlflow_wait_s:g} s, so it is not "
+                                 f"logged there; `python -m jobs.report --runs {args.out}` assembles the tables "
+                                 f"without MLflow") from None
         return summary
     return main
 

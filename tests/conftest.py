@@ -17,6 +17,12 @@ from pathlib import Path
 
 import pytest
 
+# OpenMP threads sleep at a barrier instead of spinning, in this process and every one it starts (the demo model's
+# trainer, Ray's workers, the drills' jobs): the suite keeps both cores busy, and a spinning thread burns the CPU time
+# the thread it waits for needs (bench/train.py measured a 2-thread loop at 2 samples/s instead of 35 that way).
+# Set before anything imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 # moto's dummy keys for the session (moto accepts any): not credentials.
 _MOTO_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",

@@ -358,6 +358,46 @@ def test_job_writes_the_table(synth_root, localize_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
+def test_job_whose_mlflow_server_is_gone_at_its_end_keeps_the_table_and_says_so(synth_root, localize_checkpoint,
+                                                                               tmp_path):
+    """The MLflow server answers when the job starts and is stopped while its method trains: the job waits
+    --mlflow-wait-s for it, then exits 1 with one line naming the table it wrote, which is whole on disk."""
+    import threading
+    import time
+
+    from mlflow import MlflowClient
+
+    from cluster import local
+    from jobs.localize import main
+    server = local.start_mlflow(tmp_path / "mlflow")
+    store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")  # the server's store, read directly
+
+    def stop_once_started():  # the job has created its experiment: the store was checked, training begins
+        deadline = time.time() + 120
+        while store.get_experiment_by_name("flipray-downstream") is None and time.time() < deadline:
+            time.sleep(0.1)
+        local.stop(server)
+
+    watcher = threading.Thread(target=stop_once_started, daemon=True)
+    watcher.start()
+    try:
+        args = [a for a in _job_args(synth_root, localize_checkpoint, tmp_path / "out") if a != "--no-mlflow"]
+        with pytest.raises(SystemExit) as gone:
+            main([*args, "--local", "--methods", "stereo-audio", "--tracking-uri", server.url, "--mlflow-wait-s", "1"])
+    finally:
+        watcher.join(120)
+        local.stop(server)
+    table = tmp_path / "out" / "localize" / "localize.md"
+    assert str(gone.value) == (f"localize table written ({table}, results in {table.parent}) but MLflow at "
+                               f"{server.url} did not answer within 1 s, so it is not logged there; `python -m "
+                               f"jobs.report --runs {tmp_path / 'out'}` assembles the tables without MLflow")
+    assert "Table 3" in table.read_text()
+    [row] = json.loads((table.parent / "localize.json").read_text())["rows"]
+    assert row["method"] == "stereo-audio" and len(row["per_clip"]["iou"]) == 2
+    assert store.search_runs([store.get_experiment_by_name("flipray-downstream").experiment_id]) == []
+
+
+@pytest.mark.slow
 def test_job_on_ray(synth_root, localize_checkpoint, tmp_path, ray_local):
     from jobs.localize import main
     summary = main(_job_args(synth_root, localize_checkpoint, tmp_path, "--methods", "stereo-audio"))

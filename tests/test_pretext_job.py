@@ -7,6 +7,7 @@ which loads.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,9 @@ def cluster_services(tmp_path_factory):
     services = local.up(state, ray_cpus=4)
     yield services
     local.down(state)
+    ray_temp = local.ray_temp_dir(state)  # the pytest folder's path is too long for Ray's sockets: Ray's logs went to
+    if state not in ray_temp.parents:     # a short folder in the system temp dir, which pytest does not clean
+        shutil.rmtree(ray_temp, ignore_errors=True)
 
 
 def _submit_command(args: list[str], env_vars: dict[str, str]) -> list[str]:

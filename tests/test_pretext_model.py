@@ -44,6 +44,11 @@ def test_registered_model_loads_with_mlflow_pytorch_and_equals_the_check_model(t
     assert version == 1
 
     client = MlflowClient(uri)
+    # tagged so that MLflow 3's UI opens it as model training, not as a GenAI app; a kind set by hand is kept
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "genai_development")
+    assert tracking.init_tracking(uri, "flipray-pretext") == experiment_id
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "genai_development"
     mv = client.get_model_version(tracking.PRETEXT_MODEL, "1")
     assert mv.run_id == run_id and mv.tags["task"] == "flip" and mv.source.startswith("models:/")
     # the run keeps the state_dict checkpoint as its `model` artifact (downstream code and older readers use it)

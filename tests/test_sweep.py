@@ -1,6 +1,7 @@
-"""tuning/sweep.py on a real local Ray instance: a tiny localization sweep is interrupted (SIGINT to its driver) and
-restored; ASHA stops the poor trials early; every trial is an MLflow run under the sweep's parent run; best.yaml
-reproduces the best trial's score when run again.
+"""tuning/sweep.py on a real local Ray instance and MLflow server: a tiny localization sweep is interrupted (SIGINT to
+its driver) and restored; the MLflow server goes away while the restored sweep's trials run and comes back; ASHA
+stops the poor trials early; every trial is one MLflow run under the sweep's parent run; best.yaml reproduces the
+best trial's score when run again.
 
     .venv/bin/python -m pytest tests/test_sweep.py -x -q
 """
@@ -43,16 +44,35 @@ def _trial_runs(uri: str) -> list:
     return client.search_runs(exps, filter_string="tags.`flipray.trial_id` != ''") if exps else []
 
 
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """An MLflow server (127.0.0.1, store tmp_path/mlflow/mlflow.db); a test that stops it and starts another on the
+    same port and store appends that one to the list; every one is stopped at the end."""
+    from cluster import local
+    servers = [local.start_mlflow(tmp_path / "mlflow")]
+    yield servers
+    for server in servers:
+        local.stop(server)
+
+
+def _ray_worker_logs() -> str:
+    """What the workers of this process's Ray instance wrote (the session's logs folder: trials log there)."""
+    import ray
+    folder = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    return "".join(p.read_text(errors="replace") for p in folder.glob("worker-*.err"))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_sweep_asha_mlflow_best_config_and_restore(synth_root, ray_local, tmp_path):
+def test_sweep_asha_mlflow_outage_best_config_and_restore(synth_root, ray_local, mlflow_server, tmp_path):
     # A flip "pretext" checkpoint of the demo shape (random weights: the sweep's mechanics are under test here).
     pcfg = load_config("demo")
     ckpt = tmp_path / "pretext.pt"
     torch.save({"model": SpatialAlignmentNet(pcfg).state_dict(), "config": pcfg.to_dict()}, ckpt)
     definition = tmp_path / "localize.yaml"
     definition.write_text(yaml.safe_dump(DEFINITION))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_server[0].url
+    store = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"  # the server's own store, read while it is away
     args = ["--task", "localize", "--samples", "2", "--definition", str(definition), "--data", str(synth_root),
             "--pretext", f"flip={ckpt}", "--name", "sweep-test", "--storage", str(tmp_path / "tune"),
             "--out", str(tmp_path / "out"), "--tracking-uri", uri]
@@ -80,9 +100,30 @@ def test_sweep_asha_mlflow_best_config_and_restore(synth_root, ray_local, tmp_pa
     finished_before = {r.data.tags["flipray.trial_id"] for r in _trial_runs(uri) if r.info.status == "FINISHED"}
     assert finished_before
 
-    # 2. Restore in this process (the ray_local instance): finished trials are kept, not run again.
+    # 2. Restore in this process (the ray_local instance): finished trials are kept, not run again. Once the restored
+    #    sweep has started a trial, the MLflow server goes away for a while (stopped, then started again on its port
+    #    and store): the trials that log meanwhile wait for it and go on, none fails.
+    import threading
+
+    from cluster import local
     from mlflow import MlflowClient
-    summary = __import__("tuning.sweep", fromlist=["main"]).main([*args, "--restore"])
+    before = {r.info.run_id for r in _trial_runs(uri)}
+
+    def outage():
+        deadline = time.time() + 300
+        while not {r.info.run_id for r in _trial_runs(store)} - before and time.time() < deadline:
+            time.sleep(0.2)
+        local.stop(mlflow_server[0])
+        time.sleep(5)
+        mlflow_server.append(local.start_mlflow(tmp_path / "mlflow", port=mlflow_server[0].port))
+
+    away = threading.Thread(target=outage, daemon=True)
+    away.start()
+    summary = __import__("tuning.sweep", fromlist=["main"]).main([*args, "--restore", "--mlflow-wait-s", "300"])
+    away.join(60)
+    assert len(mlflow_server) == 2  # the outage happened while the restored sweep ran
+    worker_logs = _ray_worker_logs()
+    assert f"MLflow at {uri} is not answering" in worker_logs and f"MLflow at {uri} answers again" in worker_logs
     assert summary["trials"] == 8 and summary["errors"] == 0
     runs = _trial_runs(uri)
     by_trial: dict[str, list] = {}
@@ -92,6 +133,8 @@ def test_sweep_asha_mlflow_best_config_and_restore(synth_root, ray_local, tmp_pa
     superseded = {r.data.tags["flipray.trial_id"] for r in runs if r.data.tags.get("flipray.superseded") == "true"}
     for trial_id in finished_before - superseded:
         assert len(by_trial[trial_id]) == 1, f"finished trial {trial_id} ran again after the restore"
+    for trial_id, trial_runs in by_trial.items():  # none failed in the outage and ran again under another run
+        assert len([r for r in trial_runs if r.info.run_id not in before]) <= 1, trial_id
     for trial_id in superseded:  # ended its run, interrupted before Tune recorded it: run again, under a new run
         earlier, rerun = sorted(by_trial[trial_id], key=lambda r: r.info.start_time)
         assert trial_id in finished_before and "flipray.superseded" not in rerun.data.tags

@@ -64,3 +64,35 @@ def test_metric_log_keeps_what_a_dead_server_did_not_take_checkpoint_safe(tmp_pa
     state = new_state() | {"mlflow_held": unsent}
     save_checkpoint(tmp_path / "checkpoint.pt", net, make_optimizer(net, cfg), state, cfg)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["state"]["mlflow_held"] == unsent
+
+
+def test_patient_client_waits_out_a_server_that_does_not_answer_and_raises_at_once_on_a_bad_request(caplog,
+                                                                                                    monkeypatch):
+    """Nothing answers at the port: a call is retried until wait_s, saying so once, then raises MLflow's error; a
+    request the server refused for what it asks (a 4xx) is no outage: raised at the first try, nothing said."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    from mlflow.exceptions import MlflowException, RestException
+
+    from cluster.local import free_port
+    uri = f"http://127.0.0.1:{free_port()}"
+    client = tracking.PatientClient(uri, wait_s=0.4, retry_s=0.05, max_retry_s=0.1)
+    tries = []
+    with pytest.raises(MlflowException, match="failed with exception"):
+        client.call(lambda: tries.append(1) or client._client.get_run("0" * 32))
+    assert len(tries) >= 3  # retried while the deadline allowed
+    said = [r.getMessage() for r in caplog.records if r.name == "flipray.tracking"]
+    assert len([m for m in said if f"MLflow at {uri} is not answering" in m]) == 1
+    assert len([m for m in said if f"MLflow at {uri} did not answer within" in m]) == 1
+    caplog.clear()
+    refused = RestException({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "run 00 not found"})
+    assert not tracking.server_away(refused) and tracking.server_away(ConnectionRefusedError())
+    tries.clear()
+
+    def bad_request():
+        tries.append(1)
+        raise refused
+    with pytest.raises(RestException, match="not found"):
+        client.call(bad_request)
+    assert tries == [1] and not caplog.records
+    with pytest.raises(MlflowException, match="failed with exception"):  # a client method, called through it
+        client.get_experiment_by_name("x")

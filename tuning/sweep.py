@@ -15,7 +15,10 @@ MLflow: the driver initialises the store (a fresh sqlite store must be created o
 opens the sweep's parent run; every trial logs its params and per-epoch metrics into its own run, nested under
 it, and ends that run itself. At the end the sweep writes `<out>/best.yaml` (the best trial's full task config:
 pass it back with `python -m jobs.<task> --config-file best.yaml`) and `<out>/trials.png` (metric against epoch,
-one line per trial, coloured by the learning rate), and logs both to the parent run.
+one line per trial, coloured by the learning rate), and logs both to the parent run. A tracking server that stops
+answering pauses the trials that log to it and the sweep's end for up to --mlflow-wait-s (600 s), then goes on
+where it stopped (flipray.tracking.PatientClient); still away at the end: best.yaml and trials.png are on disk, the
+sweep exits 1 saying so, and `--restore` once it answers logs them.
 
 `--restore` (or a rerun with the same --name) restores with `Tuner.restore`: finished trials are kept, not rerun;
 unfinished ones start again under a new run (the earlier one KILLED, tagged flipray.stopped_early, or
@@ -50,6 +53,7 @@ def sweepable() -> list[str]:
     return [name for name in tasks.registry() if (HERE / f"{name}.yaml").exists()]
 
 EXPERIMENT = "flipray-sweeps"
+MLFLOW_WAIT_S = 600.0  # how long a trial, or the sweep's end, waits for a tracking server that stopped answering
 
 
 def load_definition(task: str, path: str | None = None) -> dict:
@@ -94,8 +98,9 @@ def trial_resources(definition: dict, env=None) -> dict:
 
 
 def trainable(config: dict):
-    """One trial: the task config from the base + sampled values, run_trial reporting to Tune and MLflow."""
-    from mlflow import MlflowClient
+    """One trial: the task config from the base + sampled values, run_trial reporting to Tune and MLflow (a tracking
+    server that stops answering pauses the trial, for up to the sweep's --mlflow-wait-s, instead of failing it)."""
+    from mlflow.entities import Metric, Param
     from ray import tune
 
     task = tasks.get(config["task"])
@@ -104,19 +109,18 @@ def trainable(config: dict):
     ctx = tune.get_context()
     cfg.out_dir = str(Path(cfg.out_dir or "runs/sweeps") / ctx.get_trial_name())
     m = config["mlflow"]
-    client = MlflowClient(m["uri"])
+    client = tracking.PatientClient(m["uri"], wait_s=m.get("wait_s", MLFLOW_WAIT_S))  # (older sweeps: no wait_s)
     supersede_unrecorded_runs(client, m["experiment_id"], m["parent"], ctx.get_trial_id())
     run_id = client.create_run(m["experiment_id"], run_name=ctx.get_trial_name(),
                                tags={"mlflow.parentRunId": m["parent"], "flipray.trial_id": ctx.get_trial_id()}
                                ).info.run_id
-    for k, v in dataclasses.asdict(cfg).items():
-        client.log_param(run_id, k, v)
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in dataclasses.asdict(cfg).items()])
     history = []
 
     def report(epoch: int, metrics: dict):
         history.append({"epoch": epoch, **metrics})
-        for k, v in metrics.items():
-            client.log_metric(run_id, k, float(v), step=epoch)
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
         if epoch < cfg.epochs:
             tune.report({**metrics, "epoch": epoch})
             return
@@ -130,8 +134,9 @@ def trainable(config: dict):
 
     try:
         result = task.run_trial(cfg, report=report)
-        for k, v in result["metrics"].items():
-            client.log_metric(run_id, f"final_{k}", v)
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(f"final_{k}", float(v), now, 0)
+                                          for k, v in result["metrics"].items()])
     finally:
         # End the run explicitly (the trial's process may be reused). ASHA stops a trial by raising out of
         # tune.report, also at its last epoch (max_t), so completion is judged by the epochs reported.
@@ -228,12 +233,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-concurrent", type=int, default=None)
     p.add_argument("--restore", action="store_true", help="restore the sweep --name (required to exist)")
     p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--mlflow-wait-s", type=float, default=MLFLOW_WAIT_S,
+                   help="seconds a trial (paused) or the sweep's end waits for an MLflow server that stopped "
+                        "answering (default %(default)s)")
     args = p.parse_args(argv)
+    if args.mlflow_wait_s < 0:
+        raise UsageError(f"--mlflow-wait-s {args.mlflow_wait_s:g}: expected seconds >= 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     import ray
-    from mlflow import MlflowClient
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -268,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     # MLflow: the driver creates the store and the parent run before any trial starts.
     uri = tracking.tracking_uri(args.tracking_uri)
     experiment_id = tracking.init_tracking(uri, EXPERIMENT)
-    client = MlflowClient(uri)
+    client = tracking.PatientClient(uri, wait_s=args.mlflow_wait_s)
     previous = tracking.find_run(experiment_id, name)
     parent = previous.info.run_id if previous else client.create_run(
         experiment_id, run_name=name, tags={"flipray.run_name": name, "flipray.task": args.task}).info.run_id
@@ -278,7 +287,8 @@ def main(argv: list[str] | None = None) -> dict:
         client.log_param(parent, "space", json.dumps(d["space"]))
 
     param_space = {**search_space(d["space"]), "task": args.task, "base": dataclasses.asdict(base),
-                   "mlflow": {"uri": uri, "experiment_id": experiment_id, "parent": parent}}
+                   "mlflow": {"uri": uri, "experiment_id": experiment_id, "parent": parent,
+                              "wait_s": args.mlflow_wait_s}}
     trainable_with_resources = tune.with_resources(trainable, trial_resources(d))
     if not ray.is_initialized():
         from flipray import raylocal
@@ -317,7 +327,6 @@ def main(argv: list[str] | None = None) -> dict:
         raise RuntimeError(f"sweep {name}: no trial reported {d['metric']}; errors: {grid.errors}")
     pick = max if d["mode"] == "max" else min
     best = pick(complete, key=lambda r: r.metrics[d["metric"]])
-    close_stopped_trials(client, experiment_id, parent)
     best_cfg = task.Config(**best.config["base"])
     apply(best_cfg, {k: v for k, v in best.config.items() if k in d["space"]})
     best_cfg.eval_split, best_cfg.out_dir = "test", ""
@@ -327,10 +336,18 @@ def main(argv: list[str] | None = None) -> dict:
     best_path.write_text(header + yaml.safe_dump(dataclasses.asdict(best_cfg), sort_keys=False))
     png = plot_trials(trials, d["metric"], d.get("color_by", "lr"), out / "trials.png")
     stopped = sum(1 for t in trials.values() if max(t["epochs"]) < base.epochs)
-    client.log_artifact(parent, str(best_path))
-    client.log_artifact(parent, str(png))
-    client.log_metric(parent, f"best_{d['metric']}", float(best.metrics[d["metric"]]))
-    client.set_terminated(parent)
+    try:  # the files are on disk first: a tracking server still away after --mlflow-wait-s costs only their logging
+        close_stopped_trials(client, experiment_id, parent)
+        client.log_artifact(parent, str(best_path))
+        client.log_artifact(parent, str(png))
+        client.log_metric(parent, f"best_{d['metric']}", float(best.metrics[d["metric"]]))
+        client.set_terminated(parent)
+    except Exception as e:
+        if not tracking.server_away(e):
+            raise
+        raise SystemExit(f"python -m tuning.sweep: sweep {name} finished ({best_path}, {png}) but MLflow at {uri} did "
+                         f"not answer within {args.mlflow_wait_s:g} s; run the same command with --restore once it "
+                         f"answers: it trains nothing and logs them") from None
     summary = {"name": name, "experiment_path": exp_dir, "trials": len(grid), "stopped_early": stopped,
                "best_metric": float(best.metrics[d["metric"]]), "best_config": str(best_path),
                "best_trial": Path(best.path).name, "trials_png": str(png), "mlflow_parent_run": parent,
