@@ -94,7 +94,12 @@ def _quick_requests() -> None:
 def server_away(e: BaseException) -> bool:
     """Whether an MLflow call failed because the tracking server did not answer (no connection, a time-out, a 5xx),
     not because of what was asked (a 4xx: a bad value, a missing run), which no retry mends."""
-    if isinstance(e, OSError):  # requests' connection errors and time-outs are OSErrors
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    http = require("requests").exceptions
+    if isinstance(e, http.HTTPError):  # an artifact upload's answer
+        return e.response is None or e.response.status_code >= 500
+    if isinstance(e, http.RequestException):  # no connection, a time-out (not a missing local file: an OSError too)
         return True
     exceptions = require("mlflow.exceptions")
     return isinstance(e, exceptions.MlflowException) and e.get_http_status_code() >= 500

@@ -86,6 +86,7 @@ def test_patient_client_waits_out_a_server_that_does_not_answer_and_raises_at_on
     caplog.clear()
     refused = RestException({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "run 00 not found"})
     assert not tracking.server_away(refused) and tracking.server_away(ConnectionRefusedError())
+    assert not tracking.server_away(FileNotFoundError("curves.png"))  # a file to upload that is not there
     tries.clear()
 
     def bad_request():
