@@ -51,6 +51,17 @@ def moto_server(tmp_path_factory):
 
 
 @pytest.fixture
+def mlflow_servers(tmp_path):
+    """An MLflow server (127.0.0.1, its own process group, store tmp_path/mlflow/mlflow.db), yielded in a list: a test
+    that stops it and starts another on the same port and store appends that one; every one is stopped at the end."""
+    from cluster import local
+    servers = [local.start_mlflow(tmp_path / "mlflow")]
+    yield servers
+    for server in servers:
+        local.stop(server)
+
+
+@pytest.fixture
 def bucket(moto_server):
     """A fresh, empty bucket on the moto server; yields its name."""
     import boto3

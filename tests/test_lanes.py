@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Fixtures that start a service or train a model: only tests marked `slow` may use them.
-SLOW_FIXTURES = {"moto_server", "bucket", "ray_local", "ingested", "demo_run",
+SLOW_FIXTURES = {"moto_server", "bucket", "ray_local", "ingested", "demo_run", "mlflow_servers",
                  "services", "cluster_services",  # cluster.local.up (test_cluster, test_pretext_job)
                  "rotate_checkpoint"}             # a pretext training run (test_doa)
 

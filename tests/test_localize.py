@@ -359,7 +359,7 @@ def test_job_writes_the_table(synth_root, localize_checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_job_whose_mlflow_server_is_gone_at_its_end_keeps_the_table_and_says_so(synth_root, localize_checkpoint,
-                                                                               tmp_path):
+                                                                               mlflow_servers, tmp_path):
     """The MLflow server answers when the job starts and is stopped while its method trains: the job waits
     --mlflow-wait-s for it, then exits 1 with one line naming the table it wrote, which is whole on disk."""
     import threading
@@ -369,7 +369,7 @@ def test_job_whose_mlflow_server_is_gone_at_its_end_keeps_the_table_and_says_so(
 
     from cluster import local
     from jobs.localize import main
-    server = local.start_mlflow(tmp_path / "mlflow")
+    server = mlflow_servers[0]
     store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")  # the server's store, read directly
 
     def stop_once_started():  # the job has created its experiment: the store was checked, training begins
@@ -380,13 +380,10 @@ def test_job_whose_mlflow_server_is_gone_at_its_end_keeps_the_table_and_says_so(
 
     watcher = threading.Thread(target=stop_once_started, daemon=True)
     watcher.start()
-    try:
-        args = [a for a in _job_args(synth_root, localize_checkpoint, tmp_path / "out") if a != "--no-mlflow"]
-        with pytest.raises(SystemExit) as gone:
-            main([*args, "--local", "--methods", "stereo-audio", "--tracking-uri", server.url, "--mlflow-wait-s", "1"])
-    finally:
-        watcher.join(120)
-        local.stop(server)
+    args = [a for a in _job_args(synth_root, localize_checkpoint, tmp_path / "out") if a != "--no-mlflow"]
+    with pytest.raises(SystemExit) as gone:
+        main([*args, "--local", "--methods", "stereo-audio", "--tracking-uri", server.url, "--mlflow-wait-s", "1"])
+    watcher.join(120)
     table = tmp_path / "out" / "localize" / "localize.md"
     assert str(gone.value) == (f"localize table written ({table}, results in {table.parent}) but MLflow at "
                                f"{server.url} did not answer within 1 s, so it is not logged there; `python -m "

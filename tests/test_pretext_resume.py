@@ -20,17 +20,6 @@ FAST = ["data.num_frames=3", "data.eval_windows=1", "data.resize=40", "data.crop
         "model.visual_width=8", "model.audio_width=8", "model.audio_dim=32", "model.fusion_dim=32", "train.log_every=1"]
 
 
-@pytest.fixture
-def mlflow_servers(tmp_path):
-    """An MLflow server (127.0.0.1, its own process group, store in tmp_path/mlflow); a test that stops it and starts
-    another on the same port and store appends that one, and every one is stopped at the end."""
-    from cluster import local
-    servers = [local.start_mlflow(tmp_path / "mlflow")]
-    yield servers
-    for server in servers:
-        local.stop(server)
-
-
 @pytest.mark.slow
 def test_resubmitting_with_the_same_run_name_continues_from_the_checkpoint(synth_root, ray_local, mlflow_servers,
                                                                            tmp_path, monkeypatch):

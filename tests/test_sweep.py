@@ -44,17 +44,6 @@ def _trial_runs(uri: str) -> list:
     return client.search_runs(exps, filter_string="tags.`flipray.trial_id` != ''") if exps else []
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """An MLflow server (127.0.0.1, store tmp_path/mlflow/mlflow.db); a test that stops it and starts another on the
-    same port and store appends that one to the list; every one is stopped at the end."""
-    from cluster import local
-    servers = [local.start_mlflow(tmp_path / "mlflow")]
-    yield servers
-    for server in servers:
-        local.stop(server)
-
-
 def _ray_worker_logs() -> str:
     """What the workers of this process's Ray instance wrote (the session's logs folder: trials log there)."""
     import ray
@@ -64,14 +53,14 @@ def _ray_worker_logs() -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_sweep_asha_mlflow_outage_best_config_and_restore(synth_root, ray_local, mlflow_server, tmp_path):
+def test_sweep_asha_mlflow_outage_best_config_and_restore(synth_root, ray_local, mlflow_servers, tmp_path):
     # A flip "pretext" checkpoint of the demo shape (random weights: the sweep's mechanics are under test here).
     pcfg = load_config("demo")
     ckpt = tmp_path / "pretext.pt"
     torch.save({"model": SpatialAlignmentNet(pcfg).state_dict(), "config": pcfg.to_dict()}, ckpt)
     definition = tmp_path / "localize.yaml"
     definition.write_text(yaml.safe_dump(DEFINITION))
-    uri = mlflow_server[0].url
+    uri = mlflow_servers[0].url
     store = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"  # the server's own store, read while it is away
     args = ["--task", "localize", "--samples", "2", "--definition", str(definition), "--data", str(synth_root),
             "--pretext", f"flip={ckpt}", "--name", "sweep-test", "--storage", str(tmp_path / "tune"),
@@ -113,15 +102,15 @@ def test_sweep_asha_mlflow_outage_best_config_and_restore(synth_root, ray_local,
         deadline = time.time() + 300
         while not {r.info.run_id for r in _trial_runs(store)} - before and time.time() < deadline:
             time.sleep(0.2)
-        local.stop(mlflow_server[0])
+        local.stop(mlflow_servers[0])
         time.sleep(5)
-        mlflow_server.append(local.start_mlflow(tmp_path / "mlflow", port=mlflow_server[0].port))
+        mlflow_servers.append(local.start_mlflow(tmp_path / "mlflow", port=mlflow_servers[0].port))
 
     away = threading.Thread(target=outage, daemon=True)
     away.start()
     summary = __import__("tuning.sweep", fromlist=["main"]).main([*args, "--restore", "--mlflow-wait-s", "300"])
     away.join(60)
-    assert len(mlflow_server) == 2  # the outage happened while the restored sweep ran
+    assert len(mlflow_servers) == 2  # the outage happened while the restored sweep ran
     worker_logs = _ray_worker_logs()
     assert f"MLflow at {uri} is not answering" in worker_logs and f"MLflow at {uri} answers again" in worker_logs
     assert summary["trials"] == 8 and summary["errors"] == 0
