@@ -32,9 +32,10 @@ demo-local: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# Everything that needs no trained model and no service (tests not marked `slow`): a few minutes.
+# Everything that needs no trained model and no service (tests not marked `slow`), on every core up to 4: a few
+# minutes. `make test` stays in one process: there the background demo trainer takes the cores the tests leave idle.
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" -n auto --maxprocesses 4
 
 clean:
 	rm -rf $(VENV) data runs
