@@ -324,6 +324,33 @@ def test_novel_looks_change_the_objects_pictures_and_nothing_else(tmp_path):
         synth.SynthConfig(novel_look_prob=2.0)
 
 
+def test_clutter_paints_static_things_into_the_backdrop_and_changes_nothing_else(tmp_path):
+    """--clutter-prob 1: the same scenes, objects, motions and audio as the same seed without it; the backdrop, the
+    same in every frame, holds things at full contrast (the held-out "cluttered scenes" set of docs/stereo.md)."""
+    opts = dict(duration_s=1.0, size=128, max_distractors=0, clips_per_scene=1)
+    plain = synth.generate(tmp_path / "plain", 4, seed=5, workers=1, **opts)
+    synth.main(["--out", str(tmp_path / "busy"), "--clips", "4", "--seed", "5", "--duration", "1", "--size", "128",
+                "--max-distractors", "0", "--clips-per-scene", "1", "--clutter-prob", "1", "--workers", "1"])
+    assert read_manifest(tmp_path / "busy") == plain
+    for row in plain:
+        a, b = tmp_path / "plain", tmp_path / "busy"
+        assert (a / row["audio"]).read_bytes() == (b / row["audio"]).read_bytes()
+        meta_a, meta_b = (json.loads((root / row["meta"]).read_text()) for root in (a, b))
+        assert meta_a["objects"] == meta_b["objects"] and meta_b["generator"]["config"]["clutter_prob"] == 1.0
+        frames_a, frames_b = (decode_frames(root / row["video"], 128) for root in (a, b))
+        outside = np.ones((128, 128), bool)
+        for obj in meta_a["objects"]:
+            for x0, y0, x1, y1 in obj["boxes"]:
+                outside[max(y0, 0):y1, max(x0, 0):x1] = False
+        outside = ~binary_dilation(~outside, iterations=4)  # a few pixels off the boxes: the codec's blocks spill
+        diff = np.abs(frames_a - frames_b).mean(-1)[:, outside]  # (frames, pixels off every object)
+        assert (diff > 40).mean() > 0.05, row["clip_id"]  # things painted in at full contrast, not a colour shift
+        changed = diff[0] > 40
+        assert np.abs(frames_b[-1] - frames_b[0]).mean(-1)[outside][changed].mean() < 3  # and they stay put
+    with pytest.raises(ValueError, match="clutter_prob must be a probability"):
+        synth.SynthConfig(clutter_prob=1.5)
+
+
 def test_sync_pulse_grows_each_sounding_object_with_its_own_sound(tmp_path):
     """--sync-pulse 0.5: a sounding object is 1.5x its size in its loudest frame and follows its sound's loudness
     frame by frame; silent objects, the audio and the rest of the picture are those of the same seed without it."""
@@ -523,6 +550,16 @@ def test_a_dataset_there_is_kept_and_one_made_otherwise_is_refused(tmp_path):
     (root / rows[2]["meta"]).unlink()
     assert synth.generate(root, 2, seed=1, **tiny) == more  # both made again
     assert (root / rows[1]["audio"]).is_file() and (root / rows[2]["meta"]).is_file()
+    # a dataset made before a knob existed (synth.ADDED_LATER) is kept by a run at the knob's neutral value only
+    for row in more:
+        sidecar = json.loads((root / row["meta"]).read_text())
+        del sidecar["generator"]["config"]["clutter_prob"]
+        (root / row["meta"]).write_text(json.dumps(sidecar))
+    before = {p: p.stat().st_mtime_ns for p in (root / "clips").iterdir()}
+    assert synth.generate(root, 6, seed=1, **tiny) == more
+    assert {p: p.stat().st_mtime_ns for p in (root / "clips").iterdir()} == before
+    with pytest.raises(UsageError, match=r"another config \(clutter_prob\)"):
+        synth.generate(root, 6, seed=1, clutter_prob=0.5, **tiny)
     # a dataset of user clips (ingest's sidecars have no generator record) is refused the same way
     sidecar = json.loads((root / rows[0]["meta"]).read_text())
     del sidecar["generator"]

@@ -8,9 +8,9 @@ look and its own sound family) and a few silent distractors (mostly silent-only 
 sounding classes, so that the network has to match the sound to the object; `--novel-look-prob 1` gives every object a
 random look instead, for held-out sets of objects never seen; `--novel-sound-prob 1` gives every sounding object a
 sound family no class has, for sounds never heard; `--sync-pulse F` makes sounding objects grow with their sound;
-`--width` renders wide frames). Each scene yields --clips-per-scene
-clips with new motion and sound draws; objects stand still or move left-right, up-down or diagonally, bouncing off
-the frame edges. The audio is what a listener at the camera hears: every sounding object's sound rendered with both
+`--clutter-prob 1` paints static things into every backdrop; `--width` renders wide frames). Each scene yields
+--clips-per-scene clips with new motion and sound draws; objects stand still or move left-right, up-down or
+diagonally, bouncing off the frame edges. The audio is what a listener at the camera hears: every sounding object's sound rendered with both
 cues of the clip's capture setup (one per clip, `--mics`: binaural heads of several sizes and ear asymmetries with
 Woodworth ITD and Brown-Duda head shadow, spaced omni pairs, near-coincident cardioid pairs, coincident XY/MS pairs,
 two-mic phones; render_capture) from where the camera sees it, block by block so moving sources move, plus optional
@@ -81,6 +81,10 @@ class SynthConfig:
                                        # sound's loudness per frame (as mouths, strings and cones move with their
                                        # sound), so that which object sounds can be seen, not only guessed from its
                                        # look; silent objects keep their size. Audio is the same whatever its value
+    clutter_prob: float = 0.0          # the backdrop gets 4-12 static things painted into it at full contrast
+                                       # (random shapes, colours and patterns, 15-110 px at 256: furniture, posters),
+                                       # as real rooms have; other draws stay the same. 1.0: held-out sets of
+                                       # cluttered scenes
     object_px: tuple = (30, 70)        # object width at size 256, scaled with --size; height = width * 0.8-1.25
     motion_probs: tuple = (0.4, 0.3, 0.1, 0.2)  # static, left-right, up-down, diagonal
     crossing_time_s: tuple = (2.5, 8.0)  # a moving object travels one frame width in this time
@@ -127,8 +131,8 @@ class SynthConfig:
                              f"got {self.width}")
         if self.reflections not in REFLECTIONS:
             raise UsageError(f"reflections must be one of {', '.join(REFLECTIONS)}, got {self.reflections!r}")
-        for name in ("two_source_prob", "lookalike_prob", "novel_look_prob", "novel_sound_prob", "reverb_prob",
-                     "lossy_audio_prob"):
+        for name in ("two_source_prob", "lookalike_prob", "novel_look_prob", "novel_sound_prob", "clutter_prob",
+                     "reverb_prob", "lossy_audio_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UsageError(f"{name} must be a probability, got {getattr(self, name)}")
         self.mics = tuple(self.mics)
@@ -180,6 +184,10 @@ IMAGE_SOURCE_STREAM = 104_729  # reflections="image-source": the room's draws, d
 NOVEL_SOUND_STREAM = 15_485_863  # novel_sound_prob: whether and what object i sounds like, default_rng([seed,
                                  # scene, k, this, i])
 NOVEL_LOOK_STREAM = 7_919  # novel_look_prob: whether and how object i looks new, default_rng([seed, scene, this, i])
+CLUTTER_STREAM = 6_700_417  # clutter_prob: whether and what the backdrop holds, default_rng([seed, scene, this])
+# Knobs added after datasets were made, at the value that renders exactly what those datasets hold (their draws come
+# from streams of their own): a sidecar without one was made with this value, so `flipray synth` keeps its clips.
+ADDED_LATER = {"clutter_prob": 0.0}
 
 # Block processing for time-varying filters: Hann blocks of 32 ms every 16 ms, zero-padded to twice their length.
 BLOCK, HOP, NFFT = 512, 256, 1024
@@ -677,6 +685,23 @@ def _background(rng, size, width=None):
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def _clutter(rng, background, size):
+    """The backdrop (size, width, 3) uint8 with 4-12 static things painted in at full contrast: random shapes,
+    colours and patterns, 15-110 px wide at size 256, anywhere (partly outside the frame too)."""
+    img = background.astype(float)
+    height, width = img.shape[:2]
+    for _ in range(rng.integers(4, 13)):
+        look = (str(rng.choice(list(SHAPES))), tuple(rng.uniform(0, 255, 3)), str(rng.choice(list(PATTERNS))))
+        w = max(4, int(rng.uniform(15, 110) * size / 256))
+        h = max(4, int(w * rng.uniform(0.5, 2.0)))
+        rgb, cover = sprite(look, w, h, rng)
+        x, y = int(rng.uniform(-w / 2, width - w / 2)), int(rng.uniform(-h / 2, height - h / 2))
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
+        region = img[y0:y1, x0:x1]
+        region[:] = region * (1 - cover[y0 - y:y1 - y, x0 - x:x1 - x]) + rgb[y0 - y:y1 - y, x0 - x:x1 - x]
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
 def sprite(look, w, h, rng):
     """One object instance: premultiplied RGB (h, w, 3) and coverage (h, w, 1) of the class's shape, colour and
     pattern with a dark outline and a little colour jitter, antialiased by 3x3 supersampling."""
@@ -720,6 +745,9 @@ def make_clip(out_dir, cfg: SynthConfig, seed: int, scene: int, k: int) -> dict:
     hfov = srng.uniform(*cfg.hfov_deg)
     focal = (width / 2) / math.tan(math.radians(hfov) / 2)  # the field of view is horizontal
     background = _background(srng, size, width)
+    crng = np.random.default_rng([seed, scene, CLUTTER_STREAM])  # its own stream: other draws stay the same
+    if crng.random() < cfg.clutter_prob:
+        background = _clutter(crng, background, size)
     n_sounding = 2 if srng.random() < cfg.two_source_prob else 1
     classes = list(srng.choice(list(SOUNDING_CLASSES), n_sounding, replace=False))
     weights = 0.5 ** np.arange(cfg.max_distractors + 1)
@@ -897,6 +925,9 @@ def plan_clips(out_dir, seed: int, cfg, wanted: list[tuple[int, int]]) -> tuple[
             generator = json.loads((root / row["meta"]).read_text())["generator"]
         except (OSError, ValueError, KeyError, TypeError):
             generator = None
+        if generator is not None and isinstance(generator.get("config"), dict):
+            later = {k: v for k, v in ADDED_LATER.items() if k in want["config"]}  # synth360 has none of them
+            generator = {**generator, "config": {**later, **generator["config"]}}
         same = generator is not None and {"seed": generator.get("seed"), "config": generator.get("config")} == want
         if not same:
             if generator is None:
@@ -973,6 +1004,9 @@ def main(argv=None):
     p.add_argument("--novel-sound-prob", type=float, default=defaults.novel_sound_prob,
                    help="probability that a sounding object's sound comes from a family no class has (1: sounds never "
                         "heard)")
+    p.add_argument("--clutter-prob", type=float, default=defaults.clutter_prob,
+                   help="probability that a scene's backdrop holds static things at full contrast (1: cluttered "
+                        "scenes)")
     p.add_argument("--sync-pulse", type=float, default=defaults.sync_pulse,
                    help="sounding objects grow by up to this fraction of their size with their sound's loudness")
     p.add_argument("--reflections", choices=REFLECTIONS, default=defaults.reflections,
@@ -985,7 +1019,8 @@ def main(argv=None):
     flags = dict(fps="fps", size="size", width="width", duration="duration_s", clips_per_scene="clips_per_scene",
                  lossy_audio_prob="lossy_audio_prob", reverb_prob="reverb_prob", noise="noise",
                  max_distractors="max_distractors", two_source_prob="two_source_prob", reflections="reflections",
-                 novel_look_prob="novel_look_prob", novel_sound_prob="novel_sound_prob", sync_pulse="sync_pulse")
+                 novel_look_prob="novel_look_prob", novel_sound_prob="novel_sound_prob", sync_pulse="sync_pulse",
+                 clutter_prob="clutter_prob")
     try:
         options = asdict(overrides.config_from_args(SynthConfig, args, p, flags))
         if args.mics != p.get_default("mics"):  # a list of any length, so not through the tuple rule of --set
