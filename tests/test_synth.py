@@ -2,6 +2,7 @@
 ground truth against docs/clip-format.md, determinism across worker counts, the manifest and its splits."""
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -299,22 +300,33 @@ def decode_frames(path, size, width=None, count=None):
     return np.frombuffer(raw, np.uint8).reshape(-1, size, width or size, 3).astype(float)
 
 
+def twin_sets(tmp_path, seed: int, opts: dict, cli: list[str], key: str, value) -> list[tuple[dict, dict, Path, Path]]:
+    """The same seed rendered twice, by `synth.generate(**opts)` and by `flipray synth` with `cli` (the same options
+    plus the one under test, SynthConfig `key` = `value`); asserts that both share the manifest, every FLAC byte for
+    byte and every object's record, and returns (row, sidecar, plain root, other root) per clip for the pictures."""
+    a, b = tmp_path / "plain", tmp_path / "other"
+    rows = synth.generate(a, 4, seed=seed, workers=1, **opts)
+    synth.main(["--out", str(b), "--clips", "4", "--seed", str(seed), "--workers", "1", *cli])
+    assert read_manifest(b) == rows
+    twins = []
+    for row in rows:
+        assert (a / row["audio"]).read_bytes() == (b / row["audio"]).read_bytes()
+        meta_a, meta_b = (json.loads((root / row["meta"]).read_text()) for root in (a, b))
+        assert meta_a["objects"] == meta_b["objects"] and meta_b["generator"]["config"][key] == value
+        twins.append((row, meta_a, a, b))
+    return twins
+
+
 def test_novel_looks_change_the_objects_pictures_and_nothing_else(tmp_path):
     """--novel-look-prob 1: the same scenes, motions and audio as the class looks of the same seed; only the objects'
     pixels differ (the held-out "objects never seen" sets of docs/stereo.md rely on it)."""
     opts = dict(duration_s=1.0, size=128, two_source_prob=1.0, max_distractors=0)
-    known = synth.generate(tmp_path / "classes", 4, seed=7, workers=1, **opts)
-    synth.main(["--out", str(tmp_path / "novel"), "--clips", "4", "--seed", "7", "--duration", "1", "--size", "128",
-                "--two-source-prob", "1", "--max-distractors", "0", "--novel-look-prob", "1", "--workers", "1"])
-    assert read_manifest(tmp_path / "novel") == known
-    for row in known:
-        a, b = tmp_path / "classes", tmp_path / "novel"
-        assert (a / row["audio"]).read_bytes() == (b / row["audio"]).read_bytes()
-        meta_a, meta_b = (json.loads((root / row["meta"]).read_text()) for root in (a, b))
-        assert meta_a["objects"] == meta_b["objects"] and meta_b["generator"]["config"]["novel_look_prob"] == 1.0
+    cli = ["--duration", "1", "--size", "128", "--two-source-prob", "1", "--max-distractors", "0",
+           "--novel-look-prob", "1"]
+    for row, meta, a, b in twin_sets(tmp_path, 7, opts, cli, "novel_look_prob", 1.0):
         frame_a, frame_b = (decode_frames(root / row["video"], 128, count=1)[0] for root in (a, b))
         inside = np.zeros((128, 128), bool)
-        for obj in meta_a["objects"]:
+        for obj in meta["objects"]:
             x0, y0, x1, y1 = obj["boxes"][0]
             inside[max(y0, 0):y1, max(x0, 0):x1] = True
         background = ~binary_dilation(inside, iterations=4)  # a few pixels off the boxes: the codec's blocks spill
@@ -328,15 +340,9 @@ def test_clutter_paints_static_things_into_the_backdrop_and_changes_nothing_else
     """--clutter-prob 1: the same scenes, objects, motions and audio as the same seed without it; the backdrop, the
     same in every frame, holds things at full contrast (the held-out "cluttered scenes" set of docs/stereo.md)."""
     opts = dict(duration_s=1.0, size=128, max_distractors=0, clips_per_scene=1)
-    plain = synth.generate(tmp_path / "plain", 4, seed=5, workers=1, **opts)
-    synth.main(["--out", str(tmp_path / "busy"), "--clips", "4", "--seed", "5", "--duration", "1", "--size", "128",
-                "--max-distractors", "0", "--clips-per-scene", "1", "--clutter-prob", "1", "--workers", "1"])
-    assert read_manifest(tmp_path / "busy") == plain
-    for row in plain:
-        a, b = tmp_path / "plain", tmp_path / "busy"
-        assert (a / row["audio"]).read_bytes() == (b / row["audio"]).read_bytes()
-        meta_a, meta_b = (json.loads((root / row["meta"]).read_text()) for root in (a, b))
-        assert meta_a["objects"] == meta_b["objects"] and meta_b["generator"]["config"]["clutter_prob"] == 1.0
+    cli = ["--duration", "1", "--size", "128", "--max-distractors", "0", "--clips-per-scene", "1",
+           "--clutter-prob", "1"]
+    for row, meta_a, a, b in twin_sets(tmp_path, 5, opts, cli, "clutter_prob", 1.0):
         frames_a, frames_b = (decode_frames(root / row["video"], 128) for root in (a, b))
         outside = np.ones((128, 128), bool)
         for obj in meta_a["objects"]:
