@@ -10,13 +10,14 @@ random look instead, for held-out sets of objects never seen; `--novel-sound-pro
 sound family no class has, for sounds never heard; `--sync-pulse F` makes sounding objects grow with their sound;
 `--clutter-prob 1` paints static things into every backdrop; `--width` renders wide frames). Each scene yields
 --clips-per-scene clips with new motion and sound draws; objects stand still or move left-right, up-down or
-diagonally, bouncing off the frame edges. The audio is what a listener at the camera hears: every sounding object's sound rendered with both
-cues of the clip's capture setup (one per clip, `--mics`: binaural heads of several sizes and ear asymmetries with
-Woodworth ITD and Brown-Duda head shadow, spaced omni pairs, near-coincident cardioid pairs, coincident XY/MS pairs,
-two-mic phones; render_capture) from where the camera sees it, block by block so moving sources move, plus optional
-room reverb (early reflections as random taps, or with `--reflections image-source` a shoebox room's first-order
-reflections heard from their directions), diffuse background noise and a lossy AAC round trip. Room, microphones,
-spectra, levels, SNR and field of view are randomised so that a model trained here has a chance on real recordings.
+diagonally, bouncing off the frame edges. The audio is what a listener at the camera hears: every sounding object's
+sound rendered with both cues of the clip's capture setup (one per clip, `--mics`: binaural heads of several sizes and
+ear asymmetries with Woodworth ITD and Brown-Duda head shadow, spaced omni pairs, near-coincident cardioid pairs,
+coincident XY/MS pairs, two-mic phones; render_capture) from where the camera sees it, block by block so moving
+sources move, plus optional room reverb (early reflections as random taps, or with `--reflections image-source` a
+shoebox room's first-order reflections heard from their directions), diffuse background noise and a lossy AAC round
+trip. Room, microphones, spectra, levels, SNR and field of view are randomised so that a model trained here has a
+chance on real recordings.
 
 Files (docs/clip-format.md): clips/<clip_id>.webm (VP9, keyframe every second), clips/<clip_id>.flac (16 kHz,
 16-bit, channel 0 = left), clips/<clip_id>.json (per-frame ground truth) and manifest.jsonl, written last.
