@@ -696,11 +696,19 @@ def _clutter(rng, background, size):
         w = max(4, int(rng.uniform(15, 110) * size / 256))
         h = max(4, int(w * rng.uniform(0.5, 2.0)))
         rgb, cover = sprite(look, w, h, rng)
-        x, y = int(rng.uniform(-w / 2, width - w / 2)), int(rng.uniform(-h / 2, height - h / 2))
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
-        region = img[y0:y1, x0:x1]
-        region[:] = region * (1 - cover[y0 - y:y1 - y, x0 - x:x1 - x]) + rgb[y0 - y:y1 - y, x0 - x:x1 - x]
-    return np.clip(img, 0, 255).astype(np.uint8)
+        paste(img, rgb, cover, int(rng.uniform(-w / 2, width - w / 2)), int(rng.uniform(-h / 2, height - h / 2)))
+    return img.astype(np.uint8)
+
+
+def paste(img, rgb, cover, x, y) -> list[int]:
+    """Composite a sprite (premultiplied rgb and cover, sprite()'s) into img (H, W, 3) in place, its top-left corner at
+    pixel (x, y); the part overhanging the frame is dropped. Returns the pasted box [x0, y0, x1, y1]."""
+    h, w = cover.shape[:2]
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, img.shape[1]), min(y + h, img.shape[0])
+    region = img[y0:y1, x0:x1]
+    mixed = region * (1 - cover[y0 - y:y1 - y, x0 - x:x1 - x]) + rgb[y0 - y:y1 - y, x0 - x:x1 - x]
+    region[:] = np.clip(mixed, 0, 255).astype(img.dtype)
+    return [int(x0), int(y0), int(x1), int(y1)]
 
 
 def sprite(look, w, h, rng):
@@ -843,13 +851,8 @@ def make_clip(out_dir, cfg: SynthConfig, seed: int, scene: int, k: int) -> dict:
                 rgb, cover = (zoom(a, (h / obj["h"], w / obj["w"], 1), order=1) for a in (rgb, cover))
             h, w = cover.shape[:2]
             x, y = np.round(centre - np.array([w / 2, h / 2])).astype(int)
-            # a grown object may overhang the frame: paste, and box, the part inside
-            x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, size)
-            obj["boxes"].append([int(x0), int(y0), int(x1), int(y1)])
+            obj["boxes"].append(paste(frame, rgb, cover, x, y))  # a grown object may overhang: the part inside
             obj["centres"].append([x + w / 2, y + h / 2])  # the whole object's, also when it overhangs
-            rgb, cover = rgb[y0 - y:y1 - y, x0 - x:x1 - x], cover[y0 - y:y1 - y, x0 - x:x1 - x]
-            region = frame[y0:y1, x0:x1]
-            region[:] = np.clip(region * (1 - cover) + rgb, 0, 255).astype(np.uint8)
     clips_dir = Path(out_dir) / "clips"
     media.ffmpeg(["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{size}", "-r", str(fps), "-i", "-", "-an",
                   *media.vp9_args(fps), str(clips_dir / f"{clip_id}.webm")], stdin=frames.tobytes())
