@@ -34,9 +34,12 @@ bad and rebuilds the pipeline at that batch. Flagged samples are dropped from th
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import logging
 import math
+import os
+import sys
 
 import numpy as np
 import torch
@@ -60,6 +63,7 @@ REASONS = {MISSING: "object missing or unreadable", BAD_CHECKSUM: "checksum mism
 EBML_MAGIC, FLAC_MAGIC = b"\x1a\x45\xdf\xa3", b"fLaC"
 OUTPUTS = ["video", "audio", "flags", "info", "n_frames", "n_audio"]  # what the pipeline returns, in order
 PREFETCH = 2  # batches the pipeline prepares ahead
+AUTOGRAPH_PREFIX = "__autograph_generated_file"  # the modules (and temp files) DALI's conditionals compile
 
 # One black 16x16 VP9 frame in WebM (ffmpeg -f lavfi -i color=black:s=16x16 -frames:v 1 -c:v libvpx-vp9): what the
 # pipeline decodes in place of a clip that failed its checks, so that the batch keeps its size.
@@ -232,6 +236,21 @@ class ClipSource:
                 np.array(flags, np.int32), np.array([ci, -1 if item is None else item, code, start], np.int64))
 
 
+def fit_square(frames, side: int):
+    """(F, H, W, C) frames (a DALI DataNode) to `side` x `side`, as flipray.pretext.data.resize_square's default fit: a
+    wide frame squashed whole, a tall one cropped to its centre square; antialiased linear resize, rounded to uint8
+    levels."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
+    import nvidia.dali.types as types
+
+    shape = frames.shape()
+    short = fn.cast(dmath.min(shape[1], shape[2]), dtype=types.FLOAT)
+    frames = fn.crop(frames, crop_h=short, crop_w=fn.cast(shape[2], dtype=types.FLOAT))
+    return fn.resize(frames, resize_x=side, resize_y=side, antialias=True, interp_type=types.INTERP_LINEAR,
+                     dtype=types.UINT8)
+
+
 def build_pipeline(cfg: Config, source: ClipSource, device: str = "cpu", batch_size: int = 32,
                    num_threads: int = 2, device_id: int = 0, py_workers: int = 0):
     """The pretext pipeline (built, not started); its outputs are OUTPUTS:
@@ -266,12 +285,7 @@ def build_pipeline(cfg: Config, source: ClipSource, device: str = "cpu", batch_s
         n_frames = frames.shape()
         frames = fn.pad(frames, axes=(0,), shape=(T,))  # uniform shapes; short samples are dropped anyway
         if (n_frames[1] != R) | (n_frames[2] != R):
-            # flipray.pretext.data.resize_square's default fit: a wide frame squashed whole, a tall one cropped to its
-            # centre square; antialiased linear resize, rounded to uint8 levels
-            side = fn.cast(dmath.min(n_frames[1], n_frames[2]), dtype=types.FLOAT)
-            frames = fn.crop(frames, crop_h=side, crop_w=fn.cast(n_frames[2], dtype=types.FLOAT))
-            frames = fn.resize(frames, resize_x=R, resize_y=R, antialias=True, interp_type=types.INTERP_LINEAR,
-                               dtype=types.UINT8)
+            frames = fit_square(frames, R)
         frames = fn.flip(frames, horizontal=flags[0])  # joint flip: mirror, then crop, as flipray.pretext.data does
         frames = fn.slice(frames, start=crop_yx, shape=[d.crop, d.crop], axis_names="HW")  # pixel offsets
         if gpu:  # per-sample factors join GPU arithmetic on the GPU
@@ -299,8 +313,16 @@ def build_pipeline(cfg: Config, source: ClipSource, device: str = "cpu", batch_s
         audio = fn.stack(left / peak, right / peak, axis=0)  # peak_normalise: both channels by the louder one's peak
         return video, audio, flags, info, n_frames, n_audio
 
-    return pretext(batch_size=batch_size, num_threads=num_threads, device_id=device_id if gpu else None,
+    generated = {name for name in sys.modules if name.startswith(AUTOGRAPH_PREFIX)}
+    pipe = pretext(batch_size=batch_size, num_threads=num_threads, device_id=device_id if gpu else None,
                    py_num_workers=max(py_workers, 1), py_start_method="spawn", prefetch_queue_depth=PREFETCH)
+    # The conditionals compile `pretext` through DALI's AutoGraph, which writes the converted source to the system temp
+    # folder and deletes it at exit only: every Ray worker killed mid-run left one behind. The module is loaded now.
+    for name, module in list(sys.modules.items()):
+        if name.startswith(AUTOGRAPH_PREFIX) and name not in generated:
+            with contextlib.suppress(OSError):
+                os.remove(module.__file__)
+    return pipe
 
 
 class DaliClipLoader:

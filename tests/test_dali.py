@@ -7,6 +7,8 @@ counted, parallel external-source workers started with spawn.
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import boto3
 import pytest
@@ -153,6 +155,41 @@ def test_parity_on_wide_clips_squashed_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(pretext.data, "decode_video", lambda *a, **k: decode(*a, **{**k, "fit": "crop"}))
     cropped = reference(cfg, "train", True, epoch=0)
     assert (got["video"] - cropped["video"]).abs().mean() > 3 * video_err.mean()
+
+
+def test_fit_square_and_no_autograph_file_left_behind(tmp_path, monkeypatch):
+    """The pipeline's resize stage: a frame at the size comes out unchanged, a tall one as its centre square, a wide
+    one squashed whole. Building the pipeline leaves no AutoGraph module in the temp folder (a killed Ray worker
+    cannot delete it at exit)."""
+    import tempfile
+    import numpy as np
+    import nvidia.dali.fn as fn
+    from nvidia.dali import pipeline_def
+    from dali_pipelines.pretext import build_pipeline, fit_square
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where AutoGraph would write its generated module
+    rng = np.random.default_rng(0)
+    square = rng.integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
+    tall = rng.integers(0, 256, (2, 60, 40, 3), dtype=np.uint8)
+    wide = np.repeat(np.arange(80, dtype=np.uint8)[None, None, :, None] * 3, 40, axis=1).repeat(2, 0).repeat(3, 3)
+    batch = [square, tall, np.ascontiguousarray(tall[:, 10:50]), wide]
+
+    @pipeline_def(batch_size=len(batch), num_threads=1, device_id=None)
+    def fit():
+        return fit_square(fn.external_source(source=lambda: batch, batch=True, layout="FHWC"), 40)
+
+    pipe = fit()
+    pipe.build()
+    out = [np.array(t) for t in pipe.run()[0]]
+    assert all(o.shape == (2, 40, 40, 3) for o in out)
+    assert np.array_equal(out[0], square)
+    assert np.array_equal(out[1], out[2]) and not np.array_equal(out[1], square)
+    # squashed, not cropped: the ramp over 80 columns keeps its ends (a centre crop would start at 60 levels)
+    assert out[3][0, 0, 0, 0] <= 3 and out[3][0, 0, -1, 0] >= 230
+    build_pipeline(load_config("demo"), source=lambda info: None, device="cpu", batch_size=1)
+    compiled = [m for name, m in sys.modules.items() if name.startswith("__autograph_generated_file")]
+    assert compiled  # this build's, or an earlier one's in this process (AutoGraph compiles a function once)
+    assert [m.__file__ for m in compiled if Path(m.__file__).exists()] == []
+    assert list(tmp_path.glob("__autograph_generated_file*")) == []
 
 
 def left_right(features: torch.Tensor) -> torch.Tensor:
