@@ -1,7 +1,7 @@
 """tuning/sweep.py on a real local Ray instance and MLflow server: a tiny localization sweep is interrupted (SIGINT to
-its driver) and restored; the MLflow server goes away while the restored sweep's trials run and comes back; ASHA
-stops the poor trials early; every trial is one MLflow run under the sweep's parent run; best.yaml reproduces the
-best trial's score when run again.
+its driver) and restored; the MLflow server goes away while the restored sweep's trials run and comes back, and they
+wait as long as the restoring command's --mlflow-wait-s says; ASHA stops the poor trials early; every trial is one
+MLflow run under the sweep's parent run; best.yaml reproduces the best trial's score when run again.
 
     .venv/bin/python -m pytest tests/test_sweep.py -x -q
 """
@@ -113,6 +113,10 @@ def test_sweep_asha_mlflow_outage_best_config_and_restore(synth_root, ray_local,
     assert len(mlflow_servers) == 2  # the outage happened while the restored sweep ran
     worker_logs = _ray_worker_logs()
     assert f"MLflow at {uri} is not answering" in worker_logs and f"MLflow at {uri} answers again" in worker_logs
+    # every trial waits as long as the restoring command says (300 s), not as the interrupted one did (600 s)
+    waits = {line.rsplit("waiting up to ", 1)[1].split()[0] for line in worker_logs.splitlines()
+             if f"MLflow at {uri} is not answering" in line}
+    assert waits == {"300"}, waits
     assert summary["trials"] == 8 and summary["errors"] == 0
     runs = _trial_runs(uri)
     by_trial: dict[str, list] = {}

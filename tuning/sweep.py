@@ -97,9 +97,11 @@ def trial_resources(definition: dict, env=None) -> dict:
             "gpu": gpus if env.get("FLIPRAY_TASK_GPUS") else resources.get("gpu", 0)}
 
 
-def trainable(config: dict):
+def trainable(config: dict, mlflow_wait_s: float = MLFLOW_WAIT_S):
     """One trial: the task config from the base + sampled values, run_trial reporting to Tune and MLflow (a tracking
-    server that stops answering pauses the trial, for up to the sweep's --mlflow-wait-s, instead of failing it)."""
+    server that stops answering pauses the trial, for up to `mlflow_wait_s`, instead of failing it). The wait comes
+    from the command that runs the trial (tune.with_parameters), not from its stored config, so that `--restore
+    --mlflow-wait-s N` applies to the restored trials too."""
     from mlflow.entities import Metric, Param
     from ray import tune
 
@@ -109,7 +111,7 @@ def trainable(config: dict):
     ctx = tune.get_context()
     cfg.out_dir = str(Path(cfg.out_dir or "runs/sweeps") / ctx.get_trial_name())
     m = config["mlflow"]
-    client = tracking.PatientClient(m["uri"], wait_s=m.get("wait_s", MLFLOW_WAIT_S))  # (older sweeps: no wait_s)
+    client = tracking.PatientClient(m["uri"], wait_s=mlflow_wait_s)
     supersede_unrecorded_runs(client, m["experiment_id"], m["parent"], ctx.get_trial_id())
     run_id = client.create_run(m["experiment_id"], run_name=ctx.get_trial_name(),
                                tags={"mlflow.parentRunId": m["parent"], "flipray.trial_id": ctx.get_trial_id()}
@@ -287,9 +289,9 @@ def main(argv: list[str] | None = None) -> dict:
         client.log_param(parent, "space", json.dumps(d["space"]))
 
     param_space = {**search_space(d["space"]), "task": args.task, "base": dataclasses.asdict(base),
-                   "mlflow": {"uri": uri, "experiment_id": experiment_id, "parent": parent,
-                              "wait_s": args.mlflow_wait_s}}
-    trainable_with_resources = tune.with_resources(trainable, trial_resources(d))
+                   "mlflow": {"uri": uri, "experiment_id": experiment_id, "parent": parent}}
+    trainable_with_resources = tune.with_resources(tune.with_parameters(trainable, mlflow_wait_s=args.mlflow_wait_s),
+                                                   trial_resources(d))
     if not ray.is_initialized():
         from flipray import raylocal
         raylocal.init()  # RAY_ADDRESS (failing fast when it does not answer), else a local instance on 127.0.0.1
