@@ -357,6 +357,62 @@ def test_clutter_paints_static_things_into_the_backdrop_and_changes_nothing_else
         synth.SynthConfig(clutter_prob=1.5)
 
 
+def test_head_detail_notches_each_ear_and_lengthens_the_low_frequency_delay():
+    """render_binaural's `detail`: each ear's notch where its angle to the source puts it, as deep as drawn, and a
+    low-frequency time difference larger than the sphere's by (lf_itd_gain - 1) x Woodworth's."""
+    sr, az = 16000, 40.0  # a source 40 deg right: 130 deg off the left ear's axis, 50 deg off the right ear's
+    x = np.random.default_rng(0).standard_normal(2 * sr)
+    detail = {"lf_itd_gain": 1.5, "notches": [[[4500.0, 10.0, 12.0, 4.0]], [[7000.0, -10.0, 12.0, 4.0]]],
+              "ripple_db": [[0.0] * 8, [0.0] * 8]}
+    sphere, head = synth.render_binaural(x, az, sr), synth.render_binaural(x, az, sr, detail=detail)
+    f = np.fft.rfftfreq(sphere.shape[1], 1 / sr)
+    ratio_db = 20 * np.log10(np.abs(np.fft.rfft(head)) / np.abs(np.fft.rfft(sphere)))  # (ears, F): the added response
+
+    def at(ear, hz):
+        return ratio_db[ear, np.abs(f - hz) < 20].mean()
+    assert at(0, 4500 + 10 * 40) == pytest.approx(-12, abs=1.0) and at(1, 7000 + 10 * 40) == pytest.approx(-12, abs=1.0)
+    assert at(0, 7400) > -3 and at(1, 4900) > -3  # each ear's notch is its own
+    assert abs(at(0, 1000)) < 0.5 and abs(at(1, 1000)) < 0.5
+
+    def low_delay_ms(stereo):  # left-to-right group delay, the cross-spectrum's phase slope over 200-600 Hz
+        middle = stereo[:, sr // 4:-sr // 4]
+        spec, hz = np.fft.rfft(middle), np.fft.rfftfreq(middle.shape[1], 1 / sr)
+        band = (hz >= 200) & (hz <= 600)
+        return -np.polyfit(2 * np.pi * hz[band], np.unwrap(np.angle(spec[0, band] * spec[1, band].conj())), 1)[0] * 1e3
+    woodworth_ms = 0.0875 / 343 * (np.radians(az) + np.sin(np.radians(az))) * 1e3
+    extra = low_delay_ms(head) - low_delay_ms(sphere)
+    r = 400 / 1500  # the band's middle over the taper's corner: d(w tau(f))/dw there is (1 - r^2) / (1 + r^2)^2 x
+    assert extra == pytest.approx(0.5 * woodworth_ms * (1 - r ** 2) / (1 + r ** 2) ** 2, rel=0.1)  # (g - 1) tau
+
+
+def test_head_detail_changes_binaural_clips_audio_and_nothing_else(tmp_path):
+    """--head-detail-prob 1: every binaural clip's head has a `detail` in its sidecar and new audio; the other clips,
+    every picture and every object are those of the same seed without it."""
+    opts = dict(duration_s=1.0, size=64, max_distractors=0, clips_per_scene=1, mics=("binaural", "spaced"))
+    a, b = tmp_path / "plain", tmp_path / "heads"
+    rows = synth.generate(a, 6, seed=2, workers=1, **opts)
+    synth.main(["--out", str(b), "--clips", "6", "--seed", "2", "--workers", "1", "--duration", "1", "--size", "64",
+                "--max-distractors", "0", "--clips-per-scene", "1", "--mics", "binaural,spaced",
+                "--head-detail-prob", "1"])
+    assert read_manifest(b) == rows
+    kinds = []
+    for row in rows:
+        meta_a, meta_b = (json.loads((root / row["meta"]).read_text()) for root in (a, b))
+        capture_a, capture_b = meta_a["render"]["capture"], meta_b["render"]["capture"]
+        kinds.append(capture_a["type"])
+        assert meta_a["objects"] == meta_b["objects"] and "detail" not in capture_a
+        assert {k: v for k, v in capture_b.items() if k != "detail"} == capture_a
+        assert (a / row["video"]).read_bytes() == (b / row["video"]).read_bytes()
+        same_audio = (a / row["audio"]).read_bytes() == (b / row["audio"]).read_bytes()
+        if capture_a["type"] == "binaural":
+            assert not same_audio and 1.2 <= capture_b["detail"]["lf_itd_gain"] <= 1.6
+        else:
+            assert same_audio and "detail" not in capture_b
+    assert set(kinds) == {"binaural", "spaced"}
+    with pytest.raises(ValueError, match="head_detail_prob must be a probability"):
+        synth.SynthConfig(head_detail_prob=-0.1)
+
+
 def test_sync_pulse_grows_each_sounding_object_with_its_own_sound(tmp_path):
     """--sync-pulse 0.5: a sounding object is 1.5x its size in its loudest frame and follows its sound's loudness
     frame by frame; silent objects, the audio and the rest of the picture are those of the same seed without it."""
@@ -559,13 +615,15 @@ def test_a_dataset_there_is_kept_and_one_made_otherwise_is_refused(tmp_path):
     # a dataset made before a knob existed (synth.ADDED_LATER) is kept by a run at the knob's neutral value only
     for row in more:
         sidecar = json.loads((root / row["meta"]).read_text())
-        del sidecar["generator"]["config"]["clutter_prob"]
+        for knob in synth.ADDED_LATER:
+            del sidecar["generator"]["config"][knob]
         (root / row["meta"]).write_text(json.dumps(sidecar))
     before = {p: p.stat().st_mtime_ns for p in (root / "clips").iterdir()}
     assert synth.generate(root, 6, seed=1, **tiny) == more
     assert {p: p.stat().st_mtime_ns for p in (root / "clips").iterdir()} == before
-    with pytest.raises(UsageError, match=r"another config \(clutter_prob\)"):
-        synth.generate(root, 6, seed=1, clutter_prob=0.5, **tiny)
+    for knob in synth.ADDED_LATER:
+        with pytest.raises(UsageError, match=rf"another config \({knob}\)"):
+            synth.generate(root, 6, seed=1, **{knob: 0.5}, **tiny)
     # a dataset of user clips (ingest's sidecars have no generator record) is refused the same way
     sidecar = json.loads((root / rows[0]["meta"]).read_text())
     del sidecar["generator"]

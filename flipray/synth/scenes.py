@@ -8,7 +8,8 @@ look and its own sound family) and a few silent distractors (mostly silent-only 
 sounding classes, so that the network has to match the sound to the object; `--novel-look-prob 1` gives every object a
 random look instead, for held-out sets of objects never seen; `--novel-sound-prob 1` gives every sounding object a
 sound family no class has, for sounds never heard; `--sync-pulse F` makes sounding objects grow with their sound;
-`--clutter-prob 1` paints static things into every backdrop; `--width` renders wide frames). Each scene yields
+`--clutter-prob 1` paints static things into every backdrop; `--head-detail-prob 1` gives binaural heads pinna notches
+and a measured head's low-frequency time difference; `--width` renders wide frames). Each scene yields
 --clips-per-scene clips with new motion and sound draws; objects stand still or move left-right, up-down or
 diagonally, bouncing off the frame edges. The audio is what a listener at the camera hears: every sounding object's
 sound rendered with both cues of the clip's capture setup (one per clip, `--mics`: binaural heads of several sizes and
@@ -86,6 +87,10 @@ class SynthConfig:
                                        # (random shapes, colours and patterns, 15-110 px at 256: furniture, posters),
                                        # as real rooms have; other draws stay the same. 1.0: held-out sets of
                                        # cluttered scenes
+    head_detail_prob: float = 0.0      # a binaural head gets what measured heads have and a sphere lacks: a low-
+                                       # frequency time difference 1.2-1.6x Woodworth's, pinna notches that move with
+                                       # the direction, and an uneven response per ear (draw_head_detail); other draws
+                                       # stay the same. 1.0: held-out sets of heads unlike flipray's sphere
     object_px: tuple = (30, 70)        # object width at size 256, scaled with --size; height = width * 0.8-1.25
     motion_probs: tuple = (0.4, 0.3, 0.1, 0.2)  # static, left-right, up-down, diagonal
     crossing_time_s: tuple = (2.5, 8.0)  # a moving object travels one frame width in this time
@@ -133,7 +138,7 @@ class SynthConfig:
         if self.reflections not in REFLECTIONS:
             raise UsageError(f"reflections must be one of {', '.join(REFLECTIONS)}, got {self.reflections!r}")
         for name in ("two_source_prob", "lookalike_prob", "novel_look_prob", "novel_sound_prob", "clutter_prob",
-                     "reverb_prob", "lossy_audio_prob"):
+                     "head_detail_prob", "reverb_prob", "lossy_audio_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UsageError(f"{name} must be a probability, got {getattr(self, name)}")
         self.mics = tuple(self.mics)
@@ -186,9 +191,11 @@ NOVEL_SOUND_STREAM = 15_485_863  # novel_sound_prob: whether and what object i s
                                  # scene, k, this, i])
 NOVEL_LOOK_STREAM = 7_919  # novel_look_prob: whether and how object i looks new, default_rng([seed, scene, this, i])
 CLUTTER_STREAM = 6_700_417  # clutter_prob: whether and what the backdrop holds, default_rng([seed, scene, this])
+HEAD_DETAIL_STREAM = 3_571  # head_detail_prob: whether and how clip k's head departs from the sphere,
+                            # default_rng([seed, scene, k, this])
 # Knobs added after datasets were made, at the value that renders exactly what those datasets hold (their draws come
 # from streams of their own): a sidecar without one was made with this value, so `flipray synth` keeps its clips.
-ADDED_LATER = {"clutter_prob": 0.0}
+ADDED_LATER = {"clutter_prob": 0.0, "head_detail_prob": 0.0}
 
 # Block processing for time-varying filters: Hann blocks of 32 ms every 16 ms, zero-padded to twice their length.
 BLOCK, HOP, NFFT = 512, 256, 1024
@@ -225,7 +232,7 @@ def _per_block(values, n):
 
 
 def render_binaural(mono, azimuth_deg, sr=16000, head_radius_m=0.0875, elevation_deg=0.0, speed_of_sound=343.0,
-                    ear_offset_deg=(0.0, 0.0)):
+                    ear_offset_deg=(0.0, 0.0), detail: dict | None = None):
     """Stereo (2, n), channel 0 = left, of `mono` heard by a spherical head from the given direction.
 
     azimuth_deg (positive = listener's right) and elevation_deg: scalars, or arrays spread evenly over the signal
@@ -238,6 +245,12 @@ def render_binaural(mono, azimuth_deg, sr=16000, head_radius_m=0.0875, elevation
            that ear: up to +6 dB at high frequencies for the near ear, down to -20 dB for the far one.
     ear_offset_deg (left, right): each ear set back from +-90 deg by this much (real heads: ~5-10 deg, not
     symmetric), which moves its shadow (for sources in front, as the camera sees them).
+    detail (draw_head_detail's dict, or None for the sphere alone) adds, per ear, what measured heads have:
+      lf_itd_gain      the delay grows towards low frequencies, tau(f) = tau (1 + (g - 1) / (1 + (f / 1.5 kHz)^2)):
+                       g x Woodworth's below ~1 kHz (Kuhn's low-frequency limit is 1.5x)
+      notches          pinna notches [(f at the ear's axis in Hz, Hz per degree off it, depth dB, Q)], their
+                       frequency moving with the source's angle to that ear
+      ripple_db        a fixed response per ear (ear canal, capsule): [ear][dB at 8 bands spaced in log frequency]
     """
     n = len(mono)
     az, el = np.radians(_per_block(azimuth_deg, n)), np.radians(_per_block(elevation_deg, n))
@@ -248,10 +261,41 @@ def render_binaural(mono, azimuth_deg, sr=16000, head_radius_m=0.0875, elevation
     phi = np.minimum(np.degrees(np.pi / 2 - ears * lateral) + offset, 180.0)  # (2, nb): 0 = facing that ear
     alpha = (1 + ALPHA_MIN / 2) + (1 - ALPHA_MIN / 2) * np.cos(np.radians(phi / THETA_MIN_DEG * 180))
     delay = np.where(ears * lateral < 0, itd, 0.0)  # the far ear hears it later
-    w = 2 * np.pi * np.fft.rfftfreq(NFFT, 1 / sr)
+    f = np.fft.rfftfreq(NFFT, 1 / sr)
+    w = 2 * np.pi * f
     x = w / (2 * speed_of_sound / head_radius_m)
-    H = (1 + 1j * alpha[..., None] * x) / (1 + 1j * x) * np.exp(-1j * w * delay[..., None])
+    delay = delay[..., None]  # (2, nb, 1)
+    if detail:
+        delay = delay * (1 + (detail["lf_itd_gain"] - 1) / (1 + (f / 1500.0) ** 2))
+    H = (1 + 1j * alpha[..., None] * x) / (1 + 1j * x) * np.exp(-1j * w * delay)
+    if detail:
+        H = H * _ear_response(detail, phi, f)
     return filter_blockwise(mono, H)
+
+
+def _ear_response(detail: dict, phi_deg, f):
+    """(2, nb, F) real gains of render_binaural's `detail` for each ear at angle phi_deg (2, nb) to the source."""
+    log_f = np.log2(np.maximum(f, 50.0))
+    bands = np.linspace(np.log2(100.0), np.log2(8000.0), 8)
+    ripple = np.stack([np.interp(log_f, bands, ear) for ear in np.asarray(detail["ripple_db"], dtype=float)])
+    gain_db = np.broadcast_to(ripple[:, None, :], phi_deg.shape + f.shape).copy()
+    for ear, notches in enumerate(detail["notches"]):
+        for f0, slope, depth_db, q in notches:
+            centre = np.clip(f0 + slope * (phi_deg[ear] - 90.0), 2000.0, 7800.0)[:, None]  # (nb, 1)
+            # a resonance-shaped dip: depth_db at the centre, half of it at centre +- centre / (2 q)
+            gain_db[ear] -= depth_db / (1 + (2 * q * (f - centre) / centre) ** 2)
+    return 10 ** (gain_db / 20)
+
+
+def draw_head_detail(rng) -> dict:
+    """A head's departures from the sphere (render_binaural's `detail`), drawn per clip: measured heads' low-frequency
+    time difference is 1.2-1.6x the Woodworth one, and each ear has two notches between 4 and 7.8 kHz (6-18 dB deep)
+    that move with the direction and a response uneven by up to 3 dB."""
+    return {"lf_itd_gain": round(float(rng.uniform(1.2, 1.6)), 3),
+            "notches": [[[round(float(rng.uniform(4000, 7000)), 1), round(float(rng.uniform(-20, 20)), 2),
+                          round(float(rng.uniform(6, 18)), 2), round(float(rng.uniform(2, 6)), 2)] for _ in range(2)]
+                        for _ear in range(2)],
+            "ripple_db": [[round(float(v), 2) for v in rng.uniform(-3, 3, 8)] for _ear in range(2)]}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -307,7 +351,8 @@ def render_capture(mono, azimuth_deg, sr=16000, capture: dict | None = None, ele
     """Stereo (2, n), channel 0 = left, of a far-field source heard by the capture setup `capture` (draw_capture's
     dict; a default binaural head when None). Directions as render_binaural's (positive azimuth = right), followed
     block by block. Physics per type:
-      binaural         render_binaural: Woodworth ITD + Brown-Duda head shadow, ears set back by ear_offset_deg
+      binaural         render_binaural: Woodworth ITD + Brown-Duda head shadow, ears set back by ear_offset_deg,
+                       and the head's `detail` if it has one
       spaced / phone   omni capsules spacing_m apart on the left-right axis: time of flight only, the capsule on
                        the source's side hears it d sin(lateral) / c earlier; no level difference
       near-coincident  the same time of flight between cardioids aimed +-angle_deg: time and level differences
@@ -320,7 +365,8 @@ def render_capture(mono, azimuth_deg, sr=16000, capture: dict | None = None, ele
     gains = 10 ** (np.asarray(capture.get("gain_db", [0.0, 0.0]), dtype=float)[:, None] / 20)  # (2, 1)
     if kind == "binaural":
         return render_binaural(mono, azimuth_deg, sr, capture["head_radius_m"], elevation_deg, speed_of_sound,
-                               ear_offset_deg=capture.get("ear_offset_deg", (0.0, 0.0))) * gains
+                               ear_offset_deg=capture.get("ear_offset_deg", (0.0, 0.0)),
+                               detail=capture.get("detail")) * gains
     if kind not in MIC_TYPES:
         raise ValueError(f"capture type must be one of {MIC_TYPES}, got {kind!r}")
     n = len(mono)
@@ -794,6 +840,9 @@ def make_clip(out_dir, cfg: SynthConfig, seed: int, scene: int, k: int) -> dict:
 
     # Audio: each sounding object rendered along its track by the clip's microphones, then room, noise, level, codec.
     capture = draw_capture(rng, cfg)
+    hrng = np.random.default_rng([seed, scene, k, HEAD_DETAIL_STREAM])  # its own stream: other draws stay the same
+    if capture["type"] == "binaural" and hrng.random() < cfg.head_detail_prob:
+        capture["detail"] = draw_head_detail(hrng)
     direct, dry, sources = np.zeros((2, n)), np.zeros(n), []
     for obj in objects:
         if obj["sounding"]:
@@ -1013,6 +1062,9 @@ def main(argv=None):
                         "scenes)")
     p.add_argument("--sync-pulse", type=float, default=defaults.sync_pulse,
                    help="sounding objects grow by up to this fraction of their size with their sound's loudness")
+    p.add_argument("--head-detail-prob", type=float, default=defaults.head_detail_prob,
+                   help="probability that a binaural head gets pinna notches, an uneven response and a larger "
+                        "low-frequency time difference (1: heads unlike flipray's sphere)")
     p.add_argument("--reflections", choices=REFLECTIONS, default=defaults.reflections,
                    help="early reflections of reverberant rooms: diffuse taps, or first-order image sources heard from "
                         "their directions")
@@ -1024,7 +1076,7 @@ def main(argv=None):
                  lossy_audio_prob="lossy_audio_prob", reverb_prob="reverb_prob", noise="noise",
                  max_distractors="max_distractors", two_source_prob="two_source_prob", reflections="reflections",
                  novel_look_prob="novel_look_prob", novel_sound_prob="novel_sound_prob", sync_pulse="sync_pulse",
-                 clutter_prob="clutter_prob")
+                 clutter_prob="clutter_prob", head_detail_prob="head_detail_prob")
     try:
         options = asdict(overrides.config_from_args(SynthConfig, args, p, flags))
         if args.mics != p.get_default("mics"):  # a list of any length, so not through the tuple rule of --set
