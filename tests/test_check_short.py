@@ -68,6 +68,8 @@ def test_a_short_clip_is_scored_on_dense_padded_windows():
 
 
 @pytest.mark.parametrize("kind,capture", [("spaced", {"type": "spaced", "spacing_m": 0.4}),
+                                          ("spaced", {"type": "spaced", "spacing_m": 0.2}),  # 0.33 ms at 35 deg
+                                          ("phone", {"type": "phone", "spacing_m": 0.06}),   # 0.1 ms
                                           ("coincident", {"type": "coincident", "layout": "xy", "angle_deg": 45.0}),
                                           ("binaural", {"type": "binaural", "head_radius_m": 0.0875})])
 def test_classical_cues_of_a_3s_video_and_of_its_swapped_copy(tmp_path, kind, capture):
@@ -80,19 +82,19 @@ def test_classical_cues_of_a_3s_video_and_of_its_swapped_copy(tmp_path, kind, ca
     if kind == "coincident":
         assert abs(a["gcc_phat_delay_ms"]) < 0.04 and a["gcc_side"] == 0  # no time difference at all
     else:
-        assert a["gcc_phat_delay_ms"] > 0.1 and a["gcc_side"] == -1  # the left hears it first
+        assert a["gcc_phat_delay_ms"] > 0.05 and a["gcc_side"] == -1  # the left hears it first
         assert b["gcc_phat_delay_ms"] == pytest.approx(-a["gcc_phat_delay_ms"], abs=0.02) and b["gcc_side"] == 1
-    if kind != "spaced":
+    if kind in ("coincident", "binaural"):
         assert a["level_side"] == -1 and b["level_side"] == 1
     assert a["sides_agree"] is True and b["sides_agree"] is False
     assert a["capture_guess"] == kind
 
 
 def test_capture_guess_rules():
-    assert guess_capture(1.2, 0.9, 0.0, 0.0) == "spaced"
+    assert guess_capture(1.2, 0.9, 0.0, 0.0) == "spaced" and guess_capture(-0.2, 0.9, 1.0, 0.5) == "spaced"
     assert guess_capture(0.0, 0.9, -3.0, -3.5) == "coincident"
-    assert guess_capture(0.3, 0.9, -1.0, -6.0) == "binaural"
-    assert guess_capture(0.2, 0.9, 0.0, 0.1) == "phone"
+    assert guess_capture(0.3, 0.9, -1.0, -6.0) == "binaural" and guess_capture(-0.1, 0.9, 1.0, 4.0) == "binaural"
+    assert guess_capture(0.08, 0.9, 0.0, 0.1) == "phone" and guess_capture(-0.14, 0.9, 2.0, 3.0) == "phone"
     assert guess_capture(0.5, 0.05, 0.0, 0.0) == "unknown"  # no coherent delay
     still = torch.zeros(4, 32, 32, 3, dtype=torch.uint8)
     assert motion_side(still) == (None, 0)
