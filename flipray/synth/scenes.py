@@ -289,8 +289,9 @@ def _ear_response(detail: dict, phi_deg, f):
 
 def draw_head_detail(rng) -> dict:
     """A head's departures from the sphere (render_binaural's `detail`), drawn per clip: measured heads' low-frequency
-    time difference is 1.2-1.6x the Woodworth one, and each ear has two notches between 4 and 7.8 kHz (6-18 dB deep)
-    that move with the direction and a response uneven by up to 3 dB."""
+    time difference is 1.2-1.6x the Woodworth one; each ear has two notches 6-18 dB deep, at 4-7 kHz for a source on
+    the ear's axis and moving by up to 20 Hz per degree away from it (within 2-7.8 kHz), and a response uneven by up
+    to 3 dB."""
     return {"lf_itd_gain": round(float(rng.uniform(1.2, 1.6)), 3),
             "notches": [[[round(float(rng.uniform(4000, 7000)), 1), round(float(rng.uniform(-20, 20)), 2),
                           round(float(rng.uniform(6, 18)), 2), round(float(rng.uniform(2, 6)), 2)] for _ in range(2)]
