@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 from flipray import overrides, tasks, tracking
+from flipray.atomic import write_bytes
 from flipray.dataset.store import dataset_rows, require_splits
 from flipray.overrides import UsageError, apply, read_yaml
 from flipray.tasks.base import write_json
@@ -170,18 +172,58 @@ def build_table(task_module, args, configs: dict, results: dict) -> dict:
             "config": {m: dataclasses.asdict(c) for m, c in configs.items()}}
 
 
+# Beside the table while its MLflow runs are being logged: {"tracking_uri", "runs": [run ids created so far]}. A job
+# whose server stopped answering for good leaves it there, and the next job with the same --out ends those runs.
+UNFINISHED = "mlflow-unfinished.json"
+
+
+def _note_unfinished(out: Path, uri: str, runs: list[str]) -> None:
+    write_bytes(out / UNFINISHED, json.dumps({"tracking_uri": uri, "runs": runs}).encode())
+
+
+def close_unfinished(out: Path, uri: str, wait_s: float) -> int:
+    """Ends (KILLED, tag flipray.unfinished) the runs an earlier job with this --out began logging to `uri` and could
+    not end because the server stopped answering; says so in one line; returns how many it ended."""
+    path = out / UNFINISHED
+    if not path.is_file():
+        return 0
+    note = json.loads(path.read_text())
+    if note.get("tracking_uri") != uri:  # another store's runs: for a job that logs there
+        return 0
+    client = tracking.PatientClient(uri, wait_s=wait_s)
+    ended = 0
+    for run_id in note.get("runs", []):
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "flipray.unfinished", "true")
+            client.set_terminated(run_id, status="KILLED")
+            ended += 1
+    path.unlink()
+    if ended:
+        print(f"{out}: ended {ended} MLflow run(s) an earlier job began logging to {uri} and could not finish "
+              f"(KILLED, tagged flipray.unfinished)", flush=True)
+    return ended
+
+
 def log_mlflow(task_module, args, configs, results, table_files, uri: str, experiment_id: str) -> str:
     """The table's parent run and one nested run per method; waits up to --mlflow-wait-s for a server that stopped
-    answering (tracking.PatientClient)."""
+    answering (tracking.PatientClient). Until the parent run has ended, UNFINISHED beside the table lists the runs
+    made so far."""
     task = task_module.TABLE["task"]
+    out = Path(table_files[0]).parent
     client = tracking.PatientClient(uri, wait_s=args.mlflow_wait_s)
+    made: list[str] = []
+    _note_unfinished(out, uri, made)
     parent = client.create_run(experiment_id, run_name=f"{task}-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}",
                                tags={"flipray.task": task, "flipray.table": task_module.TABLE["table"]}).info.run_id
+    made.append(parent)
+    _note_unfinished(out, uri, made)
     client.log_param(parent, "data", args.data)
     client.log_param(parent, "preset", args.preset)
     for m, cfg in configs.items():
         child = client.create_run(experiment_id, run_name=f"{task}-{m}",
                                   tags={"mlflow.parentRunId": parent, "flipray.method": m}).info.run_id
+        made.append(child)
+        _note_unfinished(out, uri, made)
         for k, v in dataclasses.asdict(cfg).items():
             client.log_param(child, k, v)
         for h in results[m].get("history", []):
@@ -197,6 +239,7 @@ def log_mlflow(task_module, args, configs, results, table_files, uri: str, exper
     for f in table_files:
         client.log_artifact(parent, str(f))
     client.set_terminated(parent)
+    (out / UNFINISHED).unlink()
     return parent
 
 
@@ -212,6 +255,8 @@ def table_main(task_module):
         uri = None if args.no_mlflow else tracking.tracking_uri(args.tracking_uri)
         # the table is logged at the end: a store that cannot take it is said now, not after the training
         experiment_id = tracking.init_tracking(uri, EXPERIMENT) if uri else None
+        if uri:
+            close_unfinished(out, uri, args.mlflow_wait_s)
         needed = {m.get("pretext") for m in task_module.METHODS.values()} - {None}
         pretext = resolve_pretext(args.pretext, needed | {getattr(task_module, "SHAPE_FROM", "flip")}, out, uri)
         configs = method_configs(task_module, args, pretext)

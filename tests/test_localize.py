@@ -359,9 +359,10 @@ def test_job_writes_the_table(synth_root, localize_checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_job_whose_mlflow_server_is_gone_at_its_end_keeps_the_table_and_says_so(synth_root, localize_checkpoint,
-                                                                               mlflow_servers, tmp_path):
+                                                                               mlflow_servers, tmp_path, capsys):
     """The MLflow server answers when the job starts and is stopped while its method trains: the job waits
-    --mlflow-wait-s for it, then exits 1 with one line naming the table it wrote, which is whole on disk."""
+    --mlflow-wait-s for it, then exits 1 with one line naming the table it wrote, which is whole on disk. The runs a
+    job could not end are ended by the next job with the same --out."""
     import threading
     import time
 
@@ -391,7 +392,23 @@ def test_job_whose_mlflow_server_is_gone_at_its_end_keeps_the_table_and_says_so(
     assert "Table 3" in table.read_text()
     [row] = json.loads((table.parent / "localize.json").read_text())["rows"]
     assert row["method"] == "stereo-audio" and len(row["per_clip"]["iou"]) == 2
-    assert store.search_runs([store.get_experiment_by_name("flipray-downstream").experiment_id]) == []
+    experiment = store.get_experiment_by_name("flipray-downstream").experiment_id
+    assert store.search_runs([experiment]) == []
+    note = table.parent / "mlflow-unfinished.json"  # what it had begun logging: nothing, the server was already gone
+    assert json.loads(note.read_text()) == {"tracking_uri": server.url, "runs": []}
+
+    # Had the server gone after the job's first runs, they would stay RUNNING there: the note lists them, and the
+    # next job with this --out, its server back on the port and store, ends them before logging its own table.
+    cut_off = [store.create_run(experiment).info.run_id for _ in range(2)]
+    store.set_terminated(cut_off[1])  # ended before the server went: left alone
+    note.write_text(json.dumps({"tracking_uri": server.url, "runs": cut_off}))
+    mlflow_servers.append(local.start_mlflow(tmp_path / "mlflow", port=server.port))
+    summary = main([*args, "--local", "--methods", "stereo-audio", "--tracking-uri", server.url])
+    assert [store.get_run(r).info.status for r in cut_off] == ["KILLED", "FINISHED"]
+    assert store.get_run(cut_off[0]).data.tags["flipray.unfinished"] == "true"
+    assert "flipray.unfinished" not in store.get_run(cut_off[1]).data.tags
+    assert f"{table.parent}: ended 1 MLflow run(s) an earlier job began logging to {server.url}" in capsys.readouterr().out
+    assert not note.exists() and store.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
 
 
 @pytest.mark.slow
