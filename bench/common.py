@@ -46,9 +46,10 @@ def machine() -> dict:
 
 
 def synthetic_data(clips: int, duration_s: float, seed: int = 0, cache: str | Path | None = None) -> Path:
-    """A synthetic dataset (flipray.synth.scenes), generated on first use and kept under ~/.cache/flipray (or `cache`)."""
+    """A synthetic dataset (flipray.synth.scenes), generated on first use and kept under the checkout's data/bench (or
+    `cache`): nothing outside the repository is read or written."""
     from flipray.synth.scenes import generate
-    base = Path(cache) if cache else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flipray"
+    base = Path(cache) if cache else Path(__file__).resolve().parents[1] / "data" / "bench"
     root = base / f"bench-synth-{clips}x{duration_s:g}s-seed{seed}"
     if not (root / "manifest.jsonl").exists():
         print(f"generating {clips} synthetic {duration_s:g}-s clips into {root}", file=sys.stderr)

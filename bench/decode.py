@@ -136,7 +136,7 @@ def run(root: str | None = None, clips: int = 16, config: str = "paper", threads
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__.split("\n\n")[0])
-    p.add_argument("--root", help="dataset root (folder or s3://); default: synthetic 10-s clips cached in ~/.cache")
+    p.add_argument("--root", help="dataset root (folder or s3://); default: synthetic 10-s clips kept in data/bench")
     p.add_argument("--clips", type=int, default=16, help="clips to time (the first of --root)")
     p.add_argument("--config", default="paper", help="preset or YAML: frames, crop and mels of the samples")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))

@@ -247,7 +247,7 @@ def main(argv=None) -> dict:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="demo", help="preset or YAML file (default: demo)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    p.add_argument("--data", default=None, help="dataset root (default: synthetic clips cached under ~/.cache)")
+    p.add_argument("--data", default=None, help="dataset root (default: synthetic clips kept under data/bench)")
     p.add_argument("--clips", type=int, default=48, help="synthetic clips when --data is not given")
     p.add_argument("--samples", type=int, default=320, help="global samples per timed run (rounded up to batches)")
     p.add_argument("--repeats", type=int, default=5, help="rounds; each measures every mode once")
