@@ -57,7 +57,7 @@ def guess_capture(delay_ms: float, peak: float, level_low_db: float, level_high_
     if peak < 0.15:
         return "unknown"
     d = abs(delay_ms)
-    if d < 0.01:  # under a sixth of a sample at 16 kHz: the GCC-PHAT peak at lag 0
+    if d < 0.01:  # the GCC-PHAT peak at lag 0 or one 1/8-sample step off it (0.008 ms at 16 kHz)
         return "coincident"
     if abs(level_high_db) - abs(level_low_db) > 2.5:
         return "binaural"
