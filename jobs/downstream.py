@@ -190,10 +190,17 @@ def close_unfinished(out: Path, uri: str, wait_s: float) -> int:
     note = json.loads(path.read_text())
     if note.get("tracking_uri") != uri:  # another store's runs: for a job that logs there
         return 0
+    from mlflow.exceptions import MlflowException
     client = tracking.PatientClient(uri, wait_s=wait_s)
     ended = 0
     for run_id in note.get("runs", []):
-        if client.get_run(run_id).info.status == "RUNNING":
+        try:
+            info = client.get_run(run_id).info
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            continue  # a run the store no longer has: nothing to end
+        if info.status == "RUNNING" and info.lifecycle_stage == "active":  # a run deleted in the UI stays as it is
             client.set_tag(run_id, "flipray.unfinished", "true")
             client.set_terminated(run_id, status="KILLED")
             ended += 1

@@ -399,14 +399,15 @@ def test_job_whose_mlflow_server_is_gone_at_its_end_keeps_the_table_and_says_so(
 
     # Had the server gone after the job's first runs, they would stay RUNNING there: the note lists them, and the
     # next job with this --out, its server back on the port and store, ends them before logging its own table.
-    cut_off = [store.create_run(experiment).info.run_id for _ in range(2)]
+    cut_off = [store.create_run(experiment).info.run_id for _ in range(3)]
     store.set_terminated(cut_off[1])  # ended before the server went: left alone
-    note.write_text(json.dumps({"tracking_uri": server.url, "runs": cut_off}))
+    store.delete_run(cut_off[2])  # deleted in the UI since: left alone, as a run id the store never had
+    note.write_text(json.dumps({"tracking_uri": server.url, "runs": [*cut_off, "0" * 32]}))
     mlflow_servers.append(local.start_mlflow(tmp_path / "mlflow", port=server.port))
     summary = main([*args, "--local", "--methods", "stereo-audio", "--tracking-uri", server.url])
-    assert [store.get_run(r).info.status for r in cut_off] == ["KILLED", "FINISHED"]
+    assert [store.get_run(r).info.status for r in cut_off] == ["KILLED", "FINISHED", "RUNNING"]
     assert store.get_run(cut_off[0]).data.tags["flipray.unfinished"] == "true"
-    assert "flipray.unfinished" not in store.get_run(cut_off[1]).data.tags
+    assert all("flipray.unfinished" not in store.get_run(r).data.tags for r in cut_off[1:])
     assert f"{table.parent}: ended 1 MLflow run(s) an earlier job began logging to {server.url}" in capsys.readouterr().out
     assert not note.exists() and store.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
 
