@@ -73,6 +73,11 @@ class ModelConfig:
     audio_width: int = 64             # first SE block's channels; the four blocks are w, 2w, 4w, 8w
     audio_dim: int = 256              # audio embedding channels per time step
     fusion_dim: int = 512             # width of the 1x1 fusion convs
+    fusion: str = "concat"            # concat (the paper: visual map and audio concatenated, 1x1 convs, mean over
+                                      # time) | attend (per audio step, fusion_heads audio queries attend over the
+                                      # visual map's cells; logit from where in the picture each head's sound is
+                                      # times the side it is heard on; flip task, stereo only; docs/stereo.md)
+    fusion_heads: int = 4             # attend: heads (sounds told apart per step)
 
 
 @dataclass
@@ -181,6 +186,14 @@ class Config:
             raise UsageError(f"model.norm must be one of {NORMS}, got {m.norm!r}")
         if m.audio_head not in AUDIO_HEADS:
             raise UsageError(f"model.audio_head must be one of {AUDIO_HEADS}, got {m.audio_head!r}")
+        if m.fusion not in FUSIONS:
+            raise UsageError(f"model.fusion must be one of {FUSIONS}, got {m.fusion!r}")
+        if m.fusion == "attend" and (m.variant not in ("base", "mono", "gcc-phat") or t.task != "flip"):
+            raise UsageError(f"model.fusion=attend reads the side of a sound from the visual map's columns: it needs "
+                             f"train.task=flip and a model.variant with a per-frame map (base, mono, gcc-phat), got "
+                             f"task {t.task!r}, variant {m.variant!r}")
+        if m.fusion_heads < 1:
+            raise UsageError(f"model.fusion_heads must be >= 1, got {m.fusion_heads}")
         if not (m.visual_init == "scratch" or m.visual_init.startswith("imagenet:")):
             raise UsageError(f"model.visual_init must be 'scratch' or 'imagenet:PATH', got {m.visual_init!r}")
         if m.visual_init != "scratch" and m.visual_width != 64:
@@ -244,11 +257,13 @@ class Config:
 
 
 VARIANTS = ("base", "motion", "mono", "gcc-phat", "pooled-visual")
+FUSIONS = ("concat", "attend")
 FRONT_ENDS = {"logmel": 2, "ipd": 4, "ipd-gcc": 7, "ild-ipd-gcc": 7}  # front end -> feature channels (stereo)
 NORMS = ("batchnorm", "batchrenorm")
 AUDIO_HEADS = ("conv-bn-relu", "conv")
 # What a config saved before these keys existed meant: checkpoints and MLflow runs of older versions load as trained.
-LEGACY_MODEL = {"front_end": "logmel", "norm": "batchnorm", "audio_head": "conv-bn-relu"}
+LEGACY_MODEL = {"front_end": "logmel", "norm": "batchnorm", "audio_head": "conv-bn-relu", "fusion": "concat",
+                "fusion_heads": 4}
 TASKS = ("flip", "mismatch", "shift", "rotate")
 
 # The paper's numbers (Yang, Russell & Salamon, CVPR 2020) as printed, on real data (YouTube-ASMR, FAIR-Play,

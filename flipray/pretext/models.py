@@ -6,6 +6,7 @@
                                                                                -> audio (B, audio_dim, S/16)
     fusion: visual resampled to the audio's time steps, concatenated on channels, two 1x1 convs,
             average over time -> fused (B, fusion_dim) -> Linear -> one logit (channels swapped?)
+    (model.fusion=attend, not the paper's: audio queries attend over the map's cells; AttentionFusion below)
 
 Flattening the visual map instead of pooling it keeps *where* things are, which the flip task needs; the
 `pooled-visual` variant pools anyway to show the difference. For the paper's shapes (18 x 3 x 224 x 224 video,
@@ -223,6 +224,38 @@ def audio_in_channels(variant: str, audio_channels: int = 2, foa_intensity: bool
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Fusion by attention (model.fusion=attend)
+
+class AttentionFusion(nn.Module):
+    """Per audio step, each head's query (from the audio embedding) attends over the visual map's cells; the head says
+    where in the picture its sound is (the attended cells' mean column, -1 left .. +1 right) and which side it is heard
+    on (tanh of the audio embedding). Their product is + when picture and sound agree, - when the channels are swapped;
+    the classifier weighs the heads' products averaged over time. A mirrored picture with swapped channels changes
+    both signs, so the joint flip leaves the product as it is, as it leaves the label."""
+
+    def __init__(self, visual_channels: int, map_h: int, map_w: int, audio_dim: int, heads: int, key_dim: int = 16):
+        super().__init__()
+        self.heads, self.key_dim = heads, key_dim
+        self.keys = nn.Linear(visual_channels, heads * key_dim)
+        self.queries = nn.Conv1d(audio_dim, heads * key_dim, 1)
+        self.sides = nn.Conv1d(audio_dim, heads, 1)
+        columns = torch.linspace(-1, 1, map_w) if map_w > 1 else torch.zeros(1)
+        self.register_buffer("columns", columns.repeat(map_h), persistent=False)  # cell -> its column, row-major
+        self.out_dim = heads
+
+    def forward(self, cells: torch.Tensor, audio: torch.Tensor) -> dict[str, torch.Tensor]:
+        """cells (B, C, h*w, T), audio (B, A, T) -> attention (B, heads, T, h*w), where / side / fused (B, heads, T)."""
+        b, _, n, t = cells.shape
+        k = self.keys(cells.permute(0, 3, 2, 1)).unflatten(-1, (self.heads, self.key_dim))  # (B, T, n, H, d)
+        q = self.queries(audio).unflatten(1, (self.heads, self.key_dim))                    # (B, H, d, T)
+        scores = torch.einsum("btnhd,bhdt->bhtn", k, q) / self.key_dim ** 0.5
+        attention = scores.softmax(dim=-1)
+        where = attention @ self.columns.to(attention.dtype)
+        side = torch.tanh(self.sides(audio))
+        return {"attention": attention, "where": where, "side": side, "fused": where * side}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The two-stream network
 
 class SpatialAlignmentNet(nn.Module):
@@ -240,15 +273,23 @@ class SpatialAlignmentNet(nn.Module):
         # The `mono` ablation: a third stream that hears only the mono mix (timbre, not direction).
         self.mono_audio = (AudioNet(1, m.audio_width, m.audio_dim, cfg.data.n_mels, m.norm, m.audio_head)
                            if variant == "mono" else None)
-        fused_in = self.visual.out_dim + m.audio_dim * (2 if self.mono_audio is not None else 1)
-        self.fusion = nn.Sequential(nn.Conv1d(fused_in, m.fusion_dim, 1), nn.ReLU(inplace=True),
-                                    nn.Conv1d(m.fusion_dim, m.fusion_dim, 1), nn.ReLU(inplace=True))
-        self.classifier = nn.Linear(m.fusion_dim, 1)
+        audio_dim = m.audio_dim * (2 if self.mono_audio is not None else 1)
+        if m.fusion == "attend":
+            side = self.visual.map_size
+            self.fusion = AttentionFusion(m.visual_reduce, side, side, audio_dim, m.fusion_heads)
+        else:
+            self.fusion = nn.Sequential(nn.Conv1d(self.visual.out_dim + audio_dim, m.fusion_dim, 1),
+                                        nn.ReLU(inplace=True),
+                                        nn.Conv1d(m.fusion_dim, m.fusion_dim, 1), nn.ReLU(inplace=True))
+        self.classifier = nn.Linear(self.fusion.out_dim if m.fusion == "attend" else m.fusion_dim, 1)
         # P(swapped) = sigmoid(logit / temperature), the temperature fitted on the validation split after training
         # (train.calibrate), so a probability, and `flipray check`'s margin, mean the same for every model. Not used by
         # forward (training sees raw logits); saved with the weights.
         self.register_buffer("temperature", torch.ones(()))
         _init_weights(self)
+        if isinstance(self.fusion, AttentionFusion):  # PyTorch's fan-in defaults: fan-out Kaiming saturates the tanh
+            for layer in (self.fusion.keys, self.fusion.queries, self.fusion.sides):
+                layer.reset_parameters()
         if m.visual_init.startswith("imagenet:"):
             load_imagenet_trunk(self.visual.trunk, m.visual_init.split(":", 1)[1])
 
@@ -279,6 +320,9 @@ class SpatialAlignmentNet(nn.Module):
         v, a = self.embed_visual(video), self.embed_audio(audio)
         if v.shape[-1] != a.shape[-1]:  # e.g. 6 demo frames against 18 audio steps
             v = F.interpolate(v, size=a.shape[-1], mode="linear", align_corners=False)
+        if isinstance(self.fusion, AttentionFusion):  # the map's cells back apart: (B, C, h*w, T)
+            out = self.fusion(v.unflatten(1, (self.fusion.keys.in_features, -1)), a)
+            return {"visual": v, "audio": a, **out, "pooled": out["fused"].mean(dim=-1)}
         fused = self.fusion(torch.cat([v, a], dim=1))
         return {"visual": v, "audio": a, "fused": fused, "pooled": fused.mean(dim=-1)}
 
