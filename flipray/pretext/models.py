@@ -245,7 +245,6 @@ class AttentionFusion(nn.Module):
 
     def forward(self, cells: torch.Tensor, audio: torch.Tensor) -> dict[str, torch.Tensor]:
         """cells (B, C, h*w, T), audio (B, A, T) -> attention (B, heads, T, h*w), where / side / fused (B, heads, T)."""
-        b, _, n, t = cells.shape
         k = self.keys(cells.permute(0, 3, 2, 1)).unflatten(-1, (self.heads, self.key_dim))  # (B, T, n, H, d)
         q = self.queries(audio).unflatten(1, (self.heads, self.key_dim))                    # (B, H, d, T)
         scores = torch.einsum("btnhd,bhdt->bhtn", k, q) / self.key_dim ** 0.5
@@ -274,14 +273,16 @@ class SpatialAlignmentNet(nn.Module):
         self.mono_audio = (AudioNet(1, m.audio_width, m.audio_dim, cfg.data.n_mels, m.norm, m.audio_head)
                            if variant == "mono" else None)
         audio_dim = m.audio_dim * (2 if self.mono_audio is not None else 1)
-        if m.fusion == "attend":
+        if m.fusion == "attend":  # (validate: stereo flip task, so the map is square)
             side = self.visual.map_size
             self.fusion = AttentionFusion(m.visual_reduce, side, side, audio_dim, m.fusion_heads)
+            fusion_out = self.fusion.out_dim
         else:
             self.fusion = nn.Sequential(nn.Conv1d(self.visual.out_dim + audio_dim, m.fusion_dim, 1),
                                         nn.ReLU(inplace=True),
                                         nn.Conv1d(m.fusion_dim, m.fusion_dim, 1), nn.ReLU(inplace=True))
-        self.classifier = nn.Linear(self.fusion.out_dim if m.fusion == "attend" else m.fusion_dim, 1)
+            fusion_out = m.fusion_dim
+        self.classifier = nn.Linear(fusion_out, 1)
         # P(swapped) = sigmoid(logit / temperature), the temperature fitted on the validation split after training
         # (train.calibrate), so a probability, and `flipray check`'s margin, mean the same for every model. Not used by
         # forward (training sees raw logits); saved with the weights.
