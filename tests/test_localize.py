@@ -373,10 +373,14 @@ def test_job_whose_mlflow_server_is_gone_at_its_end_keeps_the_table_and_says_so(
     server = mlflow_servers[0]
     store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")  # the server's store, read directly
 
-    def stop_once_started():  # the job has created its experiment: the store was checked, training begins
+    # The job copies its pretext checkpoint after its last MLflow call before training (the experiment's kind tag);
+    # the experiment's creation alone came too early: once the server was stopped before the tag was set.
+    copied = tmp_path / "out" / "localize" / "pretext" / "flip" / "checkpoint.pt"
+
+    def stop_once_started():
         deadline = time.time() + 120
-        while store.get_experiment_by_name("flipray-downstream") is None and time.time() < deadline:
-            time.sleep(0.1)
+        while not copied.exists() and time.time() < deadline:
+            time.sleep(0.05)
         local.stop(server)
 
     watcher = threading.Thread(target=stop_once_started, daemon=True)
