@@ -18,7 +18,7 @@ import pytest
 from flipray.config import load_config
 from flipray.pretext.data import ClipDataset, collate
 from flipray.dataset.manifest import MANIFEST_NAME, REQUIRED_FIELDS
-from flipray.dataset.store import ChecksumError, Store, sha256, upload_dataset
+from flipray.dataset.store import ChecksumError, Store, sha256, upload_clip, upload_dataset
 
 pytestmark = pytest.mark.slow  # every test uses moto's S3 server
 
@@ -120,6 +120,35 @@ def test_killed_upload_resumes_without_duplicates_and_manifest_only_at_the_end(s
     assert len({r["clip_id"] for r in rows}) == len(rows) == 6
     for row in rows:  # every object the manifest names is whole
         assert sha256(Store(root).get(row["video"])) == row["video_sha256"]
+
+
+def test_runs_merging_into_one_s3_manifest_at_once_keep_every_clip(synth_dataset, bucket):
+    """Another run's manifest lands between this run's read of the manifest and its write (two ingests or uploads
+    into one root): the conditional PUT fails, this run merges again, and every clip of both stays listed; before,
+    the last writer's manifest replaced the other's rows."""
+    from flipray.dataset.manifest import read_manifest
+    local = read_manifest(synth_dataset)
+
+    class Overtaken(Store):
+        """A store whose first manifest write is overtaken by another run's (`other` rows, merged)."""
+        other: list = []
+
+        def _put_manifest(self, data, condition):
+            if self.other:
+                Store(self.root).write_manifest(self.other, merge=True)
+                self.other = []
+            return super()._put_manifest(data, condition)
+
+    for name, already in (("fresh", 0), ("grown", 1)):  # no manifest yet (IfNoneMatch) / one there (IfMatch)
+        root = f"s3://{bucket}/{name}"
+        rows = [upload_clip(Store(root), synth_dataset, row)[0] for row in local]  # every clip stored
+        if already:
+            Store(root).write_manifest(rows[:already])
+        store = Overtaken(root)
+        store.other = rows[3:]
+        assert store.write_manifest(rows[already:3], merge=True) == f"{root}/{MANIFEST_NAME}"
+        assert store.other == []  # the other run did write in between
+        assert Store(root).read_manifest() == sorted(rows, key=lambda r: r["clip_id"])
 
 
 def test_clip_dataset_reads_s3_root_and_skips_corrupt_objects(synth_dataset, bucket):

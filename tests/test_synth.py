@@ -2,6 +2,9 @@
 ground truth against docs/clip-format.md, determinism across worker counts, the manifest and its splits."""
 import json
 import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -583,6 +586,66 @@ def test_novel_sounds_change_the_sounding_objects_audio_and_nothing_else(tmp_pat
     assert len(families) >= 2
     with pytest.raises(ValueError, match="novel_sound_prob must be a probability"):
         synth.SynthConfig(novel_sound_prob=-0.1)
+
+
+# A process holding a dataset folder's write lock, as a `flipray synth` or ingest run into it does; "write" on its stdin
+# makes it render four clips into the folder before it lets go.
+_LOCK_HOLDER = textwrap.dedent("""
+    import sys
+    from flipray.dataset.manifest import manifest_lock
+    from flipray.synth import scenes
+    with manifest_lock(sys.argv[1]):
+        print("held", flush=True)
+        if sys.stdin.readline().strip() == "write":
+            scenes.generate(sys.argv[1], 4, seed=1, duration_s=1.0, size=64, workers=1)
+""")
+
+
+def test_a_run_into_a_folder_another_run_is_writing_waits_for_it_and_keeps_its_clips(tmp_path):
+    """Two runs into one folder at once: the second waits for the first (one line says for whom), then plans from
+    the first's manifest, so neither drops the other's clips (before the lock, a smaller run that started while a
+    larger one was rendering wrote its manifest last and unlisted the larger one's clips). A holder that is killed
+    leaves no lock behind."""
+    root = tmp_path / "ds"
+
+    def hold():
+        proc = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(root)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "held\n"
+        return proc
+
+    def manifest():
+        return (root / "manifest.jsonl").read_bytes() if (root / "manifest.jsonl").exists() else None
+
+    def synth_waiting_for(holder, clips):
+        before = manifest()
+        run = subprocess.Popen([sys.executable, "-m", "flipray.synth.scenes", "--out", str(root), "--clips",
+                                str(clips), "--seed", "1", "--duration", "1", "--size", "64", "--workers", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert run.stderr.readline() == (f"{root}: another process is writing this dataset (pid {holder.pid}); "
+                                         f"waiting for it to finish\n")
+        time.sleep(0.5)
+        assert run.poll() is None and manifest() == before  # still waiting, nothing written
+        return run
+
+    holder = hold()
+    run = synth_waiting_for(holder, 2)
+    holder.kill()  # the kernel drops a dead process's lock
+    holder.wait()
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    assert [r["clip_id"] for r in read_manifest(root)] == ["s000000_c0", "s000000_c1"]
+
+    holder = hold()
+    run = synth_waiting_for(holder, 1)
+    holder.stdin.write("write\n")
+    holder.stdin.close()
+    assert holder.wait(timeout=120) == 0
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    assert f"{root}: 4 clips of this seed and config already there, kept; 0 to make" in out
+    fresh = synth.generate(tmp_path / "fresh", 4, seed=1, duration_s=1.0, size=64, workers=1)
+    assert read_manifest(root) == fresh  # the holder's four clips stay listed after the smaller run's write
 
 
 def test_a_dataset_there_is_kept_and_one_made_otherwise_is_refused(tmp_path):

@@ -32,11 +32,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from flipray.atomic import write_bytes
-from flipray.dataset.manifest import (MANIFEST_NAME, PATH_FIELDS, SPLITS, check_rows, merge_rows, parse_manifest,
-                                      relative_key, write_manifest)
+from flipray.dataset.manifest import (MANIFEST_NAME, PATH_FIELDS, SPLITS, check_rows, manifest_lock, merge_rows,
+                                      parse_manifest, relative_key, write_manifest)
 
 log = logging.getLogger(__name__)
 _CLIENT_LOCK = threading.Lock()
+_MERGE_TRIES = 8  # conditional manifest writes before giving up (each try follows another run's write)
 
 class ChecksumError(ValueError):
     """An object's bytes do not match the sha256 the manifest recorded for it."""
@@ -197,23 +198,67 @@ class Store:
 
     def write_manifest(self, rows: list[dict], merge: bool = False) -> str:
         """Validate and write the manifest (the last write of an upload); returns its URL. With `merge`, the rows of
-        the manifest already there whose clips are still stored are kept (manifest.merge_rows): a dataset only grows.
-        """
+        the manifest already there whose clips are still stored are kept (manifest.merge_rows): a dataset only grows,
+        also when two runs write into it at once: a local root merges under its lock (manifest.manifest_lock), an S3
+        root by a conditional PUT that only replaces the manifest it merged with, merging again if another run's
+        came in between."""
         check_rows(rows, f"{self.root}: new manifest")
-        if merge and self.has_manifest():
-            stored = set(self.list("clips/"))
-            existing = self.read_manifest()
-            old = [r for r in existing if all(r[k] in stored for k in PATH_FIELDS)]
-            dropped = len(existing) - len(old)
-            if dropped:
-                log.warning("%s: %d manifest rows dropped: their clip files are no longer stored", self.root, dropped)
-            rows = merge_rows(old, rows)
         if not self.s3:
-            return str(write_manifest(self.root, rows))
-        with tempfile.TemporaryDirectory() as tmp:  # flipray.dataset.manifest validates and serialises, one place for both
-            text = write_manifest(tmp, rows).read_bytes()
-        self.put(MANIFEST_NAME, text)
-        return self.url(MANIFEST_NAME)
+            with manifest_lock(self.root):
+                if merge and self.has_manifest():
+                    rows = self._merged(self.read_manifest(), rows)
+                return str(write_manifest(self.root, rows))
+        for _ in range(_MERGE_TRIES):
+            text, condition = None, {}
+            if merge:  # replace only the manifest merged with (or create it, if there was none)
+                text, etag = self._get_manifest_text()
+                condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+            merged = self._merged(parse_manifest(text, self.url(MANIFEST_NAME)), rows) if text else rows
+            with tempfile.TemporaryDirectory() as tmp:  # flipray.dataset.manifest validates and serialises
+                data = write_manifest(tmp, merged).read_bytes()
+            if self._put_manifest(data, condition):
+                return self.url(MANIFEST_NAME)
+            log.info("%s: another run wrote the manifest meanwhile; merging with it again", self.url(MANIFEST_NAME))
+        raise RuntimeError(f"{self.url(MANIFEST_NAME)}: another writer replaced the manifest {_MERGE_TRIES} times "
+                           f"while this run merged into it; nothing lost, run this again to list its clips")
+
+    def _merged(self, existing: list[dict], rows: list[dict]) -> list[dict]:
+        stored = set(self.list("clips/"))
+        old = [r for r in existing if all(r[k] in stored for k in PATH_FIELDS)]
+        if len(existing) > len(old):
+            log.warning("%s: %d manifest rows dropped: their clip files are no longer stored", self.root,
+                        len(existing) - len(old))
+        return merge_rows(old, rows)
+
+    def _get_manifest_text(self) -> tuple[str | None, str | None]:
+        """(text, ETag) of the S3 manifest, (None, None) when there is none."""
+        from botocore.exceptions import ClientError
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(MANIFEST_NAME))
+        except ClientError as e:
+            if e.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                return None, None
+            raise
+        return obj["Body"].read().decode(), obj["ETag"]
+
+    def _put_manifest(self, data: bytes, condition: dict) -> bool:
+        """PUT the S3 manifest under `condition` (IfMatch / IfNoneMatch, or none); False when another writer got
+        there first (412 / 409)."""
+        from botocore.exceptions import ClientError
+        args = dict(Bucket=self.bucket, Key=self._key(MANIFEST_NAME), Body=data, Metadata={"sha256": sha256(data)})
+        try:
+            self.client.put_object(**args, **condition)
+        except ClientError as e:
+            code = e.response["Error"]["Code"]
+            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            if code != "NotImplemented" or not condition:
+                raise
+            # an S3-compatible store without conditional writes (S3 itself has them since 2024-11)
+            log.warning("%s: this store has no conditional writes; two runs merging at once could drop each "
+                        "other's rows", self.url(MANIFEST_NAME))
+            self.client.put_object(**args)
+        return True
 
 
 def read_manifest(root: str | os.PathLike, split: str | None = None) -> list[dict]:

@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from flipray import media, overrides
 from flipray.overrides import UsageError
-from flipray.dataset.manifest import MANIFEST_NAME, assign_splits, read_manifest, write_manifest
+from flipray.dataset.manifest import MANIFEST_NAME, assign_splits, manifest_lock, read_manifest, write_manifest
 
 
 @dataclass
@@ -1023,11 +1023,13 @@ def generate(out_dir, clips: int, seed: int = 0, workers: int | None = None, pro
     cfg = SynthConfig(**options)
     if clips < 1:
         raise UsageError(f"clips must be >= 1, got {clips}")
-    rows = make_clips(_make_clip_task, out_dir, seed, cfg, clips, cfg.clips_per_scene, workers, progress, "synth")
-    splits = assign_splits([row["scene_id"] for row in rows], seed=seed)
-    for row in rows:
-        row["split"] = splits[row["scene_id"]]
-    write_manifest(out_dir, rows)
+    with manifest_lock(out_dir):  # planned from the manifest, written at the end: alone in out_dir meanwhile
+        rows = make_clips(_make_clip_task, out_dir, seed, cfg, clips, cfg.clips_per_scene, workers, progress,
+                          "synth")
+        splits = assign_splits([row["scene_id"] for row in rows], seed=seed)
+        for row in rows:
+            row["split"] = splits[row["scene_id"]]
+        write_manifest(out_dir, rows)
     return rows
 
 

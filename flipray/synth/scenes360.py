@@ -40,7 +40,7 @@ from scipy.signal import fftconvolve
 
 from flipray import foa, media, overrides
 from flipray.overrides import UsageError
-from flipray.dataset.manifest import SPLITS, assign_splits, write_manifest
+from flipray.dataset.manifest import SPLITS, assign_splits, manifest_lock, write_manifest
 from flipray.synth.scenes import (SILENT_CLASSES, SOUNDING_CLASSES, make_clips, room_tails,
                                   source_signal, sprite)
 
@@ -313,16 +313,17 @@ def generate(out_dir, clips: int, seed: int = 0, workers: int | None = None, pro
     if clips < 1:
         raise UsageError(f"clips must be >= 1, got {clips}")
     per_scene = 1 if cfg.doa else cfg.clips_per_scene
-    rows = make_clips(_make_clip_task, out_dir, seed, cfg, clips, per_scene, workers, progress, "synth360")
-    if cfg.doa:
-        splits = doa_splits(rows, seed)
-        for row in rows:
-            row["split"] = splits[row["clip_id"]]
-    else:
-        splits = assign_splits([row["scene_id"] for row in rows], seed=seed)
-        for row in rows:
-            row["split"] = splits[row["scene_id"]]
-    write_manifest(out_dir, rows)
+    with manifest_lock(out_dir):  # planned from the manifest, written at the end: alone in out_dir meanwhile
+        rows = make_clips(_make_clip_task, out_dir, seed, cfg, clips, per_scene, workers, progress, "synth360")
+        if cfg.doa:
+            splits = doa_splits(rows, seed)
+            for row in rows:
+                row["split"] = splits[row["clip_id"]]
+        else:
+            splits = assign_splits([row["scene_id"] for row in rows], seed=seed)
+            for row in rows:
+                row["split"] = splits[row["scene_id"]]
+        write_manifest(out_dir, rows)
     return rows
 
 
