@@ -1,4 +1,5 @@
-"""Atomic file output: a result replaces its target by one rename once it is complete, or not at all.
+"""Atomic file output: a result replaces its target by one rename once it is complete, or not at all; and folder locks,
+so that one process at a time writes what it read (a dataset's manifest, a training run's folder).
 
     with atomic_output("fixed.mp4") as tmp:   # write tmp (same folder); on an exception the target is untouched
         run_ffmpeg(..., tmp)
@@ -9,8 +10,10 @@ and outputs in a shared folder stay readable to the other users of a machine.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 _UMASK = os.umask(0o022)  # read once at import (os.umask is process-wide and not thread-safe to query later)
@@ -43,3 +46,43 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically (complete or not at all), mode as open() would give."""
     with atomic_output(path, suffix=".tmp") as tmp:
         tmp.write_bytes(data)
+
+
+_HELD: dict[str, list] = {}  # lock file -> [fd, depth]: a process takes a folder's lock once, however nested
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, name: str, busy: Callable[[str], None]):
+    """Hold an exclusive lock on FOLDER/NAME (flock) for the block. When another process holds it, `busy(its pid)`
+    is called first: it raises to refuse, or returns to wait for the lock. The kernel drops a lock with its
+    process, so a killed holder leaves none behind; nested use in one process is free."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = str((folder / name).resolve())
+    if path in _HELD:
+        _HELD[path][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[path][1] -= 1
+        return
+    try:
+        fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, file_mode()), True
+    except PermissionError:  # another user's lock in a shared folder: a read-only descriptor locks as well
+        fd, writable = os.open(path, os.O_RDONLY), False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            busy(os.pread(fd, 64, 0).decode(errors="replace").strip() or "?")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        if writable:  # who holds it, for the next one's message
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD[path] = [fd, 1]
+        try:
+            yield
+        finally:
+            del _HELD[path]
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

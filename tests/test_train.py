@@ -125,3 +125,46 @@ def test_train_checkpoint_resume_is_exact_and_reports(synth_root, tmp_path, caps
     cal = report["calibration"]
     assert cal["samples"] == report["flip_accuracy"]["val"]["samples"] and cal["nll_after"] <= cal["nll_before"]
     assert float(model.temperature) == pytest.approx(cal["temperature"], rel=1e-3)
+
+
+def test_a_second_run_into_a_run_folder_in_use_is_refused_before_it_writes(synth_root, tmp_path, capsys):
+    """`flipray train-pretext --run-name R` (or `--resume`) while another process trains into runs/R: one line naming
+    the folder and its pid, exit 2, nothing in the folder touched (before, both trained and overwrote each other's
+    checkpoints). Once that process is gone, so is its lock."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from flipray import cli
+    from flipray.atomic import folder_lock
+    from flipray.pretext.train import RUN_LOCK
+    run_dir = tmp_path / "r"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys
+        from flipray.atomic import folder_lock
+        with folder_lock(sys.argv[1], sys.argv[2], busy=print):
+            print("held", flush=True)
+            sys.stdin.readline()
+    """), str(run_dir), RUN_LOCK], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        argv = ["train-pretext", "--run-name", "r", "--set", f"train.out_dir={tmp_path}", "--set",
+                f"data.root={synth_root}", *sum((["--set", s] for s in FAST), []), "--set", "train.total_samples=8"]
+        for extra in ([], ["--resume"]):  # a run that has not checkpointed yet, then one that has
+            with pytest.raises(SystemExit) as exited:
+                cli.main(argv + extra)
+            assert exited.value.code == 2
+            assert capsys.readouterr().err == (f"flipray train-pretext: {run_dir}: another training run is writing "
+                                               f"into this folder (pid {holder.pid}); give another --run-name, or "
+                                               f"pass --resume once it has stopped\n")
+            assert sorted(p.name for p in run_dir.iterdir()) == [".run.lock"] + ["checkpoint.pt"] * bool(extra)
+            (run_dir / "checkpoint.pt").write_bytes(b"the running process's checkpoint")
+        assert (run_dir / "checkpoint.pt").read_bytes() == b"the running process's checkpoint"
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+    def still_held(pid):
+        raise AssertionError(f"{run_dir}: still locked by pid {pid}")
+    with folder_lock(run_dir, RUN_LOCK, busy=still_held):  # the holder gone, so is its lock
+        pass

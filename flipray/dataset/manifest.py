@@ -5,8 +5,6 @@ Splits are assigned per scene (source video), so no scene appears in two splits.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
@@ -15,7 +13,7 @@ import re
 import sys
 from pathlib import PurePosixPath, Path
 
-from flipray.atomic import write_bytes
+from flipray.atomic import folder_lock, write_bytes
 
 SPLITS = ("train", "val", "test")
 MANIFEST_NAME = "manifest.jsonl"
@@ -130,50 +128,17 @@ def parse_manifest(text: str, source: str = MANIFEST_NAME) -> list[dict]:
     return check_rows(rows, source, lines)
 
 
-_HELD: dict[str, list] = {}  # lock file -> [fd, depth]: a process takes a root's lock once, however nested
-
-
-@contextlib.contextmanager
 def manifest_lock(root: str | os.PathLike):
-    """Hold a local dataset root's write lock (`ROOT/.manifest.lock`, an exclusive flock) for the block.
+    """Hold a local dataset root's write lock (`ROOT/.manifest.lock`) for the block (a context manager).
 
     Every run that writes a manifest after reading it (synth plans from it and writes it at its end; ingest and
     uploads merge into it) does so under this lock, so two runs into one folder cannot drop each other's clips: the
-    second waits (one line on stderr says for whom) and then sees the first's manifest. The kernel releases the lock
-    with its process, so a killed run leaves none behind; nested use in one process is free. (S3 roots have no lock:
+    second waits (one line on stderr says for whom) and then sees the first's manifest. (S3 roots have no lock:
     `flipray.dataset.store.Store.write_manifest` uses conditional writes.)"""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    path = str((root / LOCK_NAME).resolve())
-    if path in _HELD:
-        _HELD[path][1] += 1
-        try:
-            yield
-        finally:
-            _HELD[path][1] -= 1
-        return
-    try:
-        fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
-    except PermissionError:  # another user's lock in a shared folder: a read-only descriptor locks as well
-        fd, writable = os.open(path, os.O_RDONLY), False
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            print(f"{root}: another process is writing this dataset (pid {holder}); waiting for it to finish",
-                  file=sys.stderr, flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        if writable:  # who holds it, for the next one's waiting line
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        _HELD[path] = [fd, 1]
-        try:
-            yield
-        finally:
-            del _HELD[path]
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
+    def wait(holder: str) -> None:
+        print(f"{root}: another process is writing this dataset (pid {holder}); waiting for it to finish",
+              file=sys.stderr, flush=True)
+    return folder_lock(root, LOCK_NAME, busy=wait)
 
 
 def read_manifest(root: str | os.PathLike, split: str | None = None) -> list[dict]:

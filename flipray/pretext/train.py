@@ -27,12 +27,14 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader
 
+from flipray.atomic import folder_lock
 from flipray.config import Config, apply_overrides, config_from_dict, load_config
 from flipray.overrides import UsageError, user_errors
 from flipray.pretext.data import ClipDataset, EpochSampler, check_data_root, collate, sample_seed, train_sampler
 from flipray.pretext.models import SpatialAlignmentNet, count_parameters
 
 log = logging.getLogger(__name__)
+RUN_LOCK = ".run.lock"  # in the run folder while a process trains into it (flipray.atomic.folder_lock)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -479,21 +481,26 @@ def main(argv: list[str] | None = None) -> dict:
     run_name = args.run_name or f"{cfg.preset}-{cfg.model.variant}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.train.out_dir) / run_name
     ckpt_path = run_dir / "checkpoint.pt"
-    if args.resume:
-        if not ckpt_path.exists():
-            raise UsageError(f"--resume: {run_dir} holds no checkpoint.pt to continue (--run-name names the run)")
-        ckpt = load_checkpoint(ckpt_path)
-        # The run's own config wins over the preset; --set still applies (e.g. a larger train.total_samples).
-        saved = config_from_dict(ckpt["config"])
-        cfg = apply_overrides(config_from_dict(ckpt["config"]), args.set)
-        resume_conflict(saved.flat(), cfg, "--resume")
-        check_data_root(cfg)
-    elif ckpt_path.exists():
+    if args.resume and not ckpt_path.exists():
+        raise UsageError(f"--resume: {run_dir} holds no checkpoint.pt to continue (--run-name names the run)")
+    if not args.resume and ckpt_path.exists():
         raise UsageError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or another "
                          f"--run-name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return run(cfg, run_dir, ckpt if args.resume else None)
+
+    def refuse(holder: str) -> None:  # two runs in one folder would overwrite each other's checkpoints
+        raise UsageError(f"{run_dir}: another training run is writing into this folder (pid {holder}); give another "
+                         f"--run-name, or pass --resume once it has stopped")
+    with folder_lock(run_dir, RUN_LOCK, busy=refuse):
+        ckpt = None
+        if args.resume:
+            ckpt = load_checkpoint(ckpt_path)
+            # The run's own config wins over the preset; --set still applies (e.g. a larger train.total_samples).
+            saved = config_from_dict(ckpt["config"])
+            cfg = apply_overrides(config_from_dict(ckpt["config"]), args.set)
+            resume_conflict(saved.flat(), cfg, "--resume")
+            check_data_root(cfg)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return run(cfg, run_dir, ckpt)
 
 
 def new_state() -> dict:
