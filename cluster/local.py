@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -51,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from flipray.atomic import folder_lock
 from flipray.overrides import UsageError, user_errors
 
 log = logging.getLogger(__name__)
@@ -182,15 +182,12 @@ def _save(local: LocalServices) -> None:
     os.replace(tmp, path)
 
 
-@contextlib.contextmanager
 def _locked(state_dir: Path):
-    """One `up`/`down` at a time per state dir (an flock: released if the holder dies)."""
-    with open(Path(state_dir) / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    """One `up`/`down` at a time per state dir (released if the holder dies)."""
+    def wait(holder: str) -> None:
+        print(f"{state_dir}: another cluster.local (pid {holder}) is starting or stopping services; waiting for it",
+              file=sys.stderr, flush=True)
+    return folder_lock(state_dir, ".lock", busy=wait)
 
 
 # ---- processes ---------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,24 +49,22 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-_HELD: dict[str, list] = {}  # lock file -> [fd, depth]: a process takes a folder's lock once, however nested
+_HELD: set[tuple[str, int]] = set()  # (lock file, thread) held: a thread takes a lock once, however nested
 
 
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, name: str, busy: Callable[[str], None]):
     """Hold an exclusive lock on FOLDER/NAME (flock) for the block. When another process holds it, `busy(its pid)`
     is called first: it raises to refuse, or returns to wait for the lock. The kernel drops a lock with its
-    process, so a killed holder leaves none behind; nested use in one process is free."""
+    process, so a killed holder leaves none behind. Nested use in one thread is free; another thread of the same
+    process waits like another process."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = str((folder / name).resolve())
-    if path in _HELD:
-        _HELD[path][1] += 1
-        try:
-            yield
-        finally:
-            _HELD[path][1] -= 1
+    key = (str((folder / name).resolve()), threading.get_ident())
+    if key in _HELD:
+        yield
         return
+    path = key[0]
     try:
         fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, file_mode()), True
     except PermissionError:  # another user's lock in a shared folder: a read-only descriptor locks as well
@@ -79,10 +78,10 @@ def folder_lock(folder: str | os.PathLike, name: str, busy: Callable[[str], None
         if writable:  # who holds it, for the next one's message
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        _HELD[path] = [fd, 1]
+        _HELD.add(key)
         try:
             yield
         finally:
-            del _HELD[path]
+            _HELD.discard(key)
     finally:
         os.close(fd)  # closing the descriptor releases the lock

@@ -468,6 +468,51 @@ def test_written_files_are_readable_by_others(tmp_path):
     assert read_manifest(tmp_path / "ds") == rows
 
 
+def test_folder_lock_is_free_when_nested_and_makes_another_thread_wait(tmp_path):
+    """flipray.atomic.folder_lock, under the dataset, run-folder, cache and cluster.local locks: nesting in one thread
+    does not deadlock; a second thread (as a second process) is told who holds it, and waits for it or refuses."""
+    import threading
+    import time
+
+    from flipray.atomic import folder_lock
+    events, release = [], threading.Event()
+
+    def holder():
+        with folder_lock(tmp_path / "f", ".lock", busy=events.append):
+            with folder_lock(tmp_path / "f", ".lock", busy=events.append):  # nested: no wait, no busy call
+                events.append("held")
+                release.wait(30)
+            events.append("inner done")  # still inside the outer block: the lock is held
+
+    def second():
+        with folder_lock(tmp_path / "f", ".lock", busy=lambda pid: events.append(f"busy {pid}")):
+            events.append("second held")
+
+    first = threading.Thread(target=holder)
+    first.start()
+    while "held" not in events:
+        time.sleep(0.01)
+    waiting = threading.Thread(target=second)
+    waiting.start()
+    while f"busy {os.getpid()}" not in events:
+        time.sleep(0.01)
+
+    class Refused(Exception):
+        pass
+
+    def refuse(pid):
+        raise Refused(pid)
+    with pytest.raises(Refused, match=str(os.getpid())):  # a third one that refuses instead of waiting
+        with folder_lock(tmp_path / "f", ".lock", busy=refuse):
+            pass
+    time.sleep(0.2)
+    assert "second held" not in events  # still waiting
+    release.set()
+    first.join(30)
+    waiting.join(30)
+    assert events == ["held", f"busy {os.getpid()}", "inner done", "second held"]
+
+
 @pytest.mark.slow
 def test_a_second_ingest_into_the_same_out_keeps_the_first_clips(ray_local, tmp_path):
     """Issue 15 #5 (--videos): the second run's folder lacks the first run's video; its clips stay listed."""

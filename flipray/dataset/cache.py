@@ -18,7 +18,6 @@ the bound, so the size can overshoot the bound by about that much per filling pr
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
@@ -27,6 +26,7 @@ import time
 import uuid
 from pathlib import Path
 
+from flipray.atomic import folder_lock
 from flipray.dataset.store import Store
 
 log = logging.getLogger(__name__)
@@ -125,26 +125,22 @@ class ClipCache:
 
     def evict(self) -> int:
         """Trim the directory to LOW_WATER of the bound, least recently used first; returns its size after."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one trimmer at a time; readers and writers never wait on it
-            try:
-                now, size, live = time.time(), 0, []
-                for mtime, nbytes, path in self.entries():
-                    if path.name.endswith(".tmp"):
-                        if now - mtime > STALE_TMP_S:
-                            path.unlink(missing_ok=True)
-                        continue
-                    size += nbytes
-                    live.append((mtime, nbytes, path))
-                if size > self.max_bytes:
-                    for mtime, nbytes, path in sorted(live):
-                        if size <= LOW_WATER * self.max_bytes:
-                            break
+        # one trimmer at a time (a second one waits); readers and writers never take this lock
+        with folder_lock(self.dir, ".lock", busy=lambda holder: None):
+            now, size, live = time.time(), 0, []
+            for mtime, nbytes, path in self.entries():
+                if path.name.endswith(".tmp"):
+                    if now - mtime > STALE_TMP_S:
                         path.unlink(missing_ok=True)
-                        size -= nbytes
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                    continue
+                size += nbytes
+                live.append((mtime, nbytes, path))
+            if size > self.max_bytes:
+                for mtime, nbytes, path in sorted(live):
+                    if size <= LOW_WATER * self.max_bytes:
+                        break
+                    path.unlink(missing_ok=True)
+                    size -= nbytes
         with self._lock:
             self._size, self._written = size, 0
         return size
