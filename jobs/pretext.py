@@ -25,8 +25,10 @@ FLIPRAY_HOLD_S) makes every attempt note its start and wait after its first chec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -36,7 +38,7 @@ import torch
 import yaml
 
 from flipray.config import config_from_dict, load_config
-from flipray.overrides import user_errors
+from flipray.overrides import UsageError, user_errors
 from flipray.pretext.data import ClipDataset, EpochSampler, check_data_root, num_items, train_sampler
 from flipray.pretext.models import SpatialAlignmentNet, count_parameters
 from flipray.pretext.train import (calibrate, evaluate, evaluate_splits, fit, load_checkpoint, make_loader,
@@ -50,6 +52,8 @@ log = logging.getLogger("jobs.pretext")
 # Non-secret environment the workers need; credentials come from the nodes' own environment (k8s Secret, IAM role).
 # Set on the MLflow run when training and registration are done: a rerun with the same --run-name stops there.
 COMPLETED_TAG = "flipray.completed_samples"
+LEASE_NAMESPACE = "flipray-runs"  # the Ray namespace of the named actors that hold run names (run_lease)
+LEASE_WAIT_S = 20.0  # how long a job waits for a run name still held before it refuses (run_lease)
 FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "FLIPRAY_FAULT_AT_STEP", "FLIPRAY_FAULT_RANK",
                "FLIPRAY_FAULT_SAMPLER", "FLIPRAY_HOLD_DIR", "FLIPRAY_HOLD_S")
 
@@ -267,13 +271,54 @@ def remove_unregistered_checkpoints(result) -> list[str]:
     return removed
 
 
+@contextlib.contextmanager
+def run_lease(run_name: str, wait_s: float = LEASE_WAIT_S):
+    """Hold `run_name` on this Ray cluster for the block: a second job with the same --run-name (a `ray job submit`
+    sent again while the first still runs, e.g. after the client lost its connection) is refused instead of training
+    into the same Ray Train run and MLflow run. The claim is a named actor owned by this driver, so it ends with the
+    driver however that ends; a name still held is waited for up to `wait_s` (a driver that just died is cleared
+    by Ray within seconds) and then refused, naming the job that holds it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    class RunLease:
+        def __init__(self, holder: str):
+            self.holder = holder
+
+        def who(self) -> str:
+            return self.holder
+
+    context = ray.get_runtime_context()
+    holder = f"job {context.get_job_id()}, driver pid {os.getpid()} on {socket.gethostname()}"
+    name = f"run:{run_name}"
+    # beside the driver (node affinity): losing another node does not end the claim while the job goes on
+    options = dict(name=name, namespace=LEASE_NAMESPACE, num_cpus=0, max_restarts=0,
+                   scheduling_strategy=NodeAffinitySchedulingStrategy(context.get_node_id(), soft=True))
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            lease = ray.remote(RunLease).options(**options).remote(holder)
+            break
+        except ValueError:  # the name is taken
+            try:
+                other = ray.get(ray.get_actor(name, namespace=LEASE_NAMESPACE).who.remote(), timeout=10)
+            except (ValueError, ray.exceptions.RayError):
+                other = "its driver has ended"  # being cleared
+            if time.monotonic() > deadline:
+                raise UsageError(f"--run-name {run_name}: another job is training this run on this Ray cluster "
+                                 f"({other}); wait for it to end, or give another --run-name") from None
+            time.sleep(1.0)
+    try:
+        ray.get(lease.who.remote())  # placed and answering before anything is written
+        yield
+    finally:
+        ray.kill(lease)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import ray
-    from mlflow import MlflowClient
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     cfg = load_config(args.config, args.set)
     check_data_root(cfg)  # a wrong data.root is one line here, not a traceback from every worker
@@ -283,6 +328,21 @@ def main(argv: list[str] | None = None) -> dict:
     run_name = args.run_name or f"pretext-{cfg.preset}-{cfg.train.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = tracking.tracking_uri(args.tracking_uri)
     experiment_id = tracking.init_tracking(uri, c.experiment)
+    if not ray.is_initialized():
+        from flipray import raylocal
+        raylocal.init()  # RAY_ADDRESS (failing fast when it does not answer), else a local instance on 127.0.0.1
+    with run_lease(run_name, LEASE_WAIT_S):
+        return train_run(cfg, run_name, uri, experiment_id)
+
+
+def train_run(cfg, run_name: str, uri: str, experiment_id: str) -> dict:
+    """main's second half, while this job holds the run name: continue or start the MLflow run, train with Ray
+    Train (restoring the run's newest checkpoint), register the model; returns the summary main prints."""
+    from mlflow import MlflowClient
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    c = cfg.cluster
     client = MlflowClient(uri)
     previous = tracking.find_run(experiment_id, run_name)
     done = int((previous.data.tags if previous else {}).get(COMPLETED_TAG, -1))
@@ -302,9 +362,6 @@ def main(argv: list[str] | None = None) -> dict:
             client.log_param(run_id, k, v)
 
     storage_path, filesystem = storage_location(c.storage_path)
-    if not ray.is_initialized():
-        from flipray import raylocal
-        raylocal.init()  # RAY_ADDRESS (failing fast when it does not answer), else a local instance on 127.0.0.1
     os.environ.update(ray_train_env(c))  # read by TorchTrainer.fit, which hands it to the controller
     trainer = TorchTrainer(
         train_worker,

@@ -9,6 +9,7 @@ after it finished, it trains and registers nothing.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +113,49 @@ def test_resubmitting_with_the_same_run_name_continues_from_the_checkpoint(synth
     assert again["already_finished"] is True and again["run_id"] == run_id and again["samples_seen"] == 24
     assert len(client.search_model_versions("name = 'flipray-pretext'")) == 1
     assert len(client.search_runs([exp.experiment_id])) == 1
+
+
+# A second driver on the session's Ray instance that holds a run name, as a running `python -m jobs.pretext` does.
+_RUN_HOLDER = """
+import sys, time
+import ray
+ray.init(address=sys.argv[1], logging_level="error", log_to_driver=False)
+from jobs.pretext import run_lease
+with run_lease(sys.argv[2]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_a_job_with_the_run_name_of_a_running_one_is_refused_and_a_dead_ones_is_taken_over(synth_root, ray_local,
+                                                                                            tmp_path, monkeypatch):
+    """`ray job submit` of the same pretext job twice (the client lost its connection and the user sent it again):
+    while the first job's driver runs, the second is refused with one line naming it, before it writes anything to
+    MLflow; once that driver is gone (killed here), its claim goes with it and the run name can be taken."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from flipray import tracking
+    holder = subprocess.Popen([sys.executable, "-c", _RUN_HOLDER, ray_local.get_runtime_context().gcs_address,
+                               "twice"], stdout=subprocess.PIPE, text=True, cwd=str(tmp_path),
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        monkeypatch.setattr(pretext, "LEASE_WAIT_S", 2.0)
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        argv = ["--config", "demo", "--run-name", "twice", "--tracking-uri", uri, "--set", f"data.root={synth_root}"]
+        with pytest.raises(UsageError) as refused:
+            pretext.main(argv)
+        assert str(refused.value).startswith("--run-name twice: another job is training this run on this Ray "
+                                             "cluster (job ")
+        assert f"driver pid {holder.pid} on " in str(refused.value)
+        experiment = tracking.init_tracking(uri, "flipray-pretext")
+        assert tracking.find_run(experiment, "twice") is None  # refused before any MLflow run was made
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # the driver dies without cleaning up
+        holder.wait()
+    with pretext.run_lease("twice", wait_s=30):  # Ray clears a dead driver's actors: the name is free again
+        pass
