@@ -46,7 +46,10 @@ def atomic_output(path: str | os.PathLike, suffix: str | None = None):
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically (complete or not at all), mode as open() would give."""
     with atomic_output(path, suffix=".tmp") as tmp:
-        tmp.write_bytes(data)
+        try:
+            tmp.write_bytes(data)
+        except OSError as e:  # a full disk: name the file meant, not the temporary one (or none, as write() does)
+            raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 _HELD: set[tuple[str, int]] = set()  # (lock file, thread) held: a thread takes a lock once, however nested

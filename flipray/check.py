@@ -509,6 +509,8 @@ def fix_file(src: str | Path, dst: str | Path) -> None:
                                       f"{dst.with_suffix(src.suffix)}") from None
         why = "; ".join(line.strip() for line in e.stderr.strip().splitlines()[-2:])[-400:]
         raise RuntimeError(f"ffmpeg failed on {src} (nothing written): {why}") from None
+    except OSError as e:  # a full disk (media.ffmpeg); atomic_output has removed the partial copy
+        raise RuntimeError(f"ffmpeg failed on {src} (nothing written): {e.strerror} writing {dst}") from None
 
 
 def fix_main(argv: list[str] | None = None) -> int:

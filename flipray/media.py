@@ -9,11 +9,15 @@ words: LABELS) and synth. Subprocesses take argument lists, never shell strings.
 """
 from __future__ import annotations
 
+import errno
+import io
 import json
 import math
 import os
 import subprocess
 from dataclasses import dataclass, field
+
+from flipray.atomic import atomic_output, write_bytes
 
 # code -> what it means; `flipray check --json` reports the code, ingest's report the LABELS wording
 REASONS = {
@@ -59,9 +63,23 @@ def flac_args(sample_rate: int, channels: int = 2) -> list[str]:
 
 
 def write_flac(path, audio, sample_rate: int) -> None:
-    """Write float audio (channels, samples) as the training format's FLAC (soundfile: bit-exact, no subprocess)."""
+    """Write float audio (channels, samples) as the training format's FLAC (soundfile: bit-exact, no subprocess),
+    complete or not at all (encoded in memory, then flipray.atomic: a full disk is an OSError naming the file)."""
     import soundfile as sf
-    sf.write(path, audio.T, sample_rate, subtype=FLAC_SUBTYPE, format="FLAC")
+    encoded = io.BytesIO()
+    sf.write(encoded, audio.T, sample_rate, subtype=FLAC_SUBTYPE, format="FLAC")
+    write_bytes(path, encoded.getvalue())
+
+
+def write_vp9(path, frames, fps: int) -> None:
+    """Write RGB frames (T, H, W, 3) uint8 as the training format's VP9 video, complete or not at all."""
+    t, h, w, _ = frames.shape
+    with atomic_output(path) as tmp:
+        ffmpeg(["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "-", "-an",
+                *vp9_args(fps), str(tmp)], stdin=frames.tobytes())
+
+
+_WRITE_FAILED = ("No space left on device", "Disk quota exceeded", "Error writing trailer", "Error closing file")
 
 
 class FFmpegError(RuntimeError):
@@ -76,8 +94,13 @@ def ffmpeg(args: list[str], stdin: bytes | None = None, timeout: float | None = 
     """Run ffmpeg with an argument list (never a shell string); stdout bytes, or FFmpegError carrying its stderr."""
     proc = subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostats", "-nostdin", "-y", *args],
                           input=stdin, capture_output=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise FFmpegError(args, proc.stderr.decode(errors="replace").strip())
+    stderr = proc.stderr.decode(errors="replace").strip()
+    # ffmpeg can exit 0 after failing to write its output (the webm muxer on a full disk, measured): its words count
+    if proc.returncode != 0 or any(words in stderr for words in _WRITE_FAILED):
+        for code in (errno.ENOSPC, errno.EDQUOT):  # a full disk is no bad input: an OSError, as any writer's
+            if os.strerror(code) in stderr:
+                raise OSError(code, os.strerror(code), args[-1])
+        raise FFmpegError(args, stderr or f"exit status {proc.returncode}")
     return proc.stdout
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import errno
 import sys
 from pathlib import Path
 
@@ -28,12 +29,21 @@ class UsageError(ValueError):
 @contextlib.contextmanager
 def user_errors(prog: str):
     """Around a command's main: a UsageError becomes `PROG: message` on stderr and exit 2 (a usage error, as
-    argparse's); anything else keeps its traceback."""
+    argparse's); a full disk becomes one line and exit 1 (a failure while running); anything else keeps its
+    traceback."""
     try:
         yield
     except UsageError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        why = "no space left on the device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"{prog}: {why}{where}; what was finished is kept (files are replaced only when complete): free some "
+              f"space and run the same command again", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def keys(cfg, prefix: str = "") -> list[str]:

@@ -468,6 +468,33 @@ def test_written_files_are_readable_by_others(tmp_path):
     assert read_manifest(tmp_path / "ds") == rows
 
 
+def test_a_full_disk_is_an_error_even_when_ffmpeg_exits_0_and_one_line_for_the_user(capsys):
+    """/dev/full fails every write with ENOSPC, as a full disk does, and ffmpeg still exits 0 after failing to write
+    its trailer there (it did on this machine's ffmpeg for the webm muxer); flipray.media.ffmpeg goes by what ffmpeg
+    said, so an atomic_output around it removes the broken file instead of renaming it over the target (synth's
+    clips, fix's --out). A command that meets a full disk says so in one line and exits 1."""
+    import errno
+
+    from flipray import media, overrides
+    with pytest.raises(OSError) as full:
+        media.ffmpeg(["-f", "lavfi", "-i", "testsrc=s=64x64:r=6:d=1", "-an", *media.vp9_args(6), "-f", "webm",
+                      "/dev/full"])
+    assert full.value.errno == errno.ENOSPC and full.value.filename == "/dev/full"
+    with pytest.raises(SystemExit) as exited:
+        with overrides.user_errors("flipray synth"):
+            raise full.value
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == ("flipray synth: no space left on the device writing /dev/full; what was "
+                                       "finished is kept (files are replaced only when complete): free some space "
+                                       "and run the same command again\n")
+    with pytest.raises(SystemExit), overrides.user_errors("flipray synth"):  # a write() error names no file
+        with open("/dev/full", "wb", buffering=0) as f:
+            f.write(b"clip")
+    assert capsys.readouterr().err.startswith("flipray synth: no space left on the device; what was finished")
+    with pytest.raises(PermissionError), overrides.user_errors("flipray synth"):  # any other OSError: traceback
+        raise PermissionError(errno.EACCES, "Permission denied", "/root/x")
+
+
 def test_folder_lock_is_free_when_nested_and_makes_another_thread_wait(tmp_path):
     """flipray.atomic.folder_lock, under the dataset, run-folder, cache and cluster.local locks: nesting in one thread
     does not deadlock; a second thread (as a second process) is told who holds it, and waits for it or refuses."""

@@ -648,6 +648,20 @@ def test_a_run_into_a_folder_another_run_is_writing_waits_for_it_and_keeps_its_c
     assert read_manifest(root) == fresh  # the holder's four clips stay listed after the smaller run's write
 
 
+def test_a_cut_off_runs_temporary_files_are_removed_by_the_next_run(tmp_path):
+    """A run cut off by a full disk or a kill can leave flipray.atomic's temporary files in clips/ (the pool is
+    terminated mid-write); the next run into the folder removes those of synth's clips, and nothing else."""
+    root = tmp_path / "ds"
+    (root / "clips").mkdir(parents=True)
+    leftovers = [".s000000_c0.webm-k2j3h4.webm", ".s000001_c1.flac-x7y8.tmp", ".p000002_c0.json-abc.tmp"]
+    others = [".hidden-notes", "notes.txt", ".s000000_c0.webm"]
+    for name in leftovers + others:
+        (root / "clips" / name).write_bytes(b"partial")
+    synth.generate(root, 2, seed=1, duration_s=1.0, size=64, workers=1)
+    names = {p.name for p in (root / "clips").iterdir()}
+    assert not names & set(leftovers) and set(others) <= names
+
+
 def test_a_dataset_there_is_kept_and_one_made_otherwise_is_refused(tmp_path):
     """`flipray synth --out` into a folder that holds a dataset: the same seed and config keep every listed clip
     untouched (again: nothing made; more --clips: added; fewer: all still listed; a listed clip whose file is gone:

@@ -53,6 +53,7 @@ from scipy.signal import fftconvolve, lfilter
 from tqdm import tqdm
 
 from flipray import media, overrides
+from flipray.atomic import write_bytes
 from flipray.overrides import UsageError
 from flipray.dataset.manifest import MANIFEST_NAME, assign_splits, manifest_lock, read_manifest, write_manifest
 
@@ -904,8 +905,7 @@ def make_clip(out_dir, cfg: SynthConfig, seed: int, scene: int, k: int) -> dict:
             obj["boxes"].append(paste(frame, rgb, cover, x, y))  # a grown object may overhang: the part inside
             obj["centres"].append([x + w / 2, y + h / 2])  # the whole object's, also when it overhangs
     clips_dir = Path(out_dir) / "clips"
-    media.ffmpeg(["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{size}", "-r", str(fps), "-i", "-", "-an",
-                  *media.vp9_args(fps), str(clips_dir / f"{clip_id}.webm")], stdin=frames.tobytes())
+    media.write_vp9(clips_dir / f"{clip_id}.webm", frames, fps)
     media.write_flac(clips_dir / f"{clip_id}.flac", audio, sr)
 
     sidecar_objects = []
@@ -924,7 +924,7 @@ def make_clip(out_dir, cfg: SynthConfig, seed: int, scene: int, k: int) -> dict:
         "camera": {"hfov_deg": round(hfov, 3)}, "render": render, "objects": sidecar_objects,
         "generator": {"seed": seed, "scene": scene, "clip": k, "config": asdict(cfg)},
     }
-    (clips_dir / f"{clip_id}.json").write_text(json.dumps(sidecar))
+    write_bytes(clips_dir / f"{clip_id}.json", json.dumps(sidecar).encode())
     return {"clip_id": clip_id, "scene_id": scene_id, "duration_s": cfg.duration_s, "fps": fps,
             "num_frames": num_frames, "sample_rate": sr, "channels": 2, "video": f"clips/{clip_id}.webm",
             "audio": f"clips/{clip_id}.flac", "meta": f"clips/{clip_id}.json"}
@@ -951,6 +951,9 @@ def render_clips(task_fn, tasks: list, workers: int | None, progress: bool, desc
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Dataset
+
+_TEMPORARY = re.compile(r"\.[sp]\d{6}_c\d+\.(webm|flac|json)-.+")  # flipray.atomic's names for synth's clip files
+
 
 def plan_clips(out_dir, seed: int, cfg, wanted: list[tuple[int, int]]) -> tuple[list[dict], list[tuple[int, int]]]:
     """(manifest rows to keep, (scene, clip) pairs to make) for a generator run into out_dir that asks for `wanted`.
@@ -1010,7 +1013,11 @@ def make_clips(task_fn, out_dir, seed: int, cfg, clips: int, per_scene: int, wor
     kept, todo = plan_clips(out_dir, seed, cfg, [(i // per_scene, i % per_scene) for i in range(clips)])
     if kept and progress:
         print(f"{out_dir}: {len(kept)} clips of this seed and config already there, kept; {len(todo)} to make")
-    (Path(out_dir) / "clips").mkdir(parents=True, exist_ok=True)
+    clips_dir = Path(out_dir) / "clips"
+    clips_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in clips_dir.glob(".*"):  # a cut-off run's temporary files (a full disk, a kill): the caller
+        if _TEMPORARY.fullmatch(leftover.name):  # holds the folder's lock, so no generator is writing them now
+            leftover.unlink(missing_ok=True)
     tasks = [(str(out_dir), cfg, seed, scene, k) for scene, k in todo]
     return sorted(kept + render_clips(task_fn, tasks, workers, progress, desc), key=lambda r: r["clip_id"])
 

@@ -39,6 +39,7 @@ from scipy.ndimage import zoom
 from scipy.signal import fftconvolve
 
 from flipray import foa, media, overrides
+from flipray.atomic import write_bytes
 from flipray.overrides import UsageError
 from flipray.dataset.manifest import SPLITS, assign_splits, manifest_lock, write_manifest
 from flipray.synth.scenes import (SILENT_CLASSES, SOUNDING_CLASSES, make_clips, room_tails,
@@ -259,8 +260,7 @@ def make_clip(out_dir, cfg: Synth360Config, seed: int, scene: int, k: int) -> di
         obj["boxes"] = [draw_object(frame, obj["rgb"], obj["cover"], a, e)
                         for frame, a, e in zip(frames, obj["az"], obj["el"])]
     clips_dir = Path(out_dir) / "clips"
-    media.ffmpeg(["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{W}x{H}", "-r", str(fps), "-i", "-", "-an",
-                  *media.vp9_args(fps), str(clips_dir / f"{clip_id}.webm")], stdin=frames.tobytes())
+    media.write_vp9(clips_dir / f"{clip_id}.webm", frames, fps)
     media.write_flac(clips_dir / f"{clip_id}.flac", audio, sr)
 
     sidecar = {
@@ -276,7 +276,7 @@ def make_clip(out_dir, cfg: Synth360Config, seed: int, scene: int, k: int) -> di
     }
     if doa is not None:
         sidecar["doa"] = doa
-    (clips_dir / f"{clip_id}.json").write_text(json.dumps(sidecar))
+    write_bytes(clips_dir / f"{clip_id}.json", json.dumps(sidecar).encode())
     row = {"clip_id": clip_id, "scene_id": scene_id, "duration_s": cfg.duration_s, "fps": fps,
            "num_frames": num_frames, "sample_rate": sr, "channels": 4, "video": f"clips/{clip_id}.webm",
            "audio": f"clips/{clip_id}.flac", "meta": f"clips/{clip_id}.json"}
