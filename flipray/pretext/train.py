@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader
 
-from flipray.atomic import folder_lock
+from flipray.atomic import folder_lock, write_bytes
 from flipray.config import Config, apply_overrides, config_from_dict, load_config
 from flipray.overrides import UsageError, user_errors
 from flipray.pretext.data import ClipDataset, EpochSampler, check_data_root, collate, sample_seed, train_sampler
@@ -378,9 +379,9 @@ def save_checkpoint(path: Path, model, optimizer, state: dict, cfg: Config):
     model = getattr(model, "module", model)  # unwrap DDP
     payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
                "config": cfg.to_dict(), "rng": torch.get_rng_state()}
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    serialized = io.BytesIO()
+    torch.save(payload, serialized)
+    write_bytes(path, serialized.getvalue())  # a full disk: an OSError naming the checkpoint, the old one kept
 
 
 def load_checkpoint(path: str | Path) -> dict:
