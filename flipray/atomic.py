@@ -78,9 +78,10 @@ def folder_lock(folder: str | os.PathLike, name: str, busy: Callable[[str], None
         except BlockingIOError:
             busy(os.pread(fd, 64, 0).decode(errors="replace").strip() or "?")
             fcntl.flock(fd, fcntl.LOCK_EX)
-        if writable:  # who holds it, for the next one's message
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if writable:  # who holds it, for the next one's message only: a full disk must not fail the lock
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         _HELD.add(key)
         try:
             yield
