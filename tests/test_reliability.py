@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -251,6 +252,29 @@ def test_dead_mlflow_server_fails_fast_saying_what_was_tried(files):
     assert proc.returncode == check.EXIT_NO_MODEL, proc.stderr[-2000:]
     assert f"no MLflow server answers at {uri} (tried GET {uri}/health" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_s3_that_does_not_answer_is_one_line_before_a_job_starts(files, tmp_path):
+    """An S3 endpoint that does not answer (a stopped MinIO, a wrong AWS_ENDPOINT_URL): before, ingest started Ray
+    and failed every clip ("task failed (ray::clip_task() (pid=...))" with terminal colour codes), and training
+    failed with a botocore traceback; now one line names the option, the endpoint and the error, exit 2, and
+    nothing starts."""
+    endpoint = f"http://127.0.0.1:{_free_port()}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    (tmp_path / "videos").mkdir()
+    shutil.copy(files / "good.mp4", tmp_path / "videos")
+    for args, option in ((["ingest", "--videos", str(tmp_path / "videos"), "--out", "s3://flipray/ds"],
+                          "--out s3://flipray/ds"),
+                         (["train-pretext", "--set", "data.root=s3://flipray/ds", "--set",
+                           f"train.out_dir={tmp_path / 'runs'}"], "data.root s3://flipray/ds")):
+        proc = run_cli(*args, timeout=120, env=env)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        line = [ln for ln in proc.stderr.splitlines() if ln.startswith(f"flipray {args[0]}: ")]
+        assert len(line) == 1 and line[0].startswith(f"flipray {args[0]}: {option}: cannot reach S3 at {endpoint} "
+                                                     f"(Could not connect to the endpoint URL"), proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and "Ray" not in proc.stderr  # refused before Ray started
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("content", [b"", b"my notes, not a database\n"])

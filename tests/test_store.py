@@ -68,6 +68,17 @@ def test_manifest_validation_names_the_clip(bucket):
         Store("s3:///nobucket")
 
 
+def test_the_check_before_a_job_names_a_missing_bucket(bucket):
+    """Store.check_reachable, which ingest and the training and table jobs run first: a bucket that is there (empty
+    here) passes; a missing one is one line naming the option and the endpoint (a dead endpoint: test_reliability)."""
+    from flipray.overrides import UsageError
+    Store(f"s3://{bucket}/ds").check_reachable("--out")
+    Store(f"s3://{bucket}").check_reachable("--out")
+    with pytest.raises(UsageError, match=r"^data\.root s3://no-such-flipray-bucket/ds: no bucket "
+                                         r"'no-such-flipray-bucket' at http://127\.0\.0\.1:\d+$"):
+        Store("s3://no-such-flipray-bucket/ds").check_reachable("data.root")
+
+
 def test_upload_dataset_writes_checksummed_manifest_last_and_is_idempotent(synth_dataset, bucket):
     root = f"s3://{bucket}/synth"
     res = upload_dataset(synth_dataset, root)

@@ -361,8 +361,11 @@ def _fan_out(func, items: list, args: tuple, desc: str, progress: bool):
             item = pending.pop(done[0])
             try:
                 result = ray.get(done[0])
-            except ray.exceptions.RayError as e:  # a worker died (OOM, node lost) after Ray's retries
-                result = {"status": "skipped", "reason": "task failed", "detail": str(e).splitlines()[0][:300]}
+            except ray.exceptions.RayError as e:  # the task raised, or its worker died (OOM, node lost) after retries
+                cause = getattr(e, "cause", None)  # what the task raised; Ray's own first line names only the task
+                detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(e)
+                result = {"status": "skipped", "reason": "task failed",
+                          "detail": (detail.strip().splitlines() or [""])[0][:300]}
             bar.update()
             yield item, result
 
@@ -482,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             (csv_sources(args.csv, args.videos) if args.csv else folder_sources(args.videos))
         if not is_s3(args.out) and Path(args.out).exists() and not Path(args.out).is_dir():
             raise ValueError(f"--out {args.out}: a file, not a folder or an s3:// prefix")
-        Store(args.out)
+        Store(args.out).check_reachable("--out")  # S3 that does not answer: one line, not every clip failing
         if not args.dataset:
             ray = require("ray")
             if not ray.is_initialized():

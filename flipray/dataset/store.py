@@ -87,6 +87,37 @@ class Store:
                     "s3", config=Config(retries={"max_attempts": 8, "mode": "adaptive"}, max_pool_connections=32))
             return self._client
 
+    def check_reachable(self, option: str) -> None:
+        """For an S3 root, one short request before a job starts (a listing of the root, as the jobs make: 5-s
+        connect time-out, one retry): an endpoint that does not answer, a missing bucket or credentials without
+        access are one line, a UsageError naming `option`, instead of every clip failing after minutes of retries.
+        A local root has nothing to check."""
+        if not self.s3:
+            return
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        from flipray.overrides import UsageError
+        client = boto3.session.Session().client("s3", config=Config(
+            connect_timeout=5, read_timeout=10, retries={"total_max_attempts": 2, "mode": "standard"}))
+        where = f"{option} {self.root}"
+        try:
+            client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(""), MaxKeys=1)
+        except ClientError as e:
+            code = e.response["Error"]["Code"]
+            if code in ("404", "NoSuchBucket"):
+                raise UsageError(f"{where}: no bucket {self.bucket!r} at {client.meta.endpoint_url}") from None
+            if code in ("403", "AccessDenied"):
+                raise UsageError(f"{where}: access to bucket {self.bucket!r} denied at {client.meta.endpoint_url} "
+                                 f"(credentials: the AWS_* environment, a profile or an instance role)") from None
+            raise
+        except NoCredentialsError:
+            raise UsageError(f"{where}: no AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile "
+                             f"or an instance role)") from None
+        except BotoCoreError as e:  # no answer: connection refused, time-out, a name that does not resolve
+            raise UsageError(f"{where}: cannot reach S3 at {client.meta.endpoint_url} ({e})") from None
+
     def _key(self, key: str) -> str:
         if key:  # "" is the root itself (list everything); any other key stays under the root
             relative_key(key, "key")
@@ -270,8 +301,10 @@ def dataset_rows(root: str | os.PathLike, option: str) -> list[dict]:
     """Manifest rows of the dataset root a command's option names (`--data`, `data.root`), or a UsageError
     `OPTION: why` (no manifest there, or one that does not parse): one line before a job starts anything."""
     from flipray.overrides import UsageError
+    store = Store(root)
+    store.check_reachable(option)
     try:
-        return read_manifest(root)
+        return store.read_manifest()
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"{option}: {e}") from None
 
