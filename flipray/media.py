@@ -73,7 +73,7 @@ def write_flac(path, audio, sample_rate: int) -> None:
 
 def write_vp9(path, frames, fps: int) -> None:
     """Write RGB frames (T, H, W, 3) uint8 as the training format's VP9 video, complete or not at all."""
-    t, h, w, _ = frames.shape
+    _, h, w, _ = frames.shape
     with atomic_output(path) as tmp:
         ffmpeg(["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "-", "-an",
                 *vp9_args(fps), str(tmp)], stdin=frames.tobytes())

@@ -254,6 +254,7 @@ class Store:
                            f"while this run merged into it; nothing lost, run this again to list its clips")
 
     def _merged(self, existing: list[dict], rows: list[dict]) -> list[dict]:
+        """`rows` merged into the `existing` manifest's rows whose clip files are all still stored."""
         stored = set(self.list("clips/"))
         old = [r for r in existing if all(r[k] in stored for k in PATH_FIELDS)]
         if len(existing) > len(old):
