@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from flipray import overrides, tasks, tracking
-from flipray.atomic import write_bytes
+from flipray.atomic import folder_lock, write_bytes
 from flipray.dataset.store import dataset_rows, require_splits
 from flipray.overrides import UsageError, apply, read_yaml
 from flipray.tasks.base import write_json
@@ -260,41 +260,48 @@ def table_main(task_module):
         task = task_module.TABLE["task"]
         out = Path(args.out) / task
         uri = None if args.no_mlflow else tracking.tracking_uri(args.tracking_uri)
-        # the table is logged at the end: a store that cannot take it is said now, not after the training
-        experiment_id = tracking.init_tracking(uri, EXPERIMENT) if uri else None
-        if uri:
-            close_unfinished(out, uri, args.mlflow_wait_s)
-        needed = {m.get("pretext") for m in task_module.METHODS.values()} - {None}
-        pretext = resolve_pretext(args.pretext, needed | {getattr(task_module, "SHAPE_FROM", "flip")}, out, uri)
-        configs = method_configs(task_module, args, pretext)
-        first = next(iter(configs.values()))
-        require_splits(listed, {s for cfg in configs.values() for s in (cfg.train_split, cfg.eval_split)}, "--data",
-                       args.data, f"the {task} table trains on {first.train_split!r} and scores {first.eval_split!r}")
-        for m, cfg in configs.items():
-            cfg.out_dir = cfg.out_dir or str((out / m).resolve())
-        print(f"{task}: {len(configs)} methods ({', '.join(configs)}) on {args.data}, preset {args.preset}",
-              flush=True)
-        t0 = time.time()
-        results = run_methods(task_module, configs, args.cpus, args.local, args.gpus)
-        for m, r in results.items():
-            write_json(out / m / "result.json", r)
-        table = build_table(task_module, args, configs, results)
-        files = write_table(table, out)
-        summary = {"task": task, "table": str(files[1]), "results": {m: r["metrics"] for m, r in results.items()},
-                   "wall_seconds": round(time.time() - t0, 1)}
-        print(Path(files[1]).read_text())
-        print(f"table: {files[1]} ({summary['wall_seconds']:.0f} s)", flush=True)
-        if uri:
-            try:
-                summary["mlflow_run_id"] = log_mlflow(task_module, args, configs, results, files, uri, experiment_id)
-            except Exception as e:
-                if not tracking.server_away(e):
-                    raise
-                raise SystemExit(f"{task} table written ({files[1]}, results in {out}) but "
-                                 f"MLflow at {uri} did not answer within {args.mlflow_wait_s:g} s, so it is not "
-                                 f"logged there; `python -m jobs.report --runs {args.out}` assembles the tables "
-                                 f"without MLflow") from None
-        return summary
+
+        def refuse(holder: str) -> None:  # two jobs in one folder: one would end the other's MLflow runs as KILLED
+            raise UsageError(f"--out {args.out}: another {task} table job is writing into {out} (pid {holder}); wait "
+                             f"for it to end, or give another --out")
+        with folder_lock(out, ".table.lock", busy=refuse):
+            # the table is logged at the end: a store that cannot take it is said now, not after the training
+            experiment_id = tracking.init_tracking(uri, EXPERIMENT) if uri else None
+            if uri:
+                close_unfinished(out, uri, args.mlflow_wait_s)
+            needed = {m.get("pretext") for m in task_module.METHODS.values()} - {None}
+            pretext = resolve_pretext(args.pretext, needed | {getattr(task_module, "SHAPE_FROM", "flip")}, out, uri)
+            configs = method_configs(task_module, args, pretext)
+            first = next(iter(configs.values()))
+            require_splits(listed, {s for cfg in configs.values() for s in (cfg.train_split, cfg.eval_split)},
+                           "--data", args.data,
+                           f"the {task} table trains on {first.train_split!r} and scores {first.eval_split!r}")
+            for m, cfg in configs.items():
+                cfg.out_dir = cfg.out_dir or str((out / m).resolve())
+            print(f"{task}: {len(configs)} methods ({', '.join(configs)}) on {args.data}, preset {args.preset}",
+                  flush=True)
+            t0 = time.time()
+            results = run_methods(task_module, configs, args.cpus, args.local, args.gpus)
+            for m, r in results.items():
+                write_json(out / m / "result.json", r)
+            table = build_table(task_module, args, configs, results)
+            files = write_table(table, out)
+            summary = {"task": task, "table": str(files[1]), "results": {m: r["metrics"] for m, r in results.items()},
+                       "wall_seconds": round(time.time() - t0, 1)}
+            print(Path(files[1]).read_text())
+            print(f"table: {files[1]} ({summary['wall_seconds']:.0f} s)", flush=True)
+            if uri:
+                try:
+                    summary["mlflow_run_id"] = log_mlflow(task_module, args, configs, results, files, uri,
+                                                          experiment_id)
+                except Exception as e:
+                    if not tracking.server_away(e):
+                        raise
+                    raise SystemExit(f"{task} table written ({files[1]}, results in {out}) but "
+                                     f"MLflow at {uri} did not answer within {args.mlflow_wait_s:g} s, so it is not "
+                                     f"logged there; `python -m jobs.report --runs {args.out}` assembles the tables "
+                                     f"without MLflow") from None
+            return summary
     return main
 
 

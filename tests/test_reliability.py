@@ -277,6 +277,34 @@ def test_s3_that_does_not_answer_is_one_line_before_a_job_starts(files, tmp_path
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_table_job_into_an_out_folder_another_one_is_writing_is_refused(synth_root, tmp_path):
+    """Two table jobs of one task with one --out at once: the second would end the first's MLflow runs as KILLED
+    (close_unfinished reads the first's note of runs begun) and write over its results. It is refused in one line
+    before it touches anything; the folder's lock (flipray.atomic.folder_lock) goes with the job that holds it."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys
+        from flipray.atomic import folder_lock
+        with folder_lock(sys.argv[1], ".table.lock", busy=print):
+            print("held", flush=True)
+            sys.stdin.readline()
+    """), str(out / "localize")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        proc = subprocess.run([sys.executable, "-m", "jobs.localize", "--data", str(synth_root), "--out", str(out),
+                               "--no-mlflow"], capture_output=True, text=True, timeout=120, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.splitlines()[-1] == (f"python -m jobs.localize: --out {out}: another localize table job "
+                                                f"is writing into {out / 'localize'} (pid {holder.pid}); wait for it "
+                                                f"to end, or give another --out")
+        assert [p.name for p in (out / "localize").iterdir()] == [".table.lock"]  # nothing else written
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
 @pytest.mark.parametrize("content", [b"", b"my notes, not a database\n"])
 def test_tracking_uri_at_a_file_that_is_not_an_mlflow_store_is_left_alone(content, files, tmp_path, capsys):
     """Issue 15 #9: MLflow would have turned the user's file into its database."""
