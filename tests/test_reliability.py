@@ -277,32 +277,52 @@ def test_s3_that_does_not_answer_is_one_line_before_a_job_starts(files, tmp_path
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_table_job_into_an_out_folder_another_one_is_writing_is_refused(synth_root, tmp_path):
-    """Two table jobs of one task with one --out at once: the second would end the first's MLflow runs as KILLED
-    (close_unfinished reads the first's note of runs begun) and write over its results. It is refused in one line
-    before it touches anything; the folder's lock (flipray.atomic.folder_lock) goes with the job that holds it."""
-    out = tmp_path / "out"
+@contextlib.contextmanager
+def _folder_held(folder: Path, name: str):
+    """Another process holding flipray.atomic.folder_lock(folder, name), as a running job does; yields it."""
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
         import sys
         from flipray.atomic import folder_lock
-        with folder_lock(sys.argv[1], ".table.lock", busy=print):
+        with folder_lock(sys.argv[1], sys.argv[2], busy=print):
             print("held", flush=True)
             sys.stdin.readline()
-    """), str(out / "localize")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    """), str(folder), name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         assert holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
+def test_a_table_job_or_sweep_into_a_folder_another_one_is_writing_is_refused(synth_root, tmp_path):
+    """Two table jobs of one task with one --out at once: the second would end the first's MLflow runs as KILLED
+    (close_unfinished reads the first's note of runs begun) and write over its results; two drivers of one sweep
+    would run its trials twice into one Tune experiment. The second is refused in one line before it writes
+    anything; the folder's lock (flipray.atomic.folder_lock) goes with the job that holds it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = tmp_path / "out"
+    with _folder_held(out / "localize", ".table.lock") as holder:
         proc = subprocess.run([sys.executable, "-m", "jobs.localize", "--data", str(synth_root), "--out", str(out),
-                               "--no-mlflow"], capture_output=True, text=True, timeout=120, cwd=REPO,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+                               "--no-mlflow"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert proc.stderr.splitlines()[-1] == (f"python -m jobs.localize: --out {out}: another localize table job "
                                                 f"is writing into {out / 'localize'} (pid {holder.pid}); wait for it "
                                                 f"to end, or give another --out")
         assert [p.name for p in (out / "localize").iterdir()] == [".table.lock"]  # nothing else written
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=60)
+    sweeps = tmp_path / "sweeps"
+    with _folder_held(sweeps / "s1", ".sweep.lock") as holder:
+        proc = subprocess.run([sys.executable, "-m", "tuning.sweep", "--task", "localize", "--name", "s1", "--storage",
+                               str(sweeps), "--data", str(synth_root), "--tracking-uri",
+                               f"sqlite:///{tmp_path / 'mlflow.db'}"], capture_output=True, text=True, timeout=120,
+                              cwd=REPO, env=env)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.splitlines()[-1] == (f"python -m tuning.sweep: --name s1: another sweep of this name is "
+                                                f"running from {sweeps / 's1'} (pid {holder.pid}); wait for it to end "
+                                                f"(then --restore continues it), or give another --name")
+        assert [p.name for p in (sweeps / "s1").iterdir()] == [".sweep.lock"]
+    assert not (tmp_path / "mlflow.db").exists()  # refused before MLflow was touched
 
 
 @pytest.mark.parametrize("content", [b"", b"my notes, not a database\n"])

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import yaml
 
+from flipray.atomic import folder_lock
 from flipray.overrides import UsageError, apply, user_errors
 from flipray import tasks, tracking
 from flipray.dataset.store import dataset_rows, require_splits, storage_location
@@ -256,106 +257,112 @@ def main(argv: list[str] | None = None) -> dict:
     exp_dir = f"{storage_path.rstrip('/')}/{name}"
     out = Path(args.out or (exp_dir if filesystem is None else Path("runs/sweeps") / name))
     out.mkdir(parents=True, exist_ok=True)
-    restoring = tune.Tuner.can_restore(exp_dir, storage_filesystem=filesystem)
-    if args.restore and not restoring:
-        raise UsageError(f"--restore: no Tune experiment at {exp_dir}")
 
-    # The base task config every trial starts from: preset, method, data, pretext weights (downloaded once here).
-    method = task.METHODS[d["method"]]
-    base = task.Config(data_root=args.data, method=d["method"], eval_split="val")
-    apply(base, task.PRESETS[args.preset or d.get("preset", "small")])
-    needs = method.get("pretext")
-    pretext = resolve_pretext(args.pretext, {needs or "flip"}, out, tracking.tracking_uri(args.tracking_uri))
-    base.pretext = pretext.get(needs or "flip", "")
-    base.pretrained = needs is not None
-    if needs and not base.pretext:
-        raise UsageError(f"method {d['method']} needs a {needs} pretext model: pass --pretext {needs}=URI")
-    apply(base, d.get("fixed", {}))
-    apply(base, args.set)
-    require_splits(listed, (base.train_split, base.eval_split), "--data", args.data,
-                   f"the sweep trains on {base.train_split!r} and scores {base.eval_split!r}")
-    base.out_dir = str(out / "trials")
+    def refuse(holder: str) -> None:  # two drivers of one sweep would run its trials twice into one experiment
+        raise UsageError(f"--name {name}: another sweep of this name is running from {out} (pid {holder}); wait for "
+                         f"it to end (then --restore continues it), or give another --name")
+    with folder_lock(out, ".sweep.lock", busy=refuse):
+        restoring = tune.Tuner.can_restore(exp_dir, storage_filesystem=filesystem)
+        if args.restore and not restoring:
+            raise UsageError(f"--restore: no Tune experiment at {exp_dir}")
 
-    # MLflow: the driver creates the store and the parent run before any trial starts.
-    uri = tracking.tracking_uri(args.tracking_uri)
-    experiment_id = tracking.init_tracking(uri, EXPERIMENT)
-    client = tracking.PatientClient(uri, wait_s=args.mlflow_wait_s)
-    previous = tracking.find_run(experiment_id, name)
-    parent = previous.info.run_id if previous else client.create_run(
-        experiment_id, run_name=name, tags={"flipray.run_name": name, "flipray.task": args.task}).info.run_id
-    if not previous:
-        client.log_param(parent, "task", args.task)
-        client.log_param(parent, "samples", args.samples)
-        client.log_param(parent, "space", json.dumps(d["space"]))
+        # The base task config every trial starts from: preset, method, data, pretext weights (downloaded once here).
+        method = task.METHODS[d["method"]]
+        base = task.Config(data_root=args.data, method=d["method"], eval_split="val")
+        apply(base, task.PRESETS[args.preset or d.get("preset", "small")])
+        needs = method.get("pretext")
+        pretext = resolve_pretext(args.pretext, {needs or "flip"}, out, tracking.tracking_uri(args.tracking_uri))
+        base.pretext = pretext.get(needs or "flip", "")
+        base.pretrained = needs is not None
+        if needs and not base.pretext:
+            raise UsageError(f"method {d['method']} needs a {needs} pretext model: pass --pretext {needs}=URI")
+        apply(base, d.get("fixed", {}))
+        apply(base, args.set)
+        require_splits(listed, (base.train_split, base.eval_split), "--data", args.data,
+                       f"the sweep trains on {base.train_split!r} and scores {base.eval_split!r}")
+        base.out_dir = str(out / "trials")
 
-    param_space = {**search_space(d["space"]), "task": args.task, "base": dataclasses.asdict(base),
-                   "mlflow": {"uri": uri, "experiment_id": experiment_id, "parent": parent}}
-    trainable_with_resources = tune.with_resources(tune.with_parameters(trainable, mlflow_wait_s=args.mlflow_wait_s),
-                                                   trial_resources(d))
-    if not ray.is_initialized():
-        from flipray import raylocal
-        raylocal.init()  # RAY_ADDRESS (failing fast when it does not answer), else a local instance on 127.0.0.1
-    if restoring:
-        print(f"restoring sweep {name} from {exp_dir}", flush=True)
-        tuner = tune.Tuner.restore(exp_dir, trainable=trainable_with_resources, resume_unfinished=True,
-                                   restart_errored=True, storage_filesystem=filesystem)
-    else:
-        asha = d.get("asha", {})
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.epochs,
-                                  grace_period=asha.get("grace_period", 1),
-                                  reduction_factor=asha.get("reduction_factor", 2))
-        tuner = tune.Tuner(
-            trainable_with_resources, param_space=param_space,
-            tune_config=tune.TuneConfig(metric=d["metric"], mode=d["mode"], scheduler=scheduler,
-                                        num_samples=args.samples,
-                                        max_concurrent_trials=args.max_concurrent or d.get("max_concurrent", 2)),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                      failure_config=tune.FailureConfig(max_failures=1)))
-    grid = tuner.fit()
+        # MLflow: the driver creates the store and the parent run before any trial starts.
+        uri = tracking.tracking_uri(args.tracking_uri)
+        experiment_id = tracking.init_tracking(uri, EXPERIMENT)
+        client = tracking.PatientClient(uri, wait_s=args.mlflow_wait_s)
+        previous = tracking.find_run(experiment_id, name)
+        parent = previous.info.run_id if previous else client.create_run(
+            experiment_id, run_name=name, tags={"flipray.run_name": name, "flipray.task": args.task}).info.run_id
+        if not previous:
+            client.log_param(parent, "task", args.task)
+            client.log_param(parent, "samples", args.samples)
+            client.log_param(parent, "space", json.dumps(d["space"]))
 
-    trials = {}
-    for r in grid:
-        if r.metrics_dataframe is None or d["metric"] not in r.metrics_dataframe:
-            continue
-        df = r.metrics_dataframe
-        trials[Path(r.path).name] = {"config": {k: v for k, v in r.config.items() if k in d["space"]},
-                                     "epochs": df["training_iteration"].tolist(), "values": df[d["metric"]].tolist()}
-    # The best trial among those ASHA let run to the end, so that best.yaml (which trains for `epochs`) reproduces
-    # its score; a trial stopped early was scored after fewer epochs.
-    scored = [r for r in grid if r.error is None and r.metrics and d["metric"] in r.metrics]
-    complete = [r for r in scored if r.metrics.get("training_iteration") == base.epochs] or scored
-    if not complete:
-        raise RuntimeError(f"sweep {name}: no trial reported {d['metric']}; errors: {grid.errors}")
-    pick = max if d["mode"] == "max" else min
-    best = pick(complete, key=lambda r: r.metrics[d["metric"]])
-    best_cfg = task.Config(**best.config["base"])
-    apply(best_cfg, {k: v for k, v in best.config.items() if k in d["space"]})
-    best_cfg.eval_split, best_cfg.out_dir = "test", ""
-    best_path = out / "best.yaml"
-    header = (f"# best of sweep {name}: {d['metric']} = {best.metrics[d['metric']]:.6g} on the val split "
-              f"(trial {Path(best.path).name})\n")
-    best_path.write_text(header + yaml.safe_dump(dataclasses.asdict(best_cfg), sort_keys=False))
-    png = plot_trials(trials, d["metric"], d.get("color_by", "lr"), out / "trials.png")
-    stopped = sum(1 for t in trials.values() if max(t["epochs"]) < base.epochs)
-    try:  # the files are on disk first: a tracking server still away after --mlflow-wait-s costs only their logging
-        close_stopped_trials(client, experiment_id, parent)
-        client.log_artifact(parent, str(best_path))
-        client.log_artifact(parent, str(png))
-        client.log_metric(parent, f"best_{d['metric']}", float(best.metrics[d["metric"]]))
-        client.set_terminated(parent)
-    except Exception as e:
-        if not tracking.server_away(e):
-            raise
-        raise SystemExit(f"python -m tuning.sweep: sweep {name} finished ({best_path}, {png}) but MLflow at {uri} did "
-                         f"not answer within {args.mlflow_wait_s:g} s; run the same command with --restore once it "
-                         f"answers: it trains nothing and logs them") from None
-    summary = {"name": name, "experiment_path": exp_dir, "trials": len(grid), "stopped_early": stopped,
-               "best_metric": float(best.metrics[d["metric"]]), "best_config": str(best_path),
-               "best_trial": Path(best.path).name, "trials_png": str(png), "mlflow_parent_run": parent,
-               "errors": len(grid.errors)}
-    print(json.dumps(summary, indent=2))
-    return summary
+        param_space = {**search_space(d["space"]), "task": args.task, "base": dataclasses.asdict(base),
+                       "mlflow": {"uri": uri, "experiment_id": experiment_id, "parent": parent}}
+        trainable_with_resources = tune.with_resources(
+            tune.with_parameters(trainable, mlflow_wait_s=args.mlflow_wait_s), trial_resources(d))
+        if not ray.is_initialized():
+            from flipray import raylocal
+            raylocal.init()  # RAY_ADDRESS (failing fast when it does not answer), else a local instance on 127.0.0.1
+        if restoring:
+            print(f"restoring sweep {name} from {exp_dir}", flush=True)
+            tuner = tune.Tuner.restore(exp_dir, trainable=trainable_with_resources, resume_unfinished=True,
+                                       restart_errored=True, storage_filesystem=filesystem)
+        else:
+            asha = d.get("asha", {})
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.epochs,
+                                      grace_period=asha.get("grace_period", 1),
+                                      reduction_factor=asha.get("reduction_factor", 2))
+            tuner = tune.Tuner(
+                trainable_with_resources, param_space=param_space,
+                tune_config=tune.TuneConfig(metric=d["metric"], mode=d["mode"], scheduler=scheduler,
+                                            num_samples=args.samples,
+                                            max_concurrent_trials=args.max_concurrent or d.get("max_concurrent", 2)),
+                run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                          failure_config=tune.FailureConfig(max_failures=1)))
+        grid = tuner.fit()
+
+        trials = {}
+        for r in grid:
+            if r.metrics_dataframe is None or d["metric"] not in r.metrics_dataframe:
+                continue
+            df = r.metrics_dataframe
+            trials[Path(r.path).name] = {"config": {k: v for k, v in r.config.items() if k in d["space"]},
+                                         "epochs": df["training_iteration"].tolist(),
+                                         "values": df[d["metric"]].tolist()}
+        # The best trial among those ASHA let run to the end, so that best.yaml (which trains for `epochs`) reproduces
+        # its score; a trial stopped early was scored after fewer epochs.
+        scored = [r for r in grid if r.error is None and r.metrics and d["metric"] in r.metrics]
+        complete = [r for r in scored if r.metrics.get("training_iteration") == base.epochs] or scored
+        if not complete:
+            raise RuntimeError(f"sweep {name}: no trial reported {d['metric']}; errors: {grid.errors}")
+        pick = max if d["mode"] == "max" else min
+        best = pick(complete, key=lambda r: r.metrics[d["metric"]])
+        best_cfg = task.Config(**best.config["base"])
+        apply(best_cfg, {k: v for k, v in best.config.items() if k in d["space"]})
+        best_cfg.eval_split, best_cfg.out_dir = "test", ""
+        best_path = out / "best.yaml"
+        header = (f"# best of sweep {name}: {d['metric']} = {best.metrics[d['metric']]:.6g} on the val split "
+                  f"(trial {Path(best.path).name})\n")
+        best_path.write_text(header + yaml.safe_dump(dataclasses.asdict(best_cfg), sort_keys=False))
+        png = plot_trials(trials, d["metric"], d.get("color_by", "lr"), out / "trials.png")
+        stopped = sum(1 for t in trials.values() if max(t["epochs"]) < base.epochs)
+        try:  # the files are on disk first: a tracking server still away after --mlflow-wait-s costs only their logging
+            close_stopped_trials(client, experiment_id, parent)
+            client.log_artifact(parent, str(best_path))
+            client.log_artifact(parent, str(png))
+            client.log_metric(parent, f"best_{d['metric']}", float(best.metrics[d["metric"]]))
+            client.set_terminated(parent)
+        except Exception as e:
+            if not tracking.server_away(e):
+                raise
+            raise SystemExit(f"python -m tuning.sweep: sweep {name} finished ({best_path}, {png}) but MLflow at {uri} "
+                             f"did not answer within {args.mlflow_wait_s:g} s; run the same command with --restore "
+                             f"once it answers: it trains nothing and logs them") from None
+        summary = {"name": name, "experiment_path": exp_dir, "trials": len(grid), "stopped_early": stopped,
+                   "best_metric": float(best.metrics[d["metric"]]), "best_config": str(best_path),
+                   "best_trial": Path(best.path).name, "trials_png": str(png), "mlflow_parent_run": parent,
+                   "errors": len(grid.errors)}
+        print(json.dumps(summary, indent=2))
+        return summary
 
 
 if __name__ == "__main__":
