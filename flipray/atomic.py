@@ -10,13 +10,16 @@ and outputs in a shared folder stay readable to the other users of a machine.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import logging
 import os
 import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 _UMASK = os.umask(0o022)  # read once at import (os.umask is process-wide and not thread-safe to query later)
 os.umask(_UMASK)
 
@@ -52,6 +55,8 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
             raise OSError(e.errno, e.strerror, str(path)) from None
 
 
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # flock's answers on a file system that has none
+_UNLOCKED: set[str] = set()  # lock files already warned about
 _HELD: set[tuple[str, int]] = set()  # (lock file, thread) held: a thread takes a lock once, however nested
 
 
@@ -78,6 +83,13 @@ def folder_lock(folder: str | os.PathLike, name: str, busy: Callable[[str], None
         except BlockingIOError:
             busy(os.pread(fd, 64, 0).decode(errors="replace").strip() or "?")
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without locks (some FUSE mounts): go on unlocked, as before locks
+            if e.errno not in _NO_LOCKS:
+                raise
+            if path not in _UNLOCKED:
+                _UNLOCKED.add(path)
+                log.warning("%s: this file system has no locks (%s); two runs writing here at once are not kept "
+                            "apart", path, e.strerror)
         if writable:  # who holds it, for the next one's message only: a full disk must not fail the lock
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)

@@ -540,6 +540,37 @@ def test_written_files_are_readable_by_others(tmp_path):
     assert read_manifest(tmp_path / "ds") == rows
 
 
+def test_folder_lock_on_a_file_system_without_locks_goes_on_unlocked_and_says_so(tmp_path, monkeypatch, caplog):
+    """Some FUSE mounts (bucket mounts on a cluster) answer flock with ENOLCK / EOPNOTSUPP: a run there goes on as it
+    did before the locks, with one warning per lock file, instead of failing. (No such file system here: the
+    kernel's answer is injected into fcntl.flock; any other error still raises.)"""
+    import errno
+    import fcntl
+    import logging
+
+    from flipray import atomic
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with caplog.at_level(logging.WARNING, logger="flipray.atomic"):
+        for _ in range(2):
+            with atomic.folder_lock(tmp_path / "mnt", ".lock", busy=lambda pid: ran.append("busy")):
+                ran.append("ran")
+    assert ran == ["ran", "ran"]
+    warned = [r.getMessage() for r in caplog.records if "has no locks" in r.getMessage()]
+    assert warned == [f"{(tmp_path / 'mnt' / '.lock').resolve()}: this file system has no locks (No locks "
+                      f"available); two runs writing here at once are not kept apart"]
+
+    def broken(fd, op):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+    monkeypatch.setattr(fcntl, "flock", broken)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        with atomic.folder_lock(tmp_path / "mnt", ".lock", busy=print):
+            pass
+
+
 def test_a_full_disk_is_an_error_even_when_ffmpeg_exits_0_and_one_line_for_the_user(capsys):
     """/dev/full fails every write with ENOSPC, as a full disk does, and ffmpeg still exits 0 after failing to write
     its trailer there (it did on this machine's ffmpeg for the webm muxer); flipray.media.ffmpeg goes by what ffmpeg
