@@ -266,6 +266,8 @@ def test_s3_that_does_not_answer_is_one_line_before_a_job_starts(files, tmp_path
     shutil.copy(files / "good.mp4", tmp_path / "videos")
     for args, option in ((["ingest", "--videos", str(tmp_path / "videos"), "--out", "s3://flipray/ds"],
                           "--out s3://flipray/ds"),
+                         (["ingest", "--videos", "s3://flipray/raw/", "--out", str(tmp_path / "ds")],
+                          "--videos s3://flipray/raw"),
                          (["train-pretext", "--set", "data.root=s3://flipray/ds", "--set",
                            f"train.out_dir={tmp_path / 'runs'}"], "data.root s3://flipray/ds")):
         proc = run_cli(*args, timeout=120, env=env)

@@ -481,11 +481,14 @@ def main(argv: list[str] | None = None) -> int:
                    max_clips_per_source=args.max_clips_per_video)
     start = time.time()
     try:  # bad sources and stores are reported in one line before any Ray instance starts
+        # S3 that does not answer, a missing bucket, no access: one line here, not every clip failing later
+        for option, root in (("--videos", args.videos), ("--out", args.out)):
+            if root and is_s3(root):
+                Store(root).check_reachable(option)
         if args.videos:
             (csv_sources(args.csv, args.videos) if args.csv else folder_sources(args.videos))
         if not is_s3(args.out) and Path(args.out).exists() and not Path(args.out).is_dir():
             raise ValueError(f"--out {args.out}: a file, not a folder or an s3:// prefix")
-        Store(args.out).check_reachable("--out")  # S3 that does not answer: one line, not every clip failing
         if not args.dataset:
             ray = require("ray")
             if not ray.is_initialized():
