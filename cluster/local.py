@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -381,7 +382,7 @@ def _http_get(url: str, headers: dict | None = None, timeout: float = 3.0) -> tu
             return response.status, response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
-    except (OSError, ValueError):
+    except (OSError, ValueError, http.client.HTTPException):  # nothing, or no HTTP server, answers there
         return 0, b""
 
 
@@ -741,7 +742,14 @@ def up(state_dir: Path | str = DEFAULT_STATE_DIR, s3: bool = True, mlflow: bool 
                                                            object_store_mb, ray_env, venv=venv, timeout=timeout)
             errors = []
             with ThreadPoolExecutor(max_workers=2) as pool:
-                futures = {name: pool.submit(fn) for name, fn in starts.items()}
+                futures = {}
+                # Ray's processes take ports of their own among the free ones: Ray starts once MLflow holds the port
+                # picked for it, or one of them could take it first (seen: MLflow's health check got a gRPC answer)
+                if "mlflow" in starts:
+                    futures["mlflow"] = pool.submit(starts["mlflow"])
+                    _eventually(lambda: _port_in_use(port) or futures["mlflow"].done(), timeout)
+                if "ray" in starts:
+                    futures["ray"] = pool.submit(starts["ray"])
                 for name, future in futures.items():
                     try:
                         setattr(local, name, future.result())

@@ -254,6 +254,34 @@ def test_dead_mlflow_server_fails_fast_saying_what_was_tried(files):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_health_check_answered_by_something_that_is_not_http_is_not_healthy():
+    """cluster.local waits for a service by asking its health URL; when another process holds the port (a rehearsal
+    saw one of Ray's own ports land on the one picked for MLflow, which answered in gRPC bytes) the check is a "no"
+    that the wait goes on from, not an http.client.BadStatusLine out of `up`."""
+    import threading
+
+    from cluster import local
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+
+    def answer_in_binary():
+        for _ in range(2):
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00@\xfe binary, not HTTP\r\n")
+    thread = threading.Thread(target=answer_in_binary, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    try:
+        assert local._http_get(f"{url}/health") == (0, b"")
+        assert local.mlflow_healthy(url) is False
+    finally:
+        thread.join(10)
+        server.close()
+
+
 def test_s3_that_does_not_answer_is_one_line_before_a_job_starts(files, tmp_path):
     """An S3 endpoint that does not answer (a stopped MinIO, a wrong AWS_ENDPOINT_URL): before, ingest started Ray
     and failed every clip ("task failed (ray::clip_task() (pid=...))" with terminal colour codes), and training
