@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import math
-import os
 import pickle
 import sys
 import time
